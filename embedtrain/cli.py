@@ -1,0 +1,121 @@
+"""Command line: embedtrain train | eval | push | info. Thin dispatch; nothing imports this module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from embedtrain.errors import ConfigError, EmbedtrainError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from embedtrain.config import load_recipe
+
+    overrides = list(args.overrides)
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    recipe = load_recipe(args.recipe, overrides)  # every recipe problem, before anything loads
+    _quiet_libraries()
+    from embedtrain.train.loop import train
+
+    result = train(recipe, resume=args.resume)
+    if not result.final and not result.baseline:
+        print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
+              + " ".join(args.overrides))
+        return 0
+    metric = recipe.eval.metric
+    names = sorted({k.split("/")[0] for k in {**result.baseline, **result.final} if k.endswith(metric) and not k.startswith("mean/")})
+    for name in names:
+        before = result.baseline.get(f"{name}/{metric}")
+        after = result.final.get(f"{name}/{metric}")
+        line = f"{name} {metric}: "
+        line += f"before {100 * before:.2f} -> " if before is not None else ""
+        line += f"after {100 * after:.2f}" if after is not None else ""
+        print(line)
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    _quiet_libraries()
+    from embedtrain.eval.mteb_run import main
+
+    return main(rest)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from embedtrain.hub.push import push_model
+
+    url = push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed {args.model_dir} to {url}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from embedtrain import config
+    from embedtrain.losses import LOSSES
+    from embedtrain.models.pooling import POOLERS
+
+    print(f"losses: {', '.join(LOSSES.names())}")
+    print(f"pooling: {', '.join(POOLERS.names())}")
+    for section in dataclasses.fields(config.Recipe):
+        cls = section.default_factory().__class__  # type: ignore[misc]
+        docs = config.field_docs(cls)
+        print(f"\n{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedtrain", description="Train embedding models from YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe: embedtrain train RECIPE [key=value ...]")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-5 output.dir=runs/x")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
+    p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    p.add_argument("model_dir")
+    p.add_argument("--repo-id", required=True, help="user/name")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "eval":
+            return cmd_eval(argparse.Namespace(), argv[1:])
+        args = parser.parse_args(argv)
+        return {"train": cmd_train, "push": cmd_push, "info": cmd_info}[args.command](args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return err.exit_code
+    except EmbedtrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Tokenization (once, cached by datasets) and collation of planned batches into tensors.
+
+A collated batch is a dict:
+- ``query``, ``positive``: ``{"input_ids", "attention_mask"}`` of shape (B, L_role), padded to
+  the longest text of that role in the batch (never to max_length);
+- ``negative``: the same for the B x k hard negatives, row-major (row i's negatives are
+  ``i*k … i*k+k-1``), or None when the dataset has none;
+- ``positive_ids`` (B,) and ``negative_ids`` (B*k,): int64 text hashes so the loss can mask false
+  negatives across processes;
+- ``dataset``: the dataset index.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from embedtrain.data.readers import PairDataset
+from embedtrain.data.sampler import PlannedBatch
+
+ROLE_OF = {"query": "query", "positive": "document"}
+
+
+def role_of(column: str) -> str:
+    return ROLE_OF.get(column, "document")
+
+
+def pretokenize(
+    dataset: PairDataset, tokenizer, max_length_for: Callable[[str], int], num_proc: Optional[int] = None
+) -> None:
+    """Add ``<role>_ids`` token columns (prompt included, truncated) using ``datasets.map``.
+
+    datasets caches the result on disk keyed by the data, the tokenizer and the settings, so a
+    second run with the same recipe does not tokenize again.
+    """
+
+    prompts = {c: dataset.query_prompt if role_of(c) == "query" else dataset.document_prompt for c in dataset.role_columns}
+    limits = {c: max_length_for(role_of(c)) for c in dataset.role_columns}
+
+    def tokenize(batch):
+        out = {}
+        for column in dataset.role_columns:
+            texts = [prompts[column] + t for t in batch[column]]
+            out[f"{column}_ids"] = tokenizer(texts, truncation=True, max_length=limits[column])["input_ids"]
+        return out
+
+    dataset.rows = dataset.rows.map(tokenize, batched=True, batch_size=2000, num_proc=num_proc,
+                                    desc=f"tokenizing {dataset.name}")
+
+
+def token_lengths(dataset: PairDataset) -> list[int]:
+    """Total tokens per row over all roles (or characters when not pre-tokenized)."""
+    columns = dataset.rows.column_names
+    if all(f"{c}_ids" in columns for c in dataset.role_columns):
+        per_role = [[len(ids) for ids in dataset.rows[f"{c}_ids"]] for c in dataset.role_columns]
+    else:
+        per_role = [[len(t) for t in dataset.rows[c]] for c in dataset.role_columns]
+    return [sum(v) for v in zip(*per_role)]
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to the longest one."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class BatchCollator:
+    """Turns planned rows of one dataset into tensors (from cached token ids, or by tokenizing)."""
+
+    def __init__(self, datasets: Sequence[PairDataset], tokenizer, max_length_for: Callable[[str], int]):
+        self.datasets = datasets
+        self.tokenizer = tokenizer
+        self.max_length_for = max_length_for
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _tensors(self, dataset: PairDataset, data: dict, columns: Sequence[str], n: int) -> dict[str, torch.Tensor]:
+        """Pad the texts of ``columns`` interleaved per row (row i, column j → i*len(columns)+j)."""
+        if all(f"{c}_ids" in data for c in columns):
+            return pad([data[f"{c}_ids"][i] for i in range(n) for c in columns], self.pad_id)
+        role = role_of(columns[0])
+        prompt = dataset.query_prompt if role == "query" else dataset.document_prompt
+        texts = [prompt + data[c][i] for i in range(n) for c in columns]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length_for(role),
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, planned: PlannedBatch, rows: Sequence[int]) -> dict:
+        dataset = self.datasets[planned.dataset]
+        data = dataset.rows[list(rows)]
+        n, k = len(rows), dataset.num_negatives
+        negatives = [f"negative_{j}" for j in range(k)]
+        return {
+            "dataset": planned.dataset,
+            "query": self._tensors(dataset, data, ["query"], n),
+            "positive": self._tensors(dataset, data, ["positive"], n),
+            "positive_ids": torch.tensor([dataset.row_keys[r][1] for r in rows], dtype=torch.long),
+            "negative": self._tensors(dataset, data, negatives, n) if k else None,
+            "negative_ids": (
+                torch.tensor([dataset.row_keys[r][2 + j] for r in rows for j in range(k)], dtype=torch.long)
+                if k else None
+            ),
+        }
+
+
+class PlannedBatches(torch.utils.data.Dataset):
+    """The batches of an epoch plan as a map-style dataset (so DataLoader workers can collate).
+
+    ``rank``/``world_size`` pick this process's slice of each global batch.
+    """
+
+    def __init__(self, plan: Sequence[PlannedBatch], collator: BatchCollator, rank: int = 0, world_size: int = 1):
+        self.plan = plan
+        self.collator = collator
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        planned = self.plan[i]
+        per_process = len(planned.rows) // self.world_size
+        rows = planned.rows[self.rank * per_process : (self.rank + 1) * per_process]
+        return self.collator(planned, rows)

@@ -1,0 +1,125 @@
+"""Read training pairs into Hugging Face datasets with explicit column roles, and check them.
+
+After :func:`read_pairs` a dataset has the columns ``query``, ``positive`` and ``negative_0`` …
+``negative_{k-1}`` (plain strings, never empty), whatever the source file called them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from embedtrain.errors import EmbedtrainError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class PairDataset:
+    """One training dataset: rows with fixed roles plus what batching and the loss need."""
+
+    name: str
+    rows: "object"  # datasets.Dataset with columns query, positive, negative_0..k-1
+    num_negatives: int
+    query_prompt: str = ""
+    document_prompt: str = ""
+    weight: float = 1.0
+    #: stable 63-bit hashes of every text in a row (query, positive, negatives), for de-duplication
+    row_keys: list[tuple[int, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def role_columns(self) -> list[str]:
+        return ["query", "positive"] + [f"negative_{j}" for j in range(self.num_negatives)]
+
+
+def text_hash(text: str) -> int:
+    """A hash that is the same in every process and run (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def read_pairs(
+    path: str,
+    where: str,
+    name: str,
+    query_column: str = "anchor",
+    positive_column: str = "positive",
+    negative_columns: Optional[list[str]] = None,
+    query_prompt: str = "",
+    document_prompt: str = "",
+    weight: float = 1.0,
+    split: str = "train",
+    max_rows: Optional[int] = None,
+) -> PairDataset:
+    """Load a local file (or a Hub dataset id) and validate every row.
+
+    ``where`` is the recipe path of this dataset (e.g. ``data.train[0]``) used in error messages.
+    """
+    import datasets
+
+    from embedtrain.config import looks_local, resolve_path
+
+    negative_columns = list(negative_columns or [])
+    datasets.disable_progress_bars()
+    try:
+        if looks_local(path):
+            file = resolve_path(path)
+            suffix = Path(file).suffix
+            if suffix not in FORMATS:
+                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
+            ds = datasets.load_dataset(FORMATS[suffix], data_files=file, split="train")
+            source = file
+        else:
+            ds = datasets.load_dataset(path, split=split)
+            source = path
+    except EmbedtrainError:
+        raise
+    except FileNotFoundError:
+        raise EmbedtrainError(f"{where}.path: {path} not found; check the path or the Hub id") from None
+    except Exception as err:  # datasets wraps parser errors in many types
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise EmbedtrainError(f"{where}.path: cannot read {path} ({first[:160]}); check the file's format") from None
+    finally:
+        datasets.enable_progress_bars()
+
+    wanted = {"query": query_column, "positive": positive_column}
+    wanted.update({f"negative_{j}": c for j, c in enumerate(negative_columns)})
+    missing = [c for c in wanted.values() if c not in ds.column_names]
+    if missing:
+        field_name = "query_column" if query_column in missing else "positive_column" if positive_column in missing else "negative_columns"
+        raise EmbedtrainError(
+            f"{where}.{field_name}: missing {', '.join(repr(m) for m in missing)} in {source} "
+            f"(have: {', '.join(ds.column_names)}); set the column names in the recipe"
+        )
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    ds = ds.select_columns(list(wanted.values()))
+    if len(set(wanted.values())) != len(wanted):
+        raise EmbedtrainError(f"{where}: the same column is used for two roles ({', '.join(wanted.values())}); give each role its own column")
+    ds = ds.rename_columns({src: role for role, src in wanted.items() if src != role})
+
+    columns = {role: ds[role] for role in wanted}
+    for role, values in columns.items():
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise EmbedtrainError(
+                    f"{source} row {i + 1}: column '{wanted[role]}' is {type(value).__name__}, not text; "
+                    "fix or remove the row"
+                )
+            if not value.strip():
+                raise EmbedtrainError(f"{source} row {i + 1}: column '{wanted[role]}' is empty; fix or remove the row")
+    roles = list(wanted)
+    row_keys = [tuple(text_hash(columns[r][i]) for r in roles) for i in range(len(ds))]
+    return PairDataset(
+        name=name,
+        rows=ds,
+        num_negatives=len(negative_columns),
+        query_prompt=query_prompt,
+        document_prompt=document_prompt,
+        weight=weight,
+        row_keys=row_keys,
+    )

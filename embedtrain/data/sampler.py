@@ -1,0 +1,118 @@
+"""Epoch plans: which rows form each global batch.
+
+A plan is a deterministic function of (seed, epoch) so that every process computes the same plan
+without communicating, and a resumed run can skip exactly the batches already trained on.
+
+Guarantees:
+- task-homogeneous: every global batch comes from one dataset (so in-batch negatives are of the
+  same kind as the positive);
+- no duplicates: no text appears twice in a global batch (a duplicate would be a false negative);
+- length grouping (optional): rows are sorted by length inside random pools of ``window`` batches,
+  so batches have little padding, then the batch order is shuffled across the whole epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    dataset: int
+    rows: tuple[int, ...]
+
+
+def _fill_batches(
+    order: Sequence[int], row_keys: Sequence[tuple[int, ...]], batch_size: int, no_duplicates: bool
+) -> list[list[int]]:
+    """Cut ``order`` into full batches; a row whose text is already in the batch waits for the next."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    seen: set[int] = set()
+    waiting: list[int] = []
+
+    def try_add(idx: int) -> bool:
+        keys = set(row_keys[idx])
+        if no_duplicates and seen & keys:
+            return False
+        current.append(idx)
+        seen.update(keys)
+        return True
+
+    for idx in order:
+        if not try_add(idx):
+            waiting.append(idx)
+            continue
+        while len(current) == batch_size:
+            batches.append(current)
+            current, seen = [], set()
+            retry, waiting = waiting, []
+            for w in retry:
+                if len(current) == batch_size or not try_add(w):
+                    waiting.append(w)
+    return batches  # a partial last batch and rows that never fit are dropped for this epoch
+
+
+def _dataset_batches(
+    size: int,
+    row_keys: Sequence[tuple[int, ...]],
+    lengths: Sequence[int] | None,
+    global_batch: int,
+    rng: np.random.Generator,
+    no_duplicates: bool,
+    window: int,
+    repeats: float,
+) -> list[list[int]]:
+    # weight > 1 draws the dataset more than once per epoch, weight < 1 a fraction of it
+    whole, frac = int(repeats), repeats - int(repeats)
+    order = np.concatenate(
+        [rng.permutation(size) for _ in range(whole)] + [rng.permutation(size)[: int(round(frac * size))]]
+    ).astype(np.int64)
+    if lengths is None:
+        return _fill_batches(order.tolist(), row_keys, global_batch, no_duplicates)
+    pool = max(1, window) * global_batch
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
+        batches += _fill_batches(chunk.tolist(), row_keys, global_batch, no_duplicates)
+    return batches
+
+
+def plan_epoch(
+    sizes: Sequence[int],
+    row_keys: Sequence[Sequence[tuple[int, ...]]],
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[Sequence[int] | None] | None = None,
+    weights: Sequence[float] | None = None,
+    mixing: str = "proportional",
+    no_duplicates: bool = True,
+    window: int = 64,
+) -> list[PlannedBatch]:
+    """The ordered global batches of one epoch.
+
+    ``mixing='proportional'`` shuffles all datasets' batches together (each dataset contributes in
+    proportion to size x weight); ``'round_robin'`` takes one batch from each dataset in turn.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    lengths = lengths or [None] * len(sizes)
+    weights = weights or [1.0] * len(sizes)
+    per_dataset = [
+        _dataset_batches(n, keys, lens, global_batch, rng, no_duplicates, window, w)
+        for n, keys, lens, w in zip(sizes, row_keys, lengths, weights)
+    ]
+    for batches in per_dataset:  # length-sorted pools would otherwise come in length order
+        rng.shuffle(batches)
+    if mixing == "round_robin":
+        plan = []
+        for k in range(max((len(b) for b in per_dataset), default=0)):
+            plan += [PlannedBatch(d, tuple(b[k])) for d, b in enumerate(per_dataset) if k < len(b)]
+        return plan
+    plan = [PlannedBatch(d, tuple(rows)) for d, b in enumerate(per_dataset) for rows in b]
+    order = rng.permutation(len(plan))
+    return [plan[i] for i in order]

@@ -1,0 +1,8 @@
+"""Contrastive objectives. Each module sees embeddings (tensors) only and returns a dict with 'loss'."""
+
+from embedtrain.losses import infonce  # noqa: F401  (registers 'infonce')
+from embedtrain.losses.distributed import gather_no_grad, gather_with_grad, world
+from embedtrain.losses.infonce import InfoNCELoss
+from embedtrain.losses.registry import LOSSES
+
+__all__ = ["LOSSES", "InfoNCELoss", "gather_with_grad", "gather_no_grad", "world"]

@@ -1,0 +1,124 @@
+"""InfoNCE over in-batch and hard negatives."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedtrain.losses.distributed import gather_no_grad, gather_with_grad, world
+from embedtrain.losses.registry import LOSSES
+
+
+@LOSSES.register("infonce")
+class InfoNCELoss(nn.Module):
+    r"""Contrastive loss of each query against its positive and a pool of negatives.
+
+    For query :math:`q_i`, positive :math:`p_i` and the document pool :math:`D` (all positives and
+    hard negatives of the global batch when in-batch negatives are on, else only
+    :math:`p_i` and the row's own hard negatives :math:`n_{i,1..k}`):
+
+    .. math::
+        \mathcal{L}_{q \to d} = -\frac{1}{N}\sum_i \log
+            \frac{\exp(s(q_i, p_i)/\tau)}{\sum_{d \in D_i} \exp(s(q_i, d)/\tau)}
+
+    with :math:`s` the dot product (cosine similarity for normalised embeddings) and temperature
+    :math:`\tau` (scale = 1/τ; sentence-transformers' default scale 20 is τ = 0.05). With
+    ``symmetric=True`` the loss is :math:`\tfrac12(\mathcal{L}_{q\to d} + \mathcal{L}_{d\to q})`,
+    where each positive retrieves its query among the batch's queries. A document whose text equals
+    the row's positive (a false negative) is removed from :math:`D_i` when ``mask_false_negatives``.
+
+    Shapes: query (B, d), positive (B, d), negative (B·k, d) row-major (row i's negatives are
+    i·k … i·k+k-1) or None; positive_ids (B,), negative_ids (B·k,) int64 text hashes. Across
+    processes the documents (and queries, for the symmetric term) are gathered with gradients, so
+    N is the global batch; labels are offset by rank·B.
+
+    Input columns: query, positive, zero or more hard negatives.
+    Reference: van den Oord et al., "Representation Learning with Contrastive Predictive Coding",
+    arXiv:1807.03748; in-batch negatives as in Henderson et al. 2017 / Karpukhin et al. 2020 (DPR).
+
+    Returns ``{"loss", "accuracy" (top-1 of the positive), "temperature"}``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        symmetric: bool = False,
+        in_batch_negatives: bool = True,
+        mask_false_negatives: bool = True,
+        gather_across_processes: bool = True,
+    ):
+        super().__init__()
+        if symmetric and not in_batch_negatives:
+            raise ValueError("symmetric InfoNCE needs in-batch negatives: a positive's only candidate would be its query")
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)
+        self.symmetric = symmetric
+        self.in_batch_negatives = in_batch_negatives
+        self.mask_false_negatives = mask_false_negatives
+        self.gather = gather_across_processes
+
+    def scale(self) -> torch.Tensor:
+        # clamp as CLIP does so a learnable temperature cannot collapse below 0.01
+        return self.log_scale.exp().clamp(max=100.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        positive: torch.Tensor,
+        negative: Optional[torch.Tensor] = None,
+        positive_ids: Optional[torch.Tensor] = None,
+        negative_ids: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        batch = query.shape[0]
+        k = 0 if negative is None else negative.shape[0] // batch
+        rank, world_size = world() if self.gather else (0, 1)
+        gather = gather_with_grad if self.gather else (lambda t: t)
+        gather_ids = gather_no_grad if self.gather else (lambda t: t)
+
+        all_pos = gather(positive)  # (W·B, d)
+        docs = [all_pos]
+        if k:
+            docs.append(gather(negative))  # (W·B·k, d)
+        docs = torch.cat(docs)
+        scale = self.scale()
+        logits = scale * query @ docs.T  # (B, W·B + W·B·k)
+        labels = rank * batch + torch.arange(batch, device=query.device)
+
+        n_pos = all_pos.shape[0]
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        if not self.in_batch_negatives:
+            keep.zero_()
+            keep[torch.arange(batch), labels] = True
+            if k:
+                own = n_pos + labels.unsqueeze(1) * k + torch.arange(k, device=query.device)
+                keep[torch.arange(batch).unsqueeze(1), own] = True
+        if self.mask_false_negatives and positive_ids is not None:
+            doc_ids = [gather_ids(positive_ids)]
+            if k and negative_ids is not None:
+                doc_ids.append(gather_ids(negative_ids))
+            doc_ids = torch.cat(doc_ids)
+            same_text = doc_ids.unsqueeze(0) == positive_ids.unsqueeze(1)
+            same_text[torch.arange(batch), labels] = False
+            keep &= ~same_text
+        logits = logits.masked_fill(~keep, float("-inf"))
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+
+        if self.symmetric:
+            all_query = gather(query)  # (W·B, d)
+            back = scale * positive @ all_query.T  # (B, W·B)
+            if self.mask_false_negatives and positive_ids is not None:
+                # another query whose positive has the same text is also a correct match
+                same = gather_ids(positive_ids).unsqueeze(0) == positive_ids.unsqueeze(1)
+                same[torch.arange(batch), labels] = False
+                back = back.masked_fill(same, float("-inf"))
+            loss = 0.5 * (loss + F.cross_entropy(back, labels))
+        return {"loss": loss, "accuracy": accuracy.detach(), "temperature": (1.0 / scale).detach()}

@@ -1,0 +1,7 @@
+"""Losses by short name, as recipes refer to them (``loss: {name: infonce}``)."""
+
+from torch import nn
+
+from embedtrain.registry import Registry
+
+LOSSES: Registry[type[nn.Module]] = Registry("loss")

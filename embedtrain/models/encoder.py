@@ -1,0 +1,238 @@
+"""A Hugging Face text encoder + pooling + optional L2 normalisation.
+
+The model is held inside a ``SentenceTransformer`` so that saving writes a folder that
+``SentenceTransformer(path)`` loads and that reproduces :meth:`TextEncoder.encode` exactly. Training
+calls the transformers backbone directly on pre-tokenized tensors (no sentence-transformers code on
+the hot path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedtrain.errors import EmbedtrainError
+from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
+
+
+class TextEncoder(nn.Module):
+    """Texts → embeddings of shape (batch, dim).
+
+    Args:
+        sentence_transformer: the container holding tokenizer and backbone (module 0 must be
+            sentence-transformers' ``Transformer``).
+        pooling: a name in :data:`embedtrain.models.pooling.POOLERS`.
+        normalize: L2-normalise the pooled vectors.
+        query_max_length / document_max_length: token limits per role.
+        query_prompt / document_prompt: text prepended before tokenization by :meth:`encode`
+            with ``role=...`` (saved into the folder as sentence-transformers prompts).
+    """
+
+    def __init__(
+        self,
+        sentence_transformer,
+        pooling: str = "mean",
+        normalize: bool = True,
+        query_max_length: int = 256,
+        document_max_length: int = 256,
+        query_prompt: str = "",
+        document_prompt: str = "",
+    ):
+        super().__init__()
+        # Not registered as a submodule: the backbone below is the only owner of the weights, so
+        # state dicts have one copy of each tensor.
+        object.__setattr__(self, "_st", sentence_transformer)
+        self.backbone = sentence_transformer[0].model
+        self.tokenizer = sentence_transformer[0].tokenizer
+        self.pooling = pooling
+        self._pool = POOLERS.get(pooling)
+        self.normalize = normalize
+        self.query_max_length = query_max_length
+        self.document_max_length = document_max_length
+        self.prompts = {"query": query_prompt, "document": document_prompt}
+
+    # -- forward ---------------------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = self._pool(hidden, attention_mask)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def max_length_for(self, role: str) -> int:
+        return self.query_max_length if role == "query" else self.document_max_length
+
+    def tokenize(self, texts: Sequence[str], role: str = "document") -> dict[str, torch.Tensor]:
+        """Tokenize and pad to the longest text (never to max_length)."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length_for(role), return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        role: str = "document",
+        prompt: Optional[str] = None,
+        batch_size: int = 128,
+        show_progress: bool = False,
+        desc: str = "encoding",
+    ) -> torch.Tensor:
+        """Embed ``texts`` (float32, on CPU, in input order).
+
+        ``prompt`` defaults to the saved prompt of ``role`` ('query' or 'document'). Texts are
+        batched in order of length so that little compute goes to padding.
+        """
+        from tqdm.auto import tqdm
+
+        prefix = self.prompts.get(role, "") if prompt is None else prompt
+        texts = [prefix + t for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
+        device = self.device
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
+            idx = order[start : start + batch_size]
+            enc = self.tokenize([texts[i] for i in idx], role)
+            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            out[idx] = emb.float().cpu()
+        self.train(was_training)
+        return out
+
+    # -- saving ----------------------------------------------------------------------------
+    def sentence_transformer(self):
+        """The sentence-transformers model configured to compute exactly what this encoder does."""
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+        st = self._st
+        transformer = st[0]
+        transformer.max_seq_length = max(self.query_max_length, self.document_max_length)
+        transformer.query_length = self.query_max_length
+        transformer.document_length = self.document_max_length
+        pooling = Pooling(self.embedding_dim, pooling_mode=SENTENCE_TRANSFORMERS_MODE[self.pooling])
+        modules = [transformer, pooling] + ([Normalize()] if self.normalize else [])
+        # Rebuild the module list in place, keeping the (trained) transformer.
+        for name in list(st._modules):
+            del st._modules[name]
+        for i, module in enumerate(modules):
+            st.add_module(str(i), module)
+        st.prompts = dict(self.prompts)
+        st.similarity_fn_name = "cosine"
+        return st
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a sentence-transformers folder (safetensors weights) to ``path``."""
+        st = self.sentence_transformer()
+        st.save(str(path), safe_serialization=True)
+        # embedtrain's own view of the model, for tools that want it without sentence-transformers
+        meta = {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "query_max_length": self.query_max_length,
+            "document_max_length": self.document_max_length,
+            "prompts": self.prompts,
+        }
+        (Path(path) / "embedtrain.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def load_text_encoder(
+    name_or_path: str,
+    pooling: Optional[str] = None,
+    normalize: Optional[bool] = None,
+    max_length: Optional[int] = None,
+    query_max_length: Optional[int] = None,
+    document_max_length: Optional[int] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    revision: Optional[str] = None,
+    gradient_checkpointing: bool = False,
+) -> TextEncoder:
+    """Load a local sentence-transformers/transformers folder or a Hub id as a :class:`TextEncoder`.
+
+    Settings left as None come from the folder (its ``embedtrain.json`` or sentence-transformers
+    config), then from defaults (mean pooling, normalised, 256 tokens).
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from embedtrain.config import resolve_path
+
+    path = resolve_path(name_or_path)
+    model_kwargs = {"attn_implementation": attn_implementation}
+    local = Path(path)
+    saved = _read_json(local / "embedtrain.json") if local.is_dir() else {}
+    try:
+        if (local / "modules.json").is_file():
+            st = SentenceTransformer(
+                path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
+            )
+        else:
+            transformer = Transformer(
+                path,
+                model_kwargs={**model_kwargs, "trust_remote_code": trust_remote_code, "revision": revision},
+                processor_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
+                config_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
+            )
+            st = SentenceTransformer(modules=[transformer], device="cpu")
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise EmbedtrainError(
+            f"model '{name_or_path}': cannot be loaded ({first[:200]}); give a local model folder, "
+            "or a Hub id while the Hub is reachable"
+        ) from None
+    if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
+        raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
+
+    st_pooling = next((m for m in st if isinstance(m, Pooling)), None)
+    if pooling is None:
+        pooling = saved.get("pooling")
+    if pooling is None and st_pooling is not None:
+        reverse = {v: k for k, v in SENTENCE_TRANSFORMERS_MODE.items()}
+        mode = st_pooling.pooling_mode if isinstance(st_pooling.pooling_mode, str) else st_pooling.pooling_mode[0]
+        pooling = reverse.get(mode, "mean")
+    if normalize is None:
+        normalize = saved.get("normalize", any(isinstance(m, Normalize) for m in st) if st_pooling else True)
+    default_len = max_length or st[0].max_seq_length or 256
+    qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
+    dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
+    prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
+    encoder = TextEncoder(
+        st,
+        pooling=pooling or "mean",
+        normalize=bool(normalize),
+        query_max_length=int(qlen),
+        document_max_length=int(dlen),
+        query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
+        document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
+    )
+    if gradient_checkpointing:
+        if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
+            raise EmbedtrainError(
+                f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it; set it to false"
+            )
+        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return encoder

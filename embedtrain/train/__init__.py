@@ -1,0 +1,1 @@
+"""The training loop on Accelerator, GradCache, checkpoints and optimizers."""

@@ -1,0 +1,111 @@
+"""One contrastive forward/backward on a collated batch: plain, or GradCache.
+
+Both return the loss dict (detached) after gradients have been accumulated into the parameters.
+GradCache (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
+arXiv:2101.06983) keeps the whole batch as negatives while only one chunk's activations are ever
+alive:
+
+1. embed every chunk without a graph, remembering the random state before each chunk;
+2. compute the loss on the cached embeddings (leaf tensors) and backpropagate to them only;
+3. for each chunk, restore its random state (same dropout mask), embed again with a graph and
+   backpropagate ``<embedding, cached gradient>``, which gives that chunk's exact share of the
+   parameter gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+ROLES = ("query", "positive", "negative")
+
+
+def _loss_inputs(batch: dict, emb: dict[str, Optional[torch.Tensor]]) -> dict:
+    return {
+        "query": emb["query"],
+        "positive": emb["positive"],
+        "negative": emb["negative"],
+        "positive_ids": batch["positive_ids"],
+        "negative_ids": batch["negative_ids"],
+    }
+
+
+def plain_step(model, loss_fn, batch: dict, backward: Callable[[torch.Tensor], None]) -> dict:
+    """Embed every role with a graph, compute the loss, backpropagate."""
+    emb = {r: (model(**batch[r]) if batch[r] is not None else None) for r in ROLES}
+    out = loss_fn(**_loss_inputs(batch, emb))
+    backward(out["loss"])
+    return {k: v.detach() for k, v in out.items()}
+
+
+class _RandomState:
+    """Captures CPU and (if used) CUDA random state so a forward can be replayed identically."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def _chunks(inputs: dict[str, torch.Tensor], size: int):
+    n = inputs["input_ids"].shape[0]
+    for start in range(0, n, size):
+        part = {k: v[start : start + size] for k, v in inputs.items()}
+        # drop padding columns that no row in this chunk uses
+        longest = int(part["attention_mask"].sum(1).max())
+        yield {k: v[:, :longest] for k, v in part.items()} if longest < part["input_ids"].shape[1] else part
+
+
+def grad_cache_step(
+    model,
+    loss_fn,
+    batch: dict,
+    chunk_size: int,
+    backward: Callable[[torch.Tensor], None],
+    no_sync: Callable[[], contextlib.AbstractContextManager],
+) -> dict:
+    """GradCache step. ``no_sync()`` suspends gradient all-reduce (DDP) for all but the last chunk.
+
+    Padding columns are trimmed per chunk; with right padding this changes no embedding.
+    """
+    device = batch["query"]["input_ids"].device
+    chunks: list[tuple[str, dict, _RandomState]] = []
+    cached: dict[str, Optional[torch.Tensor]] = {}
+    # 1. embeddings without graph
+    with torch.no_grad():
+        for role in ROLES:
+            if batch[role] is None:
+                cached[role] = None
+                continue
+            parts = []
+            for chunk in _chunks(batch[role], chunk_size):
+                state = _RandomState(device)
+                parts.append(model(**chunk))
+                chunks.append((role, chunk, state))
+            cached[role] = torch.cat(parts).float().requires_grad_()
+    # 2. loss on the cached embeddings; gradients stop at them
+    out = loss_fn(**_loss_inputs(batch, cached))
+    out["loss"].backward()
+    grads = {r: (e.grad if e is not None else None) for r, e in cached.items()}
+    # 3. replay each chunk with a graph and push its cached gradient into the parameters
+    offsets = {r: 0 for r in ROLES}
+    for i, (role, chunk, state) in enumerate(chunks):
+        n = chunk["input_ids"].shape[0]
+        grad = grads[role][offsets[role] : offsets[role] + n]
+        offsets[role] += n
+        last = i == len(chunks) - 1
+        with (contextlib.nullcontext() if last else no_sync()), state.replay():
+            emb = model(**chunk)
+            backward(torch.dot(emb.float().flatten(), grad.flatten()))
+    return {k: v.detach() for k, v in out.items()}

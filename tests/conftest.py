@@ -1,0 +1,130 @@
+"""Shared fixtures: tiny models built from configs and small data written on the fly (all offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "the a of and to in is for on with as by an be or at from that this it are was which not have "
+    "small large animal plant tree fruit water river city music sound color red blue green light dark "
+    "fast slow person child house road tool machine computer program data network word language number "
+    "make take give find open close move run write read sing play build break cut grow"
+).split()
+
+
+def write_vocab(path: Path) -> Path:
+    """A WordPiece vocabulary that can spell any lowercase text (characters as a fallback)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = specials + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
+    seen, vocab = set(), []
+    for t in tokens:
+        if t not in seen:
+            seen.add(t)
+            vocab.append(t)
+    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tiny_bert(folder: Path, dropout: float = 0.1, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT with a real tokenizer, saved as a transformers folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(folder / "vocab.txt")
+    tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab.read_text().splitlines()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=128, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_pairs(path: Path, rows: int, seed: int = 0, negatives: bool = True) -> Path:
+    """Query/positive/negative rows where the positive shares words with the query (learnable)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            key = [rng.choice(WORDS) for _ in range(3)]
+            row = {
+                "anchor": " ".join(key) + " " + sentence(rng, rng.randint(1, 8)),
+                "positive": " ".join(reversed(key)) + f" {i}",
+            }
+            if negatives:
+                row["negative"] = sentence(rng, 3) + f" n{i}"
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_beir(folder: Path, n_docs: int = 40, n_queries: int = 12, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [(f"d{i}", sentence(rng, 4)) for i in range(n_docs)]
+    with (folder / "corpus.jsonl").open("w") as f:
+        for did, text in docs:
+            f.write(json.dumps({"_id": did, "title": "", "text": text}) + "\n")
+    with (folder / "queries.jsonl").open("w") as f, (folder / "qrels.tsv").open("w") as q:
+        q.write("query-id\tcorpus-id\tscore\n")
+        for i in range(n_queries):
+            did, text = docs[i]
+            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(reversed(text.split()))}) + "\n")
+            q.write(f"q{i}\t{did}\t1\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "train.jsonl", rows=256)
+
+
+@pytest.fixture(scope="session")
+def beir_dir(tmp_path_factory) -> Path:
+    return write_beir(tmp_path_factory.mktemp("beir") / "eval")
+
+
+def tiny_recipe(model: Path, data: Path, out: Path, beir: Path | None = None, **sections) -> dict:
+    """A recipe dict for a few fast steps on the tiny model."""
+    recipe = {
+        "model": {"name_or_path": str(model), "max_length": 32},
+        "data": {"train": [{"path": str(data), "name": "pairs", "negative_columns": ["negative"]}], "batch_size": 8},
+        "loss": {"name": "infonce", "temperature": 0.05},
+        "train": {"lr": 1e-3, "max_steps": 6, "warmup_ratio": 0.0, "log_every": 1, "seed": 3},
+        "eval": {"tasks": [{"path": str(beir), "name": "tiny"}] if beir else []},
+        "output": {"dir": str(out), "plot": False},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
