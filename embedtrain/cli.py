@@ -30,7 +30,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from embedtrain.train.loop import train
 
     result = train(recipe, resume=args.resume)
-    if not result.final and not result.baseline:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    if result.stopped:
         print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
               + " ".join(args.overrides))
         return 0

@@ -66,10 +66,48 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        many: Optional[Sequence[dict[str, torch.Tensor]]] = None,
+    ):
+        """Embeddings (batch, dim) of one tokenized batch, or a list of them for ``many`` batches.
+
+        ``many`` embeds several differently padded batches (queries, positives, negatives) in one
+        call, so that under DistributedDataParallel one forward is followed by one backward.
+        """
+        if many is not None:
+            return [self._embed(b["input_ids"], b["attention_mask"]) for b in many]
+        return self._embed(input_ids, attention_mask)
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         emb = self._pool(hidden, attention_mask)
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def freeze_unused_parameters(self) -> list[str]:
+        """Stop training parameters that never influence the embedding (e.g. BERT's pooler head).
+
+        Found with one probe forward/backward. Besides saving work, this is what lets
+        DistributedDataParallel run without ``find_unused_parameters``: a parameter that never gets a
+        gradient would otherwise hold back the gradient all-reduce of its whole bucket.
+        """
+        probe = self.tokenize(["probe text", "another probe"], "document")
+        probe = {k: v.to(self.device) for k, v in probe.items()}
+        was_training = self.training
+        self.train()
+        for p in self.parameters():
+            p.grad = None
+        self(**probe).sum().backward()
+        frozen = []
+        for name, p in self.named_parameters():
+            if p.requires_grad and p.grad is None:
+                p.requires_grad_(False)
+                frozen.append(name)
+            p.grad = None
+        self.train(was_training)
+        return frozen
 
     def max_length_for(self, role: str) -> int:
         return self.query_max_length if role == "query" else self.document_max_length

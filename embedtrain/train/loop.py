@@ -25,6 +25,7 @@ from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
 from embedtrain.models import load_text_encoder
 from embedtrain.train import checkpoint as ckpt
+from embedtrain.train.accelerator import build_accelerator
 from embedtrain.train.optim import build_optimizer, build_scheduler
 from embedtrain.train.step import grad_cache_step, plain_step
 
@@ -40,6 +41,7 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)
     best_step: Optional[int] = None
     seconds: float = 0.0
+    stopped: bool = False  # stopped early by a signal; resume with --resume auto
 
 
 class _StopRequest:
@@ -120,7 +122,6 @@ def _steps_from(plans_len, start_step: int) -> tuple[int, int]:
 
 def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResult:
     """Run a recipe. ``resume`` is None, ``'auto'`` or a checkpoint path."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -133,13 +134,10 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     # -- build: data first (cheap, and its errors should come before the model loads) ----------
     _check_output_dir(out, r.output.overwrite, resuming=resume is not None)
     datasets = _load_data(r)
-    accelerator = Accelerator(
-        mixed_precision=r.train.mixed_precision,
-        log_with=r.output.report_to or None,
-        project_dir=str(out),
-        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
-    )
+    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out))
     world_size, rank = accelerator.num_processes, accelerator.process_index
+    if not accelerator.is_main_process:
+        log = lambda *_: None  # noqa: E731  (one voice per run)
     global_batch = r.data.batch_size * world_size
     for i, ds in enumerate(datasets):
         if len(ds) < global_batch:
@@ -195,6 +193,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         )
     total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
 
+    frozen = encoder.freeze_unused_parameters()
+    if frozen:
+        log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
     optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay)
     scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
     if r.train.compile:
@@ -360,7 +361,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
 
     if stopped:
         accelerator.end_training()
-        return TrainResult(out, out / "model", step, state["baseline"], {}, state["best_step"], time.time() - t0)
+        return TrainResult(out, out / "model", step, state["baseline"], {}, state["best_step"], time.time() - t0,
+                           stopped=True)
 
     # -- finish: evaluate, save the final model ----------------------------------------------
     final = evaluate(step) if eval_tasks else {}

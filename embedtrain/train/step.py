@@ -33,8 +33,11 @@ def _loss_inputs(batch: dict, emb: dict[str, Optional[torch.Tensor]]) -> dict:
 
 
 def plain_step(model, loss_fn, batch: dict, backward: Callable[[torch.Tensor], None]) -> dict:
-    """Embed every role with a graph, compute the loss, backpropagate."""
-    emb = {r: (model(**batch[r]) if batch[r] is not None else None) for r in ROLES}
+    """Embed every role with a graph (in one forward call, see TextEncoder.forward), compute the loss,
+    backpropagate."""
+    present = [r for r in ROLES if batch[r] is not None]
+    emb = dict.fromkeys(ROLES)
+    emb.update(zip(present, model(many=[batch[r] for r in present])))
     out = loss_fn(**_loss_inputs(batch, emb))
     backward(out["loss"])
     return {k: v.detach() for k, v in out.items()}

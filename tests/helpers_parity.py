@@ -1,0 +1,62 @@
+"""Shared by the parity tests: a fixed batch and the gradients of one contrastive step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from embedtrain.losses import InfoNCELoss
+from embedtrain.train.step import grad_cache_step, plain_step
+
+CONFIGS = {
+    "plain": dict(chunk=None, loss={}),
+    "hard_negatives_off_in_batch": dict(chunk=None, loss={"in_batch_negatives": False}),
+    "symmetric": dict(chunk=None, loss={"symmetric": True}),
+    "grad_cache": dict(chunk=3, loss={}),
+    "grad_cache_symmetric": dict(chunk=2, loss={"symmetric": True}),
+}
+
+
+def make_batch(tokenizer, rows: int, seed: int = 0) -> dict:
+    import random
+
+    from conftest import sentence
+
+    rng = random.Random(seed)
+    q = [sentence(rng, rng.randint(2, 9)) for _ in range(rows)]
+    p = [sentence(rng, rng.randint(1, 5)) + f" {i}" for i in range(rows)]
+    n = [sentence(rng, rng.randint(1, 5)) + f" n{i}" for i in range(rows)]
+
+    def enc(texts):
+        e = tokenizer(texts, padding=True, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+
+    return {"query": q, "positive": p, "negative": n, "tensors": {"query": enc(q), "positive": enc(p), "negative": enc(n)}}
+
+
+def slice_batch(batch: dict, start: int, stop: int) -> dict:
+    """Rows start..stop of a batch, re-padded to their own longest text (as a real process would)."""
+    out = {}
+    for role in ("query", "positive", "negative"):
+        t = batch["tensors"][role]
+        part = {k: v[start:stop] for k, v in t.items()}
+        longest = int(part["attention_mask"].sum(1).max())
+        out[role] = {k: v[:, :longest] for k, v in part.items()}
+    out["positive_ids"] = torch.arange(start, stop)
+    out["negative_ids"] = torch.arange(1000 + start, 1000 + stop)
+    return out
+
+
+def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullcontext, gather=True) -> float:
+    loss_fn = InfoNCELoss(temperature=0.05, gather_across_processes=gather, **cfg["loss"])
+    backward = backward or (lambda loss: loss.backward())
+    if cfg["chunk"]:
+        out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync)
+    else:
+        out = plain_step(model, loss_fn, batch, backward)
+    return float(out["loss"])
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -1,0 +1,65 @@
+"""Two real CPU processes (torchrun, gloo) against one process holding the whole batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from embedtrain.models import load_text_encoder
+
+from conftest import REPO, tiny_recipe
+from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step
+
+ROWS = 4
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    return env
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_bert_no_dropout, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    worker = str(REPO / "tests" / "integration" / "dist_parity_worker.py")
+    proc = subprocess.run(torchrun + [worker, str(tiny_bert_no_dropout), str(tmp_path), str(ROWS)],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses["distributed_type"] == "DistributedType.MULTI_CPU"
+    for name, cfg in CONFIGS.items():
+        model = load_text_encoder(str(tiny_bert_no_dropout), max_length=32)
+        model.train()
+        batch = make_batch(model.tokenizer, 2 * ROWS)
+        ref_loss = step(model, slice_batch(batch, 0, 2 * ROWS), dict(cfg, chunk=None))
+        ref = grads(model)
+        got = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert abs(losses[name] - ref_loss) < 1e-5, (name, losses[name], ref_loss)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (name, k, float((got[k] - ref[k]).abs().max()))
+
+
+@pytest.mark.slow
+def test_multi_cpu_accelerate_config_trains_and_saves(tiny_bert, pairs_file, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
+           "--main_process_port", "29518", "-m", "embedtrain", "train", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model saved to" in proc.stdout
+    st = SentenceTransformer(str(tmp_path / "run" / "model"), device="cpu")
+    assert st.encode(["small tree"]).shape == (1, 32)
+    # only the main process wrote: one metrics file, checkpoints at steps 2 and 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
