@@ -144,6 +144,11 @@ def evaluate_retrieval(
                        show_progress=show_progress, desc=f"{data.name} queries")
     c = encoder.encode(data.corpus_texts, role="document", prompt=document_prompt, batch_size=batch_size,
                        show_progress=show_progress, desc=f"{data.name} corpus")
-    _, idx = rank(q, c, k)
-    ranked = {qid: [data.corpus_ids[j] for j in row] for qid, row in zip(data.query_ids, idx.tolist())}
+    # a margin past k so that every document tied with the k-th is seen, then ties ordered as
+    # trec_eval (and so mteb) orders them: by document id, descending
+    scores, idx = rank(q, c, k + 32)
+    ranked = {}
+    for qid, row_scores, row_idx in zip(data.query_ids, scores.tolist(), idx.tolist()):
+        order = sorted(zip(row_scores, (data.corpus_ids[j] for j in row_idx)), reverse=True)[:k]
+        ranked[qid] = [doc_id for _, doc_id in order]
     return retrieval_metrics(ranked, data.qrels, k)

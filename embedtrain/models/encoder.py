@@ -144,7 +144,7 @@ class TextEncoder(nn.Module):
         out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
         device = self.device
         starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
+        for start in tqdm(starts, desc=desc, disable=None if show_progress else True, leave=False):
             idx = order[start : start + batch_size]
             enc = self.tokenize([texts[i] for i in idx], role)
             emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
