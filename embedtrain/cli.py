@@ -38,6 +38,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
               + " ".join(args.overrides))
         return 0
+    from embedtrain.hub.model_card import write_model_card
+    from embedtrain.hub.run_card import card_for_run
+
+    card = card_for_run(recipe, result.model_dir, result.baseline, result.final, result.seconds, result.steps,
+                        PartialState().num_processes)
+    write_model_card(result.model_dir, card)
     metric = recipe.eval.metric
     names = sorted({k.split("/")[0] for k in {**result.baseline, **result.final} if k.endswith(metric) and not k.startswith("mean/")})
     for name in names:
@@ -48,6 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         line += f"after {100 * after:.2f}" if after is not None else ""
         print(line)
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
+    if recipe.output.push_to_hub:
+        from embedtrain.hub.push import push_model
+
+        url = push_model(result.model_dir, recipe.output.push_to_hub, private=recipe.output.hub_private)
+        print(f"pushed to {url}")
     return 0
 
 
