@@ -45,3 +45,18 @@ def test_grad_cache_replays_dropout(tiny_bert):
     # and dropout really is on: a fresh forward differs
     again = original(**slice_batch(batch, 0, 2)["query"])
     assert not torch.allclose(again, first[0], atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert_no_dropout):
+    results = []
+    for checkpointing in (False, True):
+        model = load_text_encoder(str(tiny_bert_no_dropout), max_length=32, gradient_checkpointing=checkpointing)
+        model.train()
+        assert model.backbone.is_gradient_checkpointing == checkpointing
+        batch = make_batch(model.tokenizer, 6)
+        loss = step(model, slice_batch(batch, 0, 6), dict(chunk=None, loss={}))
+        results.append((loss, grads(model)))
+    (la, ga), (lb, gb) = results
+    assert abs(la - lb) < 1e-6
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-6), k
