@@ -35,12 +35,14 @@ def pretokenize(
     second run with the same recipe does not tokenize again.
     """
 
-    prompts = {c: dataset.query_prompt if role_of(c) == "query" else dataset.document_prompt for c in dataset.role_columns}
-    limits = {c: max_length_for(role_of(c)) for c in dataset.role_columns}
+    # The closure holds plain values only: datasets hashes it into the cache key.
+    columns = list(dataset.role_columns)
+    prompts = {c: dataset.query_prompt if role_of(c) == "query" else dataset.document_prompt for c in columns}
+    limits = {c: max_length_for(role_of(c)) for c in columns}
 
     def tokenize(batch):
         out = {}
-        for column in dataset.role_columns:
+        for column in columns:
             texts = [prompts[column] + t for t in batch[column]]
             out[f"{column}_ids"] = tokenizer(texts, truncation=True, max_length=limits[column])["input_ids"]
         return out

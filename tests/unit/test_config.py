@@ -76,7 +76,8 @@ def test_malformed_yaml(tmp_path):
 
 def test_every_shipped_recipe_loads():
     recipes = sorted((REPO / "recipes").rglob("*.yaml"))
-    recipes = [p for p in recipes if "accelerate" not in p.parts]
+    # accelerate launcher configs and merge recipes have their own formats
+    recipes = [p for p in recipes if "accelerate" not in p.parts and "merge" not in p.parts]
     assert recipes
     for path in recipes:
         first = path.read_text().splitlines()[0]
