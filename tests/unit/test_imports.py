@@ -10,12 +10,14 @@ ALLOWED = {
     "errors": set(),
     "registry": {"errors"},
     "config": UTILS,
+    "merge_config": UTILS | {"config", "merge"},
     "data": UTILS | {"config"},
     "models": UTILS | {"config"},
     "losses": UTILS,
     "merge": UTILS | {"config"},
     # the trainer evaluates on local retrieval tasks during training: eval.retrieval only, never mteb
-    "train": UTILS | {"config", "data", "models", "losses", "eval.retrieval"},
+    # and Self Positioning searches merge coefficients through the model's forward pass
+    "train": UTILS | {"config", "merge_config", "data", "models", "losses", "merge", "eval.retrieval"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
     "cli": None,  # may use everything
