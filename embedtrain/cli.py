@@ -1,4 +1,4 @@
-"""Command line: embedtrain train | eval | push | info. Thin dispatch; nothing imports this module."""
+"""Command line: embedtrain train | eval | merge | push | info. Thin dispatch; nothing imports this module."""
 
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return main(rest)
 
 
+def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    _quiet_libraries()
+    from embedtrain.train.merge_run import main
+
+    return main(rest)
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from embedtrain.hub.push import push_model
 
@@ -106,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
+    sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)
     p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     p.add_argument("model_dir")
     p.add_argument("--repo-id", required=True, help="user/name")
@@ -121,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv and argv[0] == "eval":
             return cmd_eval(argparse.Namespace(), argv[1:])
+        if argv and argv[0] == "merge":
+            return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
         return {"train": cmd_train, "push": cmd_push, "info": cmd_info}[args.command](args)
     except ConfigError as err:
