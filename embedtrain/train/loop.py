@@ -5,9 +5,8 @@ Read top to bottom; everything a run does is here or one call away.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import os
 import shutil
 import signal
 import time
@@ -45,10 +44,18 @@ class TrainResult:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit."""
+    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit.
+
+    A second signal at least ``repeat_after`` seconds after the first stops at once (no checkpoint);
+    one arriving sooner is taken for the same request (a launcher such as torchrun forwards the
+    signal it received to processes that got it already).
+    """
+
+    repeat_after = 2.0
 
     def __init__(self):
         self.requested = False
+        self._first = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -60,9 +67,11 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal stops at once
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            if time.monotonic() - self._first >= self.repeat_after:  # a second request stops at once
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -138,6 +147,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     world_size, rank = accelerator.num_processes, accelerator.process_index
     if not accelerator.is_main_process:
         log = lambda *_: None  # noqa: E731  (one voice per run)
+    elif log is print:
+        log = lambda *a: tqdm.write(" ".join(map(str, a)))  # noqa: E731  (a line of its own, not inside the bar)
     global_batch = r.data.batch_size * world_size
     for i, ds in enumerate(datasets):
         if len(ds) < global_batch:
@@ -150,7 +161,12 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     if resume == "auto" and resume_from is None:
         log(f"resume: no complete checkpoint in {out}; starting from the beginning")
     for bad in ckpt.incomplete_checkpoints(out) if resume else []:
-        log(f"resume: skipping incomplete checkpoint {bad} (killed while writing)")
+        log(f"resume: skipping incomplete checkpoint {bad} (killed while writing); removing it")
+    if resume_from is not None:
+        changed = _recipe_changes(resume_from / "recipe.yaml", to_dict(r))
+        if changed:
+            log(f"resume: the recipe differs from the checkpoint's in {', '.join(changed)}; "
+                "the run continues with the new values")
 
     set_seed(r.train.seed)
     encoder = load_text_encoder(
@@ -160,6 +176,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
         revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
     )
+    _check_position_limit(encoder, r)
     loss_fn = LOSSES.get(r.loss.name)(
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
         symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
@@ -207,23 +224,26 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     _prepare_output_dir(accelerator, out, r.output.overwrite, resuming=resume is not None)
     recipe_text = yaml.safe_dump(to_dict(r), sort_keys=False)
     if accelerator.is_main_process:
-        (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        if resume:
+            ckpt.remove_incomplete(out)
+        ckpt.atomic_write_text(out / "recipe.yaml", recipe_text)
     if r.output.report_to:
         accelerator.init_trackers("embedtrain", config=_flat(to_dict(r)))
 
     # -- resume ----------------------------------------------------------------------------
-    state = {"step": 0, "best_metric": None, "best_step": None, "baseline": {}, "consecutive_nonfinite": 0}
+    # metrics_lines: lines of metrics.jsonl that belong to the state (a resume drops the ones after it);
+    # final_step/final: set in the last checkpoint, so that resuming from it does not evaluate again
+    state = {"step": 0, "best_metric": None, "best_step": None, "baseline": {}, "consecutive_nonfinite": 0,
+             "metrics_lines": 0, "final_step": None, "final": {}}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        loss_path = resume_from / "loss.safetensors"
-        if loss_path.is_file():
-            from safetensors.torch import load_file
-
-            loss_fn.load_state_dict(load_file(str(loss_path)), strict=False)
-        state.update(ckpt.read_state(resume_from))
+        saved_state = ckpt.load_checkpoint(accelerator, resume_from, loss_fn)
+        state.update(saved_state)
         log(f"resumed from {resume_from} at step {state['step']}")
         if accelerator.is_main_process:
-            _truncate_metrics(out / "metrics.jsonl", state["step"])
+            state["metrics_lines"] = _truncate_metrics(out / "metrics.jsonl", state["step"],
+                                                       saved_state.get("metrics_lines"))
+    elif resume and accelerator.is_main_process:
+        state["metrics_lines"] = _truncate_metrics(out / "metrics.jsonl", 0, 0)  # starting again from step 0
 
     metrics_path = out / "metrics.jsonl"
 
@@ -231,6 +251,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         if accelerator.is_main_process:
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+            state["metrics_lines"] += 1
         if r.output.report_to:
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
@@ -253,7 +274,15 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(path / "loss.safetensors"))
 
-        ckpt.save_checkpoint(accelerator, out, step, {**state, "step": step}, {"recipe.yaml": recipe_text}, write_loss)
+        bad = _nonfinite_parameters(all_params_named)
+        if bad:
+            raise EmbedtrainError(
+                f"training stopped at step {step}: non-finite weights ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}); lower train.lr or check the data; {_last_good(out)}"
+            )
+        needed = ckpt.estimate_bytes([accelerator.unwrap_model(model), loss_fn], [optimizer])
+        ckpt.save_checkpoint(accelerator, out, step, {**state, "step": step}, {"recipe.yaml": recipe_text}, write_loss,
+                             needed_bytes=needed)
         if accelerator.is_main_process:
             ckpt.prune_checkpoints(out, r.train.keep_last, state["best_step"])
 
@@ -275,15 +304,18 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
 
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     all_params = [p for p in model.parameters() if p.requires_grad] + loss_params
+    all_params_named = list(accelerator.unwrap_model(model).named_parameters()) + [
+        (f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
     step = state["step"]
     epoch, offset = _steps_from(lambda e: len(plan(e)), step)
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process,
                     dynamic_ncols=True)
     window: list[dict] = []
+    skipped = 0
     last_log = time.time()
     stopped = False
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _closing(progress):
         while step < total_steps and not stopped:
             batches = PlannedBatches(plan(epoch), collator, rank, world_size)
             sampler = list(range(offset, len(batches)))
@@ -313,43 +345,54 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                     scheduler.step()
                     state["consecutive_nonfinite"] = 0
                 else:
+                    # the update is skipped: weights and optimizer state stay those of the last good step
                     state["consecutive_nonfinite"] += 1
+                    skipped += 1
                     log(f"step {step + 1}: non-finite loss or gradient; step skipped "
-                        f"({state['consecutive_nonfinite']} in a row)")
+                        f"({state['consecutive_nonfinite']} in a row, limit {r.train.max_consecutive_nonfinite})")
                     if state["consecutive_nonfinite"] >= r.train.max_consecutive_nonfinite:
                         optimizer.zero_grad(set_to_none=True)
+                        first = step + 2 - state["consecutive_nonfinite"]
                         raise EmbedtrainError(
                             f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
-                            f"or gradient (step {step + 1}); lower train.lr or check the data; the last good "
-                            f"checkpoint in {ckpt.checkpoint_root(out)} is kept"
+                            f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
                         )
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
-                window.append({"loss": float(loss_value), "accuracy": float(out_step["accuracy"]),
-                               "temperature": float(out_step["temperature"])})
+                if finite:
+                    window.append({"loss": float(loss_value), "accuracy": float(out_step["accuracy"]),
+                                   "temperature": float(out_step["temperature"]), "grad_norm": float(grad_norm)})
                 if step % r.train.log_every == 0 or step == total_steps:
                     now = time.time()
+                    n = len(window)
                     entry = {
                         "step": step,
                         "epoch": epoch,
-                        "loss": sum(w["loss"] for w in window) / len(window),
-                        "accuracy": sum(w["accuracy"] for w in window) / len(window),
-                        "temperature": window[-1]["temperature"],
+                        "loss": sum(w["loss"] for w in window) / n if n else None,
+                        "accuracy": sum(w["accuracy"] for w in window) / n if n else None,
+                        "temperature": window[-1]["temperature"] if n else None,
                         "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "examples_per_s": len(window) * global_batch / max(now - last_log, 1e-9),
+                        "grad_norm": window[-1]["grad_norm"] if n else None,
+                        "examples_per_s": (n + skipped) * global_batch / max(now - last_log, 1e-9),
                     }
+                    if skipped:
+                        entry["skipped_steps"] = skipped  # non-finite steps in this window (not in the averages)
                     record(entry)
-                    progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['accuracy']:.3f}")
-                    window, last_log = [], now
+                    if n:
+                        progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['accuracy']:.3f}")
+                    window, skipped, last_log = [], 0, now
                 scores = {}
                 if eval_tasks and r.train.eval_every and step % r.train.eval_every == 0 and step < total_steps:
                     scores = evaluate(step)
                     _update_best(state, scores, r.eval.metric, step)
                 should_save = (r.train.save_every and step % r.train.save_every == 0) or (
                     scores and state["best_step"] == step)
-                if stop.requested:
+                if should_save and not finite:
+                    # checkpoints follow applied updates only; the next save point writes one
+                    log(f"step {step}: no checkpoint after a skipped step")
+                    should_save = False
+                if _stop_requested(stop, accelerator) and step < total_steps:
                     log(f"stop requested: checkpointing at step {step}")
                     should_save, stopped = True, True
                 if should_save and step < total_steps:
@@ -357,7 +400,6 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 if stopped:
                     break
             epoch, offset = epoch + 1, 0
-    progress.close()
 
     if stopped:
         accelerator.end_training()
@@ -365,25 +407,38 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                            stopped=True)
 
     # -- finish: evaluate, save the final model ----------------------------------------------
-    final = evaluate(step) if eval_tasks else {}
-    _update_best(state, final, r.eval.metric, step)
-    save(step)
+    if state["final_step"] == step:  # resumed from the last checkpoint: evaluated and saved already
+        final = state["final"]
+    else:
+        final = evaluate(step) if eval_tasks else {}
+        _update_best(state, final, r.eval.metric, step)
+        state["final_step"], state["final"] = step, final
+        save(step)
     model_dir = out / "model"
+    problem = None
     if accelerator.is_main_process:
+        # model/ and results.json appear whole or not at all: each is written aside, then renamed
         tmp = out / ".model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.unwrap_model(model).save(tmp)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-        summary = {"steps": step, "baseline": state["baseline"], "final": final, "best_step": state["best_step"],
-                   "seconds": time.time() - t0}
-        (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        if r.output.plot:
-            from embedtrain.train.plot import plot_metrics
+        encoder_out = accelerator.unwrap_model(model)
+        needed = int(ckpt.estimate_bytes([encoder_out]) * ckpt.SAFETY_FACTOR)
+        try:
+            problem = ckpt.free_space_problem(out, needed)
+            if problem is None:
+                with ckpt.cleaned_on_failure(tmp, "final model", out):
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    encoder_out.save(tmp)
+                ckpt.replace_dir(tmp, model_dir)
+                summary = {"steps": step, "baseline": state["baseline"], "final": final,
+                           "best_step": state["best_step"], "seconds": time.time() - t0}
+                ckpt.atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+        except EmbedtrainError as err:
+            problem = str(err).replace("checkpoint: ", "final model: ", 1)
+    ckpt.raise_if_any(accelerator, problem)
+    if accelerator.is_main_process and r.output.plot:
+        from embedtrain.train.plot import plot_metrics
 
-            plot_metrics(metrics_path, out / "training_curves.png", r.eval.metric)
+        plot_metrics(metrics_path, out / "training_curves.png", r.eval.metric)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, model_dir, step, state["baseline"], final, state["best_step"], time.time() - t0)
@@ -415,15 +470,93 @@ def _update_best(state: dict, scores: dict, metric: str, step: int) -> None:
         state["best_metric"], state["best_step"] = value, step
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
+def _truncate_metrics(path: Path, step: int, lines: Optional[int]) -> int:
+    """Drop metric lines written after the checkpoint we resume from; returns the lines kept.
+
+    ``lines`` is the count the checkpoint recorded (None for checkpoints that predate it: then lines
+    up to ``step`` are kept). A line cut short by a kill is dropped too.
+    """
     if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if lines is not None and len(kept) >= lines:
+            break
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and (lines is not None or entry.get("step", 0) <= step):
+            kept.append(line)
+    ckpt.atomic_write_text(path, "".join(l + "\n" for l in kept))
+    return len(kept)
+
+
+@contextlib.contextmanager
+def _closing(progress):
+    """Close the progress bar however the loop ends, so that an error message starts on its own line."""
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _stop_requested(stop: _StopRequest, accelerator) -> bool:
+    """Whether any process received SIGINT/SIGTERM (all processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _position_limit(backbone) -> Optional[int]:
+    """Tokens a backbone with a learned position table can take (None when it has no such table)."""
+    table = getattr(getattr(backbone, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    # RoBERTa-style tables start counting after the padding index
+    padding_idx = getattr(backbone.embeddings, "padding_idx", None)
+    offset = padding_idx + 1 if isinstance(padding_idx, int) and padding_idx >= 0 else 0
+    return table.num_embeddings - offset
+
+
+def _check_position_limit(encoder, r: Recipe) -> None:
+    """A token limit above the model's position table would fail in the first forward pass."""
+    limit = _position_limit(encoder.backbone)
+    if limit is None:
         return
-    lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    for name, value in (("query_max_length", encoder.query_max_length),
+                        ("document_max_length", encoder.document_max_length)):
+        if value > limit:
+            field_name = name if getattr(r.model, name) is not None else "max_length"
+            raise EmbedtrainError(
+                f"model.{field_name}: {value} tokens is more than the {limit} positions of "
+                f"{r.model.name_or_path}; set model.{field_name} to at most {limit}"
+            )
+
+
+def _nonfinite_parameters(named_params) -> list[str]:
+    with torch.no_grad():
+        return [name for name, p in named_params if not bool(torch.isfinite(p).all())]
+
+
+def _last_good(out: Path) -> str:
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {found[-1][1]} is kept"
+
+
+def _recipe_changes(saved: Path, current: dict) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's recipe and ``current`` (output.* aside)."""
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    a, b = _flat(old), _flat(current)
+    return sorted(k for k in set(a) | set(b) if not k.startswith("output.") and a.get(k) != b.get(k))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
