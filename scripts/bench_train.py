@@ -630,7 +630,8 @@ def summarize_throughput(args, results: list[dict]) -> tuple[dict, list[dict], s
 
 
 def _selected(args, variants):
-    return [(f, v) for f, v in variants if f in args.frameworks]
+    return [(f, v) for f, v in variants
+            if f in args.frameworks and (f != ST or v not in ("default", "speed") or v in args.st_variants)]
 
 
 NOTES = [
@@ -730,6 +731,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=QUICKSTART["seed"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-length-grouping", action="store_true", help="embedtrain: data.length_grouping=false")
+    p.add_argument("--st-variants", nargs="+", choices=["default", "speed"], default=["default", "speed"],
+                   help="throughput: which sentence-transformers runs to make")
     p.add_argument("--st-speed-workers", type=int, default=0,
                    help="throughput, sentence-transformers 'speed': dataloader_num_workers")
     p.add_argument("--no-quality", action="store_true", help="throughput: skip nDCG@10")
