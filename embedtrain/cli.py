@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from embedtrain.errors import ConfigError, EmbedtrainError
+from embedtrain.errors import EmbedtrainError, print_error
 
 
 def _quiet_libraries() -> None:
@@ -133,13 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
         return {"train": cmd_train, "push": cmd_push, "info": cmd_info}[args.command](args)
-    except ConfigError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return err.exit_code
     except EmbedtrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
 
 
 if __name__ == "__main__":

@@ -467,23 +467,29 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     if e.batch_size < 1:
         problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
     for i, task in enumerate(e.tasks):
-        where = f"eval.tasks[{i}].path"
-        if not task.path:
-            problems.append(f"{where}: missing; give a BEIR-layout folder")
-            continue
-        p = resolve_path(task.path)
-        if not os.path.isdir(p):
-            problems.append(f"{where}: folder {p} does not exist; check the path")
-            continue
-        for f in ("corpus.jsonl", "queries.jsonl"):
-            if not os.path.isfile(os.path.join(p, f)):
-                problems.append(f"{where}: {p} has no {f}; a BEIR folder needs corpus.jsonl, queries.jsonl, qrels.tsv")
-        if not (os.path.isfile(os.path.join(p, "qrels.tsv")) or os.path.isfile(os.path.join(p, "qrels", "test.tsv"))):
-            problems.append(f"{where}: {p} has no qrels.tsv (or qrels/test.tsv)")
+        check_beir_folder(task.path, f"eval.tasks[{i}].path", problems)
     if not o.dir:
         problems.append("output.dir: missing; give a run directory, e.g. output.dir=runs/my-run")
     if o.push_to_hub is not None and o.push_to_hub.count("/") != 1:
         problems.append(f"output.push_to_hub: {o.push_to_hub!r} is not a repo id; use user/name")
+
+
+def check_beir_folder(path: str, where: str, problems: list[str], files: bool = True) -> None:
+    """Append a problem unless ``path`` is a BEIR folder (only its presence when ``files`` is False)."""
+    if not path:
+        problems.append(f"{where}: missing; give a BEIR-layout folder")
+        return
+    if not files:
+        return
+    p = resolve_path(path)
+    if not os.path.isdir(p):
+        problems.append(f"{where}: folder {p} does not exist; check the path")
+        return
+    for f in ("corpus.jsonl", "queries.jsonl"):
+        if not os.path.isfile(os.path.join(p, f)):
+            problems.append(f"{where}: {p} has no {f}; a BEIR folder needs corpus.jsonl, queries.jsonl, qrels.tsv")
+    if not (os.path.isfile(os.path.join(p, "qrels.tsv")) or os.path.isfile(os.path.join(p, "qrels", "test.tsv"))):
+        problems.append(f"{where}: {p} has no qrels.tsv (or qrels/test.tsv)")
 
 
 def dataset_name(ds: DatasetConfig) -> str:

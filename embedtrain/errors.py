@@ -49,3 +49,12 @@ def did_you_mean(name: str, choices) -> str:
         return f" (did you mean '{ALIASES[name]}'?)"
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def print_error(err: EmbedtrainError) -> int:
+    """Print a user error as ``error: ...`` lines on stderr (one per recipe problem); return its exit code."""
+    import sys
+
+    for problem in err.problems if isinstance(err, ConfigError) else [str(err)]:
+        print(f"error: {problem}", file=sys.stderr)
+    return err.exit_code

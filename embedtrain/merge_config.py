@@ -17,6 +17,7 @@ from typing import Literal, Optional
 
 from embedtrain.config import (
     DatasetConfig,
+    check_beir_folder,
     EvalTaskConfig,
     _build_dataclass,
     apply_override,
@@ -315,21 +316,7 @@ def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True) 
         if task_name(task) in task_names:
             problems.append(f"eval.tasks[{i}].name: '{task_name(task)}' is used twice; give each task its own name")
         task_names.add(task_name(task))
-        where = f"eval.tasks[{i}].path"
-        if not task.path:
-            problems.append(f"{where}: missing; give a BEIR-layout folder")
-            continue
-        if not files:
-            continue
-        p = resolve_path(task.path)
-        if not os.path.isdir(p):
-            problems.append(f"{where}: folder {p} does not exist; check the path")
-            continue
-        for f in ("corpus.jsonl", "queries.jsonl"):
-            if not os.path.isfile(os.path.join(p, f)):
-                problems.append(f"{where}: {p} has no {f}; a BEIR folder needs corpus.jsonl, queries.jsonl, qrels.tsv")
-        if not (os.path.isfile(os.path.join(p, "qrels.tsv")) or os.path.isfile(os.path.join(p, "qrels", "test.tsv"))):
-            problems.append(f"{where}: {p} has no qrels.tsv (or qrels/test.tsv)")
+        check_beir_folder(task.path, f"eval.tasks[{i}].path", problems, files)
     if not o.dir:
         problems.append("output.dir: missing; give an output folder, e.g. output.dir=runs/my-merge")
 

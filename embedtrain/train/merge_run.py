@@ -27,7 +27,7 @@ import yaml
 
 from embedtrain.config import dataset_name, resolve_path, task_name, to_dict
 from embedtrain.data import read_pairs
-from embedtrain.errors import ConfigError, EmbedtrainError
+from embedtrain.errors import EmbedtrainError, print_error
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import InfoNCELoss
 from embedtrain.merge import MERGE_METHODS, check_mergeable
@@ -255,13 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         report = run_merge(recipe)
-    except ConfigError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return err.exit_code
     except EmbedtrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
     print(render_table(report), end="")
     print(f"report: {Path(report.output_dir) / 'report.md'}")
     return 0
