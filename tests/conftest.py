@@ -128,3 +128,14 @@ def tiny_recipe(model: Path, data: Path, out: Path, beir: Path | None = None, **
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one intra-op thread (tiny tensors gain nothing from a second)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

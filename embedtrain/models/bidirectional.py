@@ -220,11 +220,9 @@ def load_bidirectional_decoder(
     try:
         model = AutoModel.from_pretrained(resolve_path(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise EmbedtrainError(
-            f"model '{name_or_path}': cannot be loaded ({first[:200]}); give a local model folder, "
-            "or a Hub id while the Hub is reachable"
-        ) from None
+        from embedtrain.models.encoder import load_failure
+
+        raise load_failure(name_or_path, err) from None
     if device is not None:
         model.to(device)
     make_bidirectional(model)

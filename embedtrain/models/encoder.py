@@ -195,6 +195,15 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def load_failure(name_or_path: str, err: Exception) -> EmbedtrainError:
+    """The one-line error for a model that transformers could not load (first line of its message)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return EmbedtrainError(
+        f"model '{name_or_path}': cannot be loaded ({first[:200]}); give a local model folder, "
+        "or a Hub id while the Hub is reachable"
+    )
+
+
 def load_text_encoder(
     name_or_path: str,
     pooling: Optional[str] = None,
@@ -237,11 +246,7 @@ def load_text_encoder(
             )
             st = SentenceTransformer(modules=[transformer], device="cpu")
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise EmbedtrainError(
-            f"model '{name_or_path}': cannot be loaded ({first[:200]}); give a local model folder, "
-            "or a Hub id while the Hub is reachable"
-        ) from None
+        raise load_failure(name_or_path, err) from None
     if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
         raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
 

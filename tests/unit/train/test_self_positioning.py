@@ -45,13 +45,8 @@ def train_briefly(model_dir, data, steps=20):
     return {k: v.detach().clone() for k, v in encoder.backbone.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
