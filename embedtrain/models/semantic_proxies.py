@@ -15,8 +15,13 @@ accumulate across steps in a memory :math:`m_c`:
 - ``gru``: :math:`m_c \\leftarrow \\mathrm{normalize}(h)`, where a GRU cell reads the batch's
   representations of c one by one starting from :math:`h = m_c` (zeros the first time).
 
-The proxy of class c is :math:`p_c = \\mathrm{normalize}(\\alpha\\, \\hat w_c + (1-\\alpha)\\, m_c)` with
-:math:`\\hat w_c` the normalised learnable proxy (classes not seen yet use :math:`\\hat w_c` alone).
+The proxy of class c is :math:`p_c = \\mathrm{normalize}(\\alpha\\, w_c + (1-\\alpha)\\, m_c)`, where the
+learnable :math:`w_c` is *not* normalised and starts small (norm about 0.1, against the unit-norm
+:math:`m_c`): it is a learned correction of the semantic proxy (the reference code's "proxy bias") that
+grows as far as training finds it useful. Normalising it instead gives it full weight from the first
+step while it is still random, and the negatives of the proxy loss then push it away from the
+embeddings, against the semantic part. Classes not seen yet use :math:`\\mathrm{normalize}(w_c)`;
+without semantic proxies the proxies are :math:`\\mathrm{normalize}(w_c)` (unit-norm start).
 The rows of m updated in a step keep their graph for that step's loss (so the class prompts, the
 semantic head and the GRU learn from it) and are stored detached for later steps.
 """
@@ -65,7 +70,9 @@ class ProxyBank(nn.Module):
             raise EmbedtrainError(f"proxies: {num_classes} training class; metric learning needs at least 2")
         self.num_classes, self.dim, self.semantic = num_classes, dim, semantic
         self.alpha, self.accumulate, self.momentum = float(alpha), accumulate, float(momentum)
-        self.learnable = nn.Parameter(torch.randn(num_classes, dim) / dim ** 0.5)
+        # unit norm on their own; a small correction of the semantic proxies (see the module docstring)
+        scale = (0.1 if semantic else 1.0) / dim ** 0.5
+        self.learnable = nn.Parameter(torch.randn(num_classes, dim) * scale)
         if not semantic:
             return
         if accumulate not in ("ema", "gru"):
@@ -111,13 +118,14 @@ class ProxyBank(nn.Module):
             starts = torch.cumsum(counts, 0) - counts
             for j in range(int(counts.max())):  # the j-th image of every class that has one
                 rows = (counts > j).nonzero().squeeze(1)
-                h = h.index_put((rows,), self.gru(reps[order[starts[rows] + j]], h[rows]))
+                # (under autocast the cell computes in half precision; the memory stays in float32)
+                h = h.index_put((rows,), self.gru(reps[order[starts[rows] + j]], h[rows]).to(h.dtype))
             updated = F.normalize(h, dim=-1)
         memory = self.memory.index_put((classes,), updated)
         with torch.no_grad():
             self.memory.copy_(memory.detach())
             self.seen[classes] = True
-        combined = F.normalize(self.alpha * learned + (1 - self.alpha) * memory, dim=-1)
+        combined = F.normalize(self.alpha * self.learnable + (1 - self.alpha) * memory, dim=-1)
         return torch.where(self.seen[:, None], combined, learned)
 
     def config(self) -> dict:
