@@ -34,7 +34,9 @@ from embedtrain.errors import EmbedtrainError, print_error  # noqa: E402
 
 VARIANTS = {
     "head": ("frozen backbone + head", ["tuning.train_backbone=frozen", "tuning.prompt_depth=0", "proxies.semantic=false"]),
-    "full": ("full fine-tuning", ["tuning.train_backbone=full", "tuning.prompt_depth=0", "proxies.semantic=false"]),
+    # a third of the learning rate: every backbone weight moves, not only new parameters
+    "full": ("full fine-tuning", ["tuning.train_backbone=full", "tuning.prompt_depth=0", "proxies.semantic=false",
+                                  "train.lr=1e-3"]),
     "vpt": ("VPT (deep prompts) + head", ["tuning.train_backbone=frozen", "proxies.semantic=false"]),
     "vpt_sp": ("VPT + semantic proxies", ["tuning.train_backbone=frozen", "proxies.semantic=true"]),
 }
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default=str(REPO / "recipes/dml/vpt_proxies_emoji.yaml"))
     parser.add_argument("--output", default="runs/dml_emoji", help="one run folder per variant under this folder")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="training seeds (results are averaged)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (results are averaged)")
     parser.add_argument("--json", default=None, help="write the results here (default: <output>/results.json)")
     parser.add_argument("--markdown", default=None, help="write the table here (default: <output>/results.md)")
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -77,9 +79,10 @@ def run(args) -> int:
             recipe = load_dml_recipe(args.recipe, overrides)
             print(f"\n== {label} (seed {seed})", flush=True)
             result = train_dml(recipe)
-            runs.append({"seed": seed, "final": result.final, "train_seconds": result.train_seconds,
+            runs.append({"seed": seed, "before": result.baseline, "final": result.final, "train_seconds": result.train_seconds,
                          "seconds": result.seconds, "steps": result.steps})
-            baseline = baseline or result.baseline
+            if name in ("head", "full") and not baseline:  # prompts change the embedding before any training
+                baseline = result.baseline
             trainable, total = result.trainable_parameters, result.total_parameters
         rows[name] = {"label": label, "overrides": variant_overrides, "runs": runs,
                       "mean": {m: _mean([r["final"][m] for r in runs]) for m in METRICS},
