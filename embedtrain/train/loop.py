@@ -216,7 +216,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay)
     scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
     if r.train.compile:
-        encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
+        # compiled in place: parameter names (checkpoints, the saved model) stay those of the backbone
+        encoder.backbone.compile(dynamic=True)
     model, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
     loss_fn.to(accelerator.device)
 
@@ -338,6 +339,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                     accelerator.clip_grad_norm_(all_params, r.train.max_grad_norm)
                     if r.train.max_grad_norm else _grad_norm(all_params)
                 )
+                if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
+                    grad_norm = _grad_norm(all_params)
                 loss_value = accelerator.reduce(out_step["loss"].detach().float(), reduction="mean")
                 finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
                 if finite:
@@ -416,6 +419,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         save(step)
     model_dir = out / "model"
     problem = None
+    # every process takes part: under FSDP / ZeRO-3 this gathers the shards into one full state dict
+    full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         # model/ and results.json appear whole or not at all: each is written aside, then renamed
         tmp = out / ".model.tmp"
@@ -427,7 +432,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 with ckpt.cleaned_on_failure(tmp, "final model", out):
                     if tmp.exists():
                         shutil.rmtree(tmp)
-                    encoder_out.save(tmp)
+                    encoder_out.save(tmp, state_dict=full_state)
                 ckpt.replace_dir(tmp, model_dir)
                 summary = {"steps": step, "baseline": state["baseline"], "final": final,
                            "best_step": state["best_step"], "seconds": time.time() - t0}
