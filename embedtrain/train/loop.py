@@ -24,6 +24,7 @@ from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
 from embedtrain.models import load_text_encoder
 from embedtrain.train import checkpoint as ckpt
+from embedtrain.train import experts
 from embedtrain.train.accelerator import build_accelerator
 from embedtrain.train.optim import build_optimizer, build_scheduler
 from embedtrain.train.step import grad_cache_step, plain_step
@@ -111,8 +112,9 @@ def _evaluate(encoder, tasks, batch_size: int) -> dict[str, float]:
     """Metrics per task as ``<task>/<metric>`` plus the mean over tasks as ``mean/<metric>``."""
     out: dict[str, float] = {}
     for cfg, data in tasks:
-        scores = evaluate_retrieval(encoder, data, cfg.query_prompt or None, cfg.document_prompt or None,
-                                    batch_size=batch_size, show_progress=True)
+        with experts.routed_task(encoder, cfg.domain):  # MoE models: the task's domain, or the router
+            scores = evaluate_retrieval(encoder, data, cfg.query_prompt or None, cfg.document_prompt or None,
+                                        batch_size=batch_size, show_progress=True)
         out.update({f"{data.name}/{k}": v for k, v in scores.items()})
     if tasks:
         for metric in ("ndcg@10", "mrr@10", "recall@10"):
@@ -143,7 +145,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     # -- build: data first (cheap, and its errors should come before the model loads) ----------
     _check_output_dir(out, r.output.overwrite, resuming=resume is not None)
     datasets = _load_data(r)
-    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out))
+    # an MoE step leaves the other domains' experts without gradient, which DDP must be told
+    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out),
+                                    find_unused_parameters=experts.uses_experts(r))
     world_size, rank = accelerator.num_processes, accelerator.process_index
     if not accelerator.is_main_process:
         log = lambda *_: None  # noqa: E731  (one voice per run)
@@ -176,6 +180,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
         revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
     )
+    encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+    batch_domains = experts.dataset_domains(encoder, r)
+    experts.check_eval_tasks(encoder, r)
     _check_position_limit(encoder, r)
     loss_fn = LOSSES.get(r.loss.name)(
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
@@ -298,10 +305,11 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
 
     def run_step(batch: dict) -> dict:
         batch = _to_device(batch, accelerator.device)
-        if r.train.gradient_cache_chunk_size:
-            return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
-                                   lambda: accelerator.no_sync(model))
-        return plain_step(model, loss_fn, batch, backward)
+        with experts.routed_batch(encoder, batch_domains, batch["dataset"]):  # MoE: the dataset's expert
+            if r.train.gradient_cache_chunk_size:
+                return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
+                                       lambda: accelerator.no_sync(model))
+            return plain_step(model, loss_fn, batch, backward)
 
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     all_params = [p for p in model.parameters() if p.requires_grad] + loss_params
@@ -381,6 +389,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                     }
                     if skipped:
                         entry["skipped_steps"] = skipped  # non-finite steps in this window (not in the averages)
+                    entry.update(experts.routing_log(encoder))  # MoE: expert shares, router accuracy
                     record(entry)
                     if n:
                         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['accuracy']:.3f}")
