@@ -43,6 +43,8 @@ class MoEConfig:
     """Experts per text under learned routing (outputs mixed with the router's weights renormalised over the k)."""
     router_loss_weight: float = 0.01
     """Weight of the router's cross-entropy against the known domain, added to the loss."""
+    router_lr: Optional[float] = 1.0e-3
+    """Learning rate of the router (null = train.lr): a linear classifier on fixed features needs larger steps."""
     load_balancing_weight: float = 0.01
     """Weight of the load-balancing loss N·Σ f_e·P_e under learned routing."""
     domain_tokens: bool = False
@@ -530,6 +532,8 @@ def _check_moe(recipe: Recipe, problems: list[str]) -> None:
     for name in ("router_loss_weight", "load_balancing_weight"):
         if getattr(moe, name) < 0:
             problems.append(f"{where}.{name}: must be 0 or more, got {getattr(moe, name)}")
+    if moe.router_lr is not None and moe.router_lr <= 0:
+        problems.append(f"{where}.router_lr: must be positive or null, got {moe.router_lr}")
     if recipe.model.gradient_checkpointing:
         problems.append("model.gradient_checkpointing: not available with model.moe (a recomputed layer would see "
                         "another forward pass's routing); set it to false")

@@ -56,6 +56,14 @@ def prepare_encoder(encoder, recipe: Recipe, log=print):
     return encoder
 
 
+def learning_rates(recipe: Recipe) -> Optional[dict[str, float]]:
+    """The router's own learning rate, as :func:`embedtrain.train.optim.build_optimizer` takes it."""
+    moe = recipe.model.moe
+    if moe is None or moe.router_lr is None:
+        return None
+    return {"moe_router.": moe.router_lr}
+
+
 def dataset_domains(encoder, recipe: Recipe) -> Optional[list[Optional[str]]]:
     """The domain of each training dataset (None: left to the router); None for a dense model."""
     if not isinstance(encoder, MoETextEncoder):

@@ -220,7 +220,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     frozen = encoder.freeze_unused_parameters()
     if frozen:
         log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
-    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay)
+    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay, experts.learning_rates(r))
     scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
     if r.train.compile:
         # compiled in place: parameter names (checkpoints, the saved model) stay those of the backbone
