@@ -216,3 +216,35 @@ def test_two_processes_train_an_moe(tiny_bert_no_dropout, domains, tmp_path):
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+
+
+def test_experiment_script_writes_every_row(tiny_bert, domains, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_experiment", REPO / "scripts" / "moe_experiment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = tmp_path / "data"
+    for name, source in (("wordnet", domains["nature"]), ("foldoc", domains["tech"])):
+        (data / name).mkdir(parents=True)
+        shutil.copy(source, data / name / "train.jsonl")
+        shutil.copytree(domains["eval"], data / name / "eval")
+    args = ["--quick", "--data", str(data), "--base-model", str(tiny_bert), "--output", str(tmp_path / "exp")]
+    assert script.main(args) == 0
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    rows = [r["row"] for r in results["rows"]]
+    assert rows == ["base", "dense_joint", "wordnet_only", "foldoc_only", "moe_enforced", "moe_enforced_router",
+                    "moe_learned"]
+    for r in results["rows"]:
+        assert set(r["scores"]) == {"wordnet", "foldoc"} and 0 <= r["mean_ndcg@10"] <= 1
+        assert r.get("steps", 0) == (0 if r["row"] == "base" else 2)
+    routing = results["rows"][5]["routing"]
+    assert sum(routing["wordnet"]["query"].values()) == results["settings"]["split_sizes"]["wordnet"]["queries"]
+    assert set(results["comparison"]) == {"moe_enforced", "dense_joint", "moe_at_least_dense_joint"}
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert table.count("\n| ") >= 9 and "Router at inference" in table
+    assert "MoE, learned routing (no domain given)" in capsys.readouterr().out
+    # again: every trained row is reused
+    assert script.main(args + ["--rows", "moe_enforced"]) == 0
+    again = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert again["rows"][0]["trained_now"] is False
