@@ -248,3 +248,13 @@ def test_experiment_script_writes_every_row(tiny_bert, domains, tmp_path, capsys
     assert script.main(args + ["--rows", "moe_enforced"]) == 0
     again = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert again["rows"][0]["trained_now"] is False
+
+
+def test_cli_run_writes_a_card_that_says_how_to_load_and_route(tiny_bert, domains, tmp_path, capsys):
+    recipe = moe_recipe(tiny_bert, domains, tmp_path / "run", train={"max_steps": 2})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "SentenceTransformer(path, trust_remote_code=True)" in card
+    assert 'domain="nature"' in card and "router picks one" in card
