@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the plumbing: 2 steps at batch 8 on 64 rows per dataset, 20 queries per split")
     parser.add_argument("--data", default=str(REPO / "data"), help="folder holding wordnet/ and foldoc/ (train.jsonl, eval/)")
     parser.add_argument("--base-model", default=None, help=f"start every row from this model instead of {BASE_MODEL}")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also write the table into README.md, between the moe-experiment markers")
     parser.add_argument("--eval-queries", type=int, default=None, help="evaluate on the first N queries of each split")
     parser.add_argument("--eval-docs", type=int, default=None,
                         help="with --eval-queries: the judged documents plus the first N documents of each corpus")
@@ -330,7 +332,22 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(text, encoding="utf-8")
     print(text, end="")
     print(f"results: {out / 'results.md'}")
+    if args.update_readme:
+        update_readme(REPO / "README.md", text)
+        print(f"table written into {REPO / 'README.md'}")
     return 0
+
+
+README_START, README_END = "<!-- moe-experiment:start -->", "<!-- moe-experiment:end -->"
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replace what lies between the README's moe-experiment markers with ``table``."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"error: {path} has no {README_START} ... {README_END} block; add one where the table goes")
+    path.write_text(text[: start + len(README_START)] + "\n" + table + text[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,11 @@ def test_experiment_script_writes_every_row(tiny_bert, domains, tmp_path, capsys
     again = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert again["rows"][0]["trained_now"] is False
 
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{script.README_START}\nold table\n{script.README_END}\n\n## next\n")
+    script.update_readme(readme, table)
+    assert readme.read_text() == f"# x\n\n{script.README_START}\n{table}{script.README_END}\n\n## next\n"
+
 
 def test_cli_run_writes_a_card_that_says_how_to_load_and_route(tiny_bert, domains, tmp_path, capsys):
     recipe = moe_recipe(tiny_bert, domains, tmp_path / "run", train={"max_steps": 2})

@@ -242,3 +242,23 @@ def test_freeze_keeps_every_expert_trainable(tiny_bert_no_dropout):
     assert frozen == ["backbone.pooler.dense.weight", "backbone.pooler.dense.bias"]
     assert all(p.requires_grad for n, p in moe.named_parameters() if "experts" in n or "moe_router" in n)
     assert moe.routing_statistics() == {}  # the probes are not counted
+
+
+def test_routed_step_costs_what_the_dense_step_costs(tiny_bert_no_dropout):
+    """Each text runs through its own expert only: the same floating-point work as the dense model
+    (plus the router's one small matrix product), whether a batch has one domain or several."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model, **kwargs):
+        enc = model.tokenize(TEXTS, "document")
+        with FlopCounterMode(display=False) as counter:
+            model(enc["input_ids"], enc["attention_mask"], **kwargs).sum().backward()
+        return counter.get_total_flops()
+
+    dense = load_text_encoder(str(tiny_bert_no_dropout), max_length=24)
+    moe = upcycle_encoder(load_text_encoder(str(tiny_bert_no_dropout), max_length=24), ["a", "b", "c"], router=False)
+    base = flops(dense)
+    assert flops(moe, domain=torch.tensor([1, 1, 1, 1])) == base
+    assert flops(moe, domain=torch.tensor([0, 2, 1, 0])) == base
+    routed = upcycle_encoder(load_text_encoder(str(tiny_bert_no_dropout), max_length=24), ["a", "b", "c"])
+    assert base < flops(routed, domain=torch.tensor([0, 2, 1, 0])) <= 1.01 * base
