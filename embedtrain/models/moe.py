@@ -656,11 +656,18 @@ class MoETextEncoder(TextEncoder):
         was_training = self.training
         self.train()
         used: set[str] = set()
-        for e in range(self.settings.num_experts):
+        settings, routing = self.settings, self.settings.routing
+        # one probe forced to each expert, then one routed as configured (under learned routing the
+        # router's gradient comes from the routing itself)
+        for e, forced in [(e, True) for e in range(settings.num_experts)] + [(0, False)]:
             for p in self.parameters():
                 p.grad = None
             domain = torch.full((probe["input_ids"].shape[0],), e, dtype=torch.int64)
-            self._embed(probe["input_ids"], probe["attention_mask"], domain).sum().backward()
+            settings.routing = "enforced" if forced else routing
+            try:
+                self._embed(probe["input_ids"], probe["attention_mask"], domain).sum().backward()
+            finally:
+                settings.routing = routing
             used |= {n for n, p in self.named_parameters() if p.grad is not None}
         frozen = []
         for name, p in self.named_parameters():

@@ -262,3 +262,19 @@ def test_routed_step_costs_what_the_dense_step_costs(tiny_bert_no_dropout):
     assert flops(moe, domain=torch.tensor([0, 2, 1, 0])) == base
     routed = upcycle_encoder(load_text_encoder(str(tiny_bert_no_dropout), max_length=24), ["a", "b", "c"])
     assert base < flops(routed, domain=torch.tensor([0, 2, 1, 0])) <= 1.01 * base
+
+
+@pytest.mark.parametrize("router_loss,balance,router_trained", [(0.0, 0.01, True), (0.0, 0.0, False)])
+def test_freeze_under_learned_routing(tiny_bert_no_dropout, router_loss, balance, router_trained):
+    """The router may pick one expert for both probe texts; every expert stays trainable all the same,
+    and the router only when a loss reaches it (with top-1 its mixture weight is constant)."""
+    moe = upcycle_encoder(load_text_encoder(str(tiny_bert_no_dropout), max_length=24), ["a", "b"], routing="learned",
+                          router_loss_weight=router_loss, load_balancing_weight=balance)
+    with torch.no_grad():  # a router that sends everything to expert 1
+        moe.backbone.moe_router.proj.weight.zero_()
+        moe.backbone.moe_router.proj.bias.copy_(torch.tensor([-5.0, 5.0]))
+    frozen = moe.freeze_unused_parameters()
+    assert all(p.requires_grad for n, p in moe.named_parameters() if ".experts." in n)
+    assert moe.backbone.moe_router.proj.weight.requires_grad == router_trained
+    assert moe.settings.routing == "learned"
+    assert ("backbone.moe_router.proj.weight" in frozen) == (not router_trained)
