@@ -21,7 +21,10 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from embedtrain.config import load_recipe
+    from embedtrain.multimodal_config import is_multimodal_recipe
 
+    if is_multimodal_recipe(args.recipe):  # kind: clip | vlm2vec
+        return cmd_train_multimodal(args)
     overrides = list(args.overrides)
     if args.overwrite:
         overrides.append("output.overwrite=true")
@@ -59,6 +62,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         url = push_model(result.model_dir, recipe.output.push_to_hub, private=recipe.output.hub_private)
         print(f"pushed to {url}")
+    return 0
+
+
+def cmd_train_multimodal(args: argparse.Namespace) -> int:
+    from embedtrain.multimodal_config import load_multimodal_recipe
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    recipe = load_multimodal_recipe(args.recipe, overrides)
+    _quiet_libraries()
+    from embedtrain.train.multimodal_loop import train_multimodal
+
+    result = train_multimodal(recipe, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    if result.stopped:
+        print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
+              + " ".join(args.overrides))
+        return 0
+    metric = recipe.eval.metric
+    for key in sorted(k for k in {**result.baseline, **result.final} if k.endswith(f"/{metric}") and not k.startswith("mean/")):
+        before, after = result.baseline.get(key), result.final.get(key)
+        line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+        print(line + (f"after {100 * after:.2f}" if after is not None else ""))
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
     return 0
 
 
