@@ -199,14 +199,16 @@ def read_multimodal_pairs(
     for role, (text_col, image_col) in columns.items():
         texts[role] = None
         if text_col is not None:
-            values = ds[text_col]
+            values = list(ds[text_col])
             for i, value in enumerate(values):
+                if value is None and image_col is not None:
+                    values[i] = value = ""  # an image with no text
                 if not isinstance(value, str):
                     raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is {type(value).__name__}, "
                                           "not text; fix or remove the row")
-                if not value.strip():
+                if not value.strip() and image_col is None:
                     raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is empty; fix or remove the row")
-            texts[role] = list(values)
+            texts[role] = values
         images[role] = None
         if image_col is not None:
             images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(ds[image_col])]

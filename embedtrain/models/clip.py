@@ -173,7 +173,7 @@ class ClipEncoder(nn.Module):
             if tower in counts:
                 counts[tower][1] += p.numel()
                 counts[tower][0] += p.numel() if p.requires_grad else 0
-        return ", ".join(f"{t} tower {c[0] / 1e6:.2f}M of {c[1] / 1e6:.2f}M parameters trained" for t, c in counts.items())
+        return ", ".join(f"{t} tower {c[0]:,} of {c[1]:,} parameters trained" for t, c in counts.items())
 
     # -- encoding --------------------------------------------------------------------------
     @torch.no_grad()

@@ -110,3 +110,37 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     b = load_file(str(tmp_path / "resumed" / "model" / "open_clip_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_vlm2vec_recipe_trains_with_lora_and_grad_cache_and_saves_for_sentence_transformers(tiny_vlm, tmp_path,
+                                                                                            capsys):
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+
+    from embedtrain.models.vlm import load_vlm_encoder
+
+    out = tmp_path / "run"
+    assert main(["train", VLM_TINY, f"model.name_or_path={tiny_vlm}", f"output.dir={out}"]) == 0
+    assert "emoji/t2i/recall@10: after" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in lines if "loss" in e]
+    assert len(losses) == 4 and all(v == v for v in losses)
+    assert not any("lora" in k for k in load_file(str(out / "model" / "model.safetensors")))
+
+    st = SentenceTransformer(str(out / "model"), device="cpu")
+    ours = load_vlm_encoder(str(out / "model"), finetune="full")
+    row = emoji_rows(1, 900)[0]
+    path = str(EMOJI / row["image"])
+    got = st.encode_document([Image.open(path)], convert_to_tensor=True).cpu()
+    torch.testing.assert_close(got, ours.encode_items(images=[path], role="document"), atol=1e-5, rtol=1e-4)
+    got = st.encode_query([row["name"]], convert_to_tensor=True).cpu()
+    torch.testing.assert_close(got, ours.encode_items(texts=[row["name"]], role="query"), atol=1e-5, rtol=1e-4)
+
+
+def test_vlm2vec_bad_image_names_row_and_file(tiny_vlm, tmp_path, capsys):
+    path = write_image_text_rows(tmp_path / "data", n=24, broken={4: "missing"})
+    overrides = [f"model.name_or_path={tiny_vlm}", f"output.dir={tmp_path / 'run'}", f"data.train.0.path={path}",
+                 f"data.train.1.path={path}", "eval.tasks=[]"]
+    assert main(["train", VLM_TINY, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.jsonl row 5: image " in err and "missing-0004.png (column 'image') not found" in err

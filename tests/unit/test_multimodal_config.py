@@ -35,7 +35,7 @@ def test_every_shipped_multimodal_recipe_loads():
         # GPU recipes name Hub models and data prepared by scripts: their files are checked when they run
         recipe = load_multimodal_recipe(path, check_files=(REPO / "recipes" / "clip") in path.parents)
         found.append((path.name, recipe.kind))
-    assert ("emoji_clip.yaml", "clip") in found
+    assert ("emoji_clip.yaml", "clip") in found and ("vlm2vec.yaml", "vlm2vec") in found
 
 
 def test_clip_recipe_defaults_and_roles(tmp_path):
