@@ -23,6 +23,7 @@ import copy
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -322,7 +323,9 @@ def load_vlm_encoder(
         target = LORA_DEFAULT if not lora_targets else rf".*language_model.*\.(?:{'|'.join(lora_targets)})"
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target)
         try:
-            backbone = get_peft_model(backbone, config)
+            with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                backbone = get_peft_model(backbone, config)
         except ValueError as err:
             first = (str(err).strip().splitlines() or ["no module matched"])[0]
             raise EmbedtrainError(f"model.lora.target_modules: {first[:200]}; name projection layers of the "

@@ -45,6 +45,12 @@ def test_clip_recipe_trains_evaluates_and_saves_for_open_clip(tmp_path, capsys):
         theirs_text = model.encode_text(tokenizer([r["name"] for r in rows]), normalize=True)
     torch.testing.assert_close(theirs, ours.encode_items(images=paths), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(theirs_text, ours.encode_items(texts=[r["name"] for r in rows]), atol=1e-5, rtol=1e-4)
+    # embedtrain eval scores the folder as the trainer did
+    assert main(["eval", "--model", str(out / "model"), "--local-task", str(REPO / "data" / "emoji" / "eval"),
+                 "--output", str(tmp_path / "eval")]) == 0
+    scores = json.loads((tmp_path / "eval" / "multimodal_results.json").read_text())["results"]["emoji-eval"]
+    for key in ("t2i/recall@10", "i2t/recall@1", "t2i/ndcg@10"):
+        assert scores[key] == pytest.approx(results["final"][f"emoji/{key}"], abs=1e-6)
     # the trained temperature went into the model
     loss_state = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "loss.safetensors"))
     assert model.logit_scale.item() == pytest.approx(loss_state["log_scale"].item())
@@ -144,3 +150,25 @@ def test_vlm2vec_bad_image_names_row_and_file(tiny_vlm, tmp_path, capsys):
     assert main(["train", VLM_TINY, *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.jsonl row 5: image " in err and "missing-0004.png (column 'image') not found" in err
+
+
+@pytest.mark.slow
+def test_clip_on_two_cpu_processes(tmp_path):
+    """Two processes (DDP on gloo), each half of the global batch, a frozen text tower and the shared gather."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    out = tmp_path / "run"
+    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
+           "--main_process_port", "29531", "-m", "embedtrain", "train", CLIP_TINY, f"output.dir={out}",
+           "model.text_tower=frozen", "train.save_every=2", "data.batch_size=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("model saved to") == 1  # one voice per run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and "emoji/t2i/recall@10" in results["final"]
