@@ -120,6 +120,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     from embedtrain.losses import LOSSES
     from embedtrain.models.pooling import POOLERS
 
+    if getattr(args, "kind", None):  # a multimodal recipe type
+        from embedtrain.multimodal_config import RECIPE_TYPES, all_field_docs
+
+        for section in dataclasses.fields(RECIPE_TYPES[args.kind]):
+            if section.name == "kind":
+                continue
+            cls = section.default_factory().__class__  # type: ignore[misc]
+            docs = all_field_docs(cls)
+            print(f"\n{section.name}:")
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+        return 0
     print(f"losses: {', '.join(LOSSES.names())}")
     print(f"pooling: {', '.join(POOLERS.names())}")
     for section in dataclasses.fields(config.Recipe):
@@ -148,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="user/name")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p = sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p.add_argument("--kind", choices=["clip", "vlm2vec"], help="the fields of a multimodal recipe type instead")
     return parser
 
 

@@ -74,7 +74,7 @@ class MultimodalDatasetConfig:
     negative_image_columns: list[str] = field(default_factory=list)
     """Columns holding hard-negative images (as many as negative_text_columns when both are given)."""
     query_template: str = "{image}{text}"
-    """How a query becomes the model's text: {text} is the query text, {image} the processor's image token(s)."""
+    """A query as the model's text: {text} is its text, {image} the image token(s); data.train[0]'s are saved with the model."""
     document_template: str = "{image}{text}"
     """The same for positives and negatives (CLIP: {image} stands for nothing; images go to the image tower)."""
     weight: float = 1.0
@@ -167,8 +167,7 @@ class ClipArchitecture:
 @dataclass
 class ClipModelConfig:
     name_or_path: str = ""
-    """An open_clip folder (open_clip_config.json + weights, e.g. a run's model/), a built-in open_clip
-    architecture name such as ViT-B-32, or empty to build `architecture` from scratch."""
+    """An open_clip folder (e.g. a run's model/), a built-in open_clip name such as ViT-B-32, or empty to build `architecture`."""
     pretrained: Optional[str] = None
     """open_clip pretrained tag for a built-in name (downloads from the Hub)."""
     architecture: ClipArchitecture = field(default_factory=ClipArchitecture)

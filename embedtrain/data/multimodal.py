@@ -294,10 +294,14 @@ def split_inputs(inputs: dict[str, torch.Tensor], size: int):
             used = mask.sum(0).nonzero()
             lo, hi = int(used.min()), int(used.max()) + 1
             if lo > 0 or hi < mask.shape[1]:
-                width = mask.shape[1]
-                part = {k: (v[:, lo:hi] if v.dim() >= 2 and v.shape[1] == width and k != "pixel_values" else v)
-                        for k, v in part.items()}
+                part = {k: (v[:, lo:hi] if _per_token(k, v, mask) else v) for k, v in part.items()}
         yield part
+
+
+def _per_token(key: str, value: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a tensor has one entry per token (input_ids, mm_token_type_ids, ...), like the mask."""
+    image_keys = key.startswith("pixel_values") or key.endswith("_grid_thw")
+    return not image_keys and value.dim() >= 2 and value.shape[:2] == mask.shape
 
 
 def _rows(inputs: dict[str, torch.Tensor]) -> int:
@@ -385,8 +389,7 @@ class MultimodalCollator:
             return {"dataset": planned.dataset, "bad_images": bad, "stop": True}
         k = ds.num_negatives
         negatives = [f"negative_{j}" for j in range(k)]
-        # negatives of one row share their columns' kind (text / image / both) only per column:
-        # collate them together when every negative column has the same kind
+        # the recipe gives every negative the same kind (text, image or both), so they collate together
         return {
             "dataset": planned.dataset,
             "query": self._role_inputs(ds, ["query"], rows, decoded),
