@@ -172,3 +172,24 @@ def test_clip_on_two_cpu_processes(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and "emoji/t2i/recall@10" in results["final"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_image_that_breaks_during_training(tmp_path, capsys, policy):
+    """With data.verify_images off, a file that exists but does not decode is met by the collator."""
+    path = write_image_text_rows(tmp_path / "data", n=32, broken={5: "garbage"})
+    overrides = [f"data.train.0.path={path}", "data.train.0.max_rows=null", f"output.dir={tmp_path / 'run'}",
+                 "train.max_steps=4", "eval.tasks=[]", "data.verify_images=false", f"data.bad_images={policy}",
+                 "data.num_workers=1"]
+    code = main(["train", CLIP_TINY, *overrides])
+    captured = capsys.readouterr()
+    if policy == "stop":
+        assert code == 2
+        err = captured.err.strip().splitlines()[-1]
+        assert err.startswith("error: training stopped at step ") and "train.jsonl row 6: image " in err
+        assert "garbage-0005.png (column 'image') cannot be decoded" in err and "--resume auto" in err
+    else:
+        assert code == 0
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert results["bad_images"]["replaced_during_training"] >= 1
+        assert "row 6: image " in captured.out
