@@ -1,5 +1,6 @@
 """DecoderEncoder: probe at build, pooling masks against tokenizer offsets, LoRA merged vs adapter, export."""
 
+import contextlib
 import json
 
 import pytest
@@ -186,3 +187,44 @@ def test_bad_settings_are_one_line_errors(decoders, tiny_bert):
         load_decoder_encoder(str(tiny_bert))
     with pytest.raises(EmbedtrainError, match="does not divide"):
         _encoder(decoders["mistral"], latent_attention={"num_heads": 5})
+
+
+def test_grad_cache_gives_the_plain_step_gradients_with_pooling_masks_and_lora(decoders):
+    # the GPU recipes train with GradCache: every chunk must carry its rows' pooling mask
+    import datasets
+
+    from embedtrain.losses import InfoNCELoss
+    from embedtrain.train.step import grad_cache_step, plain_step
+
+    encoder = _encoder(decoders["qwen2"], lora=LORA)  # no dropout: plain and chunked steps draw masks differently
+    _perturb_lora(encoder)
+    encoder.freeze_unused_parameters()
+    texts = TEXTS * 2
+    rows = {"query": [f"{t} {i}" for i, t in enumerate(texts)], "positive": [f"{i} {t}" for i, t in enumerate(texts)],
+            "negative_0": [f"not {t} {i}" for i, t in enumerate(texts)]}
+    ds = pair_dataset(datasets.Dataset.from_dict(rows), "texts", "texts",
+                      {"query": "q", "positive": "p", "negative_0": "n"}, PREFIX, "")
+    collator = BatchCollator([ds], encoder.tokenizer, encoder.max_length_for, prompt_lengths(encoder, [ds]))
+    batch = collator(PlannedBatch(0, tuple(range(len(texts)))), list(range(len(texts))))
+    trainable = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n, _ in trainable) and any(n.startswith("head.") for n, _ in trainable)
+    assert not any(n.endswith("embed_tokens.weight") for n, _ in trainable)  # the decoder itself is frozen
+
+    def grads(chunk):
+        encoder.train()
+        for _, p in trainable:
+            p.grad = None
+        torch.manual_seed(5)
+        loss_fn = InfoNCELoss(temperature=0.05, gather_across_processes=False)
+        backward = lambda loss: loss.backward()  # noqa: E731
+        if chunk:
+            out = grad_cache_step(encoder, loss_fn, batch, chunk, backward, contextlib.nullcontext)
+        else:
+            out = plain_step(encoder, loss_fn, batch, backward)
+        return float(out["loss"]), {n: p.grad.clone() for n, p in trainable}
+
+    loss, reference = grads(None)
+    cached_loss, cached = grads(5)
+    assert cached_loss == pytest.approx(loss, abs=1e-5)
+    for name, grad in reference.items():
+        assert torch.allclose(cached[name], grad, atol=1e-5, rtol=1e-4), name
