@@ -80,7 +80,8 @@ class DecoderEncoder(TextEncoder):
     """Texts → embeddings (batch, dim) with a bidirectional decoder and NV-Embed's pooling.
 
     Args:
-        transformer: the :class:`BidirectionalTransformer` holding decoder (maybe LoRA-wrapped) and tokenizer.
+        sentence_transformer: a ``SentenceTransformer`` whose module 0 is the :class:`BidirectionalTransformer`
+            holding the decoder (maybe LoRA-wrapped) and its tokenizer.
         pooling: ``latent_attention``, ``mean``, ``last_token`` or ``eos``.
         head: the :class:`LatentAttentionPooling` module (``latent_attention`` pooling only).
         instruction_masking: pool only the text's tokens, not its prompt's (mean and latent attention).
@@ -297,7 +298,9 @@ def load_decoder_encoder(
             "embedtrain; give the decoder's own folder or Hub id, or set model.bidirectional: false"
         )
     model_kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code,
-                    "dtype": getattr(torch, dtype), "device_map": {"": str(torch.device(device))}}
+                    "dtype": getattr(torch, dtype)}
+    if torch.device(device).type != "cpu":  # load straight onto the accelerator (a 7B model, and the probe, run there)
+        model_kwargs["device_map"] = {"": str(torch.device(device))}
     if revision is not None:
         model_kwargs["revision"] = revision
     hub = {"trust_remote_code": trust_remote_code, "revision": revision}
