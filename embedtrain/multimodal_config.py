@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from embedtrain.config import (
+    LoraSettings,
     OutputConfig,
     TrainConfig,
     _build_dataclass,
@@ -40,7 +41,7 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
-class LoraSettings:
+class ClipLoraSettings:
     r: int = 16
     """LoRA rank."""
     alpha: float = 32.0
@@ -48,7 +49,7 @@ class LoraSettings:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=list)
-    """Module names (or one regular expression) to adapt; empty = the architecture's default."""
+    """Layer names in the LoRA towers to adapt, e.g. [c_fc, c_proj]; empty = attention and MLP layers."""
 
 
 @dataclass
@@ -176,7 +177,7 @@ class ClipModelConfig:
     """Image tower: train every weight, freeze it, or train LoRA adapters on it."""
     text_tower: Literal["train", "frozen", "lora"] = "train"
     """Text tower: train every weight, freeze it, or train LoRA adapters on it."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: ClipLoraSettings = field(default_factory=ClipLoraSettings)
     """LoRA settings for towers set to 'lora' (default targets: attention and MLP layers)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
@@ -232,7 +233,7 @@ class VlmModelConfig:
     finetune: Literal["lora", "full"] = "lora"
     """Train LoRA adapters (VLM2Vec's default) or every weight of the language model."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (default targets: the language model's attention and MLP projections)."""
+    """LoRA settings; the target layers are looked for in the language model only (never the vision tower)."""
     train_vision: bool = False
     """With finetune: full, also train the vision encoder (otherwise it stays frozen)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -453,7 +454,7 @@ def _check_eval_output(recipe: MultimodalRecipe, problems: list[str], files: boo
         problems.append(f"output.push_to_hub: {o.push_to_hub!r} is not a repo id; use user/name")
 
 
-def _check_lora(lora: LoraSettings, problems: list[str]) -> None:
+def _check_lora(lora: Union[LoraSettings, ClipLoraSettings], problems: list[str]) -> None:
     if lora.r < 1:
         problems.append(f"model.lora.r: must be at least 1, got {lora.r}")
     if lora.alpha <= 0:
