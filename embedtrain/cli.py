@@ -21,7 +21,10 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from embedtrain.config import load_recipe
+    from embedtrain.multimodal_config import is_multimodal_recipe
 
+    if is_multimodal_recipe(args.recipe):  # kind: clip | vlm2vec
+        return cmd_train_multimodal(args)
     overrides = list(args.overrides)
     if args.overwrite:
         overrides.append("output.overwrite=true")
@@ -59,6 +62,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         url = push_model(result.model_dir, recipe.output.push_to_hub, private=recipe.output.hub_private)
         print(f"pushed to {url}")
+    return 0
+
+
+def cmd_train_multimodal(args: argparse.Namespace) -> int:
+    from embedtrain.multimodal_config import load_multimodal_recipe
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    recipe = load_multimodal_recipe(args.recipe, overrides)
+    _quiet_libraries()
+    from embedtrain.train.multimodal_loop import train_multimodal
+
+    result = train_multimodal(recipe, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    if result.stopped:
+        print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
+              + " ".join(args.overrides))
+        return 0
+    metric = recipe.eval.metric
+    for key in sorted(k for k in {**result.baseline, **result.final} if k.endswith(f"/{metric}") and not k.startswith("mean/")):
+        before, after = result.baseline.get(key), result.final.get(key)
+        line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+        print(line + (f"after {100 * after:.2f}" if after is not None else ""))
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
     return 0
 
 
@@ -110,6 +139,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     from embedtrain.losses import LOSSES
     from embedtrain.models.pooling import POOLERS
 
+    if getattr(args, "kind", None):  # a multimodal recipe type
+        from embedtrain.multimodal_config import RECIPE_TYPES, all_field_docs
+
+        for section in dataclasses.fields(RECIPE_TYPES[args.kind]):
+            if section.name == "kind":
+                continue
+            cls = section.default_factory().__class__  # type: ignore[misc]
+            docs = all_field_docs(cls)
+            print(f"\n{section.name}:")
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+        return 0
     print(f"losses: {', '.join(LOSSES.names())}")
     print(f"pooling: {', '.join(POOLERS.names())}")
     for section in dataclasses.fields(config.Recipe):
@@ -158,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="user/name")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p = sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p.add_argument("--kind", choices=["clip", "vlm2vec"], help="the fields of a multimodal recipe type instead")
     return parser
 
 
