@@ -226,8 +226,23 @@ class DecoderEncoder(TextEncoder):
         st.similarity_fn_name = "cosine"
         return st
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the sentence-transformers folder described in the module docstring."""
+    def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write the sentence-transformers folder described in the module docstring.
+
+        ``state_dict`` is the trainer's gathered copy of this module's weights (``Accelerator.get_state_dict``).
+        It is loaded before writing; a copy whose tensors do not match this module's shapes (a sharded
+        FSDP / ZeRO-3 module) is refused with an error rather than written wrong.
+        """
+        if state_dict is not None:
+            own = self.state_dict()
+            mismatched = [k for k, v in own.items() if k not in state_dict or tuple(state_dict[k].shape) != tuple(v.shape)]
+            if mismatched:
+                raise EmbedtrainError(
+                    f"saving {path}: the gathered weights do not match the decoder encoder ({len(mismatched)} "
+                    f"tensors, e.g. {mismatched[0]}); decoder encoders are saved from DDP or ZeRO-2 runs, "
+                    "not from sharded FSDP / ZeRO-3 modules"
+                )
+            self.load_state_dict(state_dict)
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
         meta = {
