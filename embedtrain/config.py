@@ -305,6 +305,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return _convert(value, non_none[0], path, problems if len(non_none) == 1 else trial)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if value not in allowed:
             problems.append(
                 f"{path}: {value!r} is not allowed{did_you_mean(str(value), [str(a) for a in allowed])}; "

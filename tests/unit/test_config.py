@@ -63,6 +63,10 @@ def test_overrides(recipe_dict, tmp_path):
         load_recipe(path, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_recipe(path, ["train.lr"])
+    # YAML 1.1 reads an unquoted `no` as false; the choice named "no" is still meant
+    assert load_recipe(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.scheduler: False is not allowed"):
+        load_recipe(path, ["train.scheduler=no"])
 
 
 def test_malformed_yaml(tmp_path):
