@@ -52,11 +52,35 @@ class MoEConfig:
 
 
 @dataclass
+class LatentAttentionConfig:
+    num_latents: int = 512
+    """Rows of the trainable latent array (keys and values of the cross-attention)."""
+    num_heads: int = 8
+    """Attention heads; must divide the backbone's hidden size."""
+    intermediate_size: Optional[int] = None
+    """Width of the MLP after the attention (null = 4 x hidden size)."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Names of the decoder's linear layers that get adapters (Mistral, Llama, Qwen and Gemma share these)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""
     """Hub id, local folder (sentence-transformers or transformers layout), or pkg://module/sub/dir."""
-    pooling: Literal["mean", "cls", "last_token"] = "mean"
-    """How token states become one vector: mean over real tokens, the first token, or the last real token."""
+    pooling: Literal["mean", "cls", "last_token", "latent_attention", "eos"] = "mean"
+    """Token states to one vector: mean, first token, last real token, latent attention (decoders) or an appended EOS token (decoders)."""
     normalize: bool = True
     """L2-normalise embeddings (cosine similarity)."""
     max_length: int = 256
@@ -75,6 +99,18 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) for name_or_path."""
     moe: Optional[MoEConfig] = None
     """Upcycle the feed-forward blocks into one expert per domain (null = a dense model); see MoEConfig."""
+    bidirectional: bool = False
+    """Load name_or_path as a decoder LLM (Mistral, Llama, Qwen2/3, Gemma) with its causal mask removed (NV-Embed)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the backbone's weights are loaded in (bfloat16 halves a 7B model's memory)."""
+    latent_attention: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)
+    """Sizes of the latent-attention pooling head (pooling: latent_attention)."""
+    lora: Optional[LoraSettings] = None
+    """Train LoRA adapters on the decoder instead of all its weights (null = full fine-tuning); the pooling head is trained in full."""
+    instruction_masking: bool = False
+    """Leave each text's prompt (the query instruction) out of pooling; the prompt still conditions every token."""
+    previous_stage: Optional[str] = None
+    """Recipe of the stage before this one: start from its output model (<its output.dir>/model), training it first if missing."""
 
 
 @dataclass
@@ -93,12 +129,22 @@ class DatasetConfig:
     """Columns holding hard negatives (zero or more)."""
     query_prompt: str = ""
     """Text prepended to every query (an instruction such as 'query: ')."""
+    instruction: Optional[str] = None
+    """NV-Embed task description: queries become 'Instruct: {instruction}\\nQuery: {text}' (instead of query_prompt)."""
     document_prompt: str = ""
     """Text prepended to every positive and negative."""
     weight: float = 1.0
     """Relative sampling weight when mixing is 'proportional' (scales the dataset's share)."""
     max_rows: Optional[int] = None
     """Use only the first N rows (handy for quick runs)."""
+    subset: Optional[str] = None
+    """Configuration (subset) name of a Hub dataset."""
+    label_column: Optional[str] = None
+    """Rows are (text, label): build example-based pairs (positive: another text of the label; negatives: other labels)."""
+    text_column: str = "text"
+    """Column holding the text of labelled rows (with label_column)."""
+    example_negatives: int = 1
+    """Negatives per example-based pair, each from a different other label (with label_column)."""
 
 
 @dataclass
@@ -185,6 +231,8 @@ class EvalTaskConfig:
     """Name used in logs and reports (defaults to the folder name)."""
     query_prompt: str = ""
     """Text prepended to every query."""
+    instruction: Optional[str] = None
+    """NV-Embed task description: queries become 'Instruct: {instruction}\\nQuery: {text}' (instead of query_prompt)."""
     document_prompt: str = ""
     """Text prepended to every corpus document."""
     domain: Optional[str] = None
@@ -283,6 +331,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return _convert(value, non_none[0], path, problems if len(non_none) == 1 else trial)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if value not in allowed:
             problems.append(
                 f"{path}: {value!r} is not allowed{did_you_mean(str(value), [str(a) for a in allowed])}; "
@@ -425,7 +475,12 @@ def looks_local(path: str) -> bool:
 
 def _check_values(recipe: Recipe, problems: list[str]) -> None:
     m, d, lo, t, e, o = recipe.model, recipe.data, recipe.loss, recipe.train, recipe.eval, recipe.output
-    if not m.name_or_path:
+    if m.previous_stage is not None:
+        if m.name_or_path:
+            problems.append("model.name_or_path: give either name_or_path or previous_stage (which supplies the model), not both")
+        elif not os.path.isfile(resolve_path(m.previous_stage)):
+            problems.append(f"model.previous_stage: recipe {m.previous_stage} does not exist; check the path")
+    elif not m.name_or_path:
         problems.append("model.name_or_path: missing; give a Hub id or a local model folder")
     elif looks_local(m.name_or_path):
         try:
@@ -438,6 +493,7 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         v = getattr(m, name)
         if v is not None and v < 1:
             problems.append(f"model.{name}: must be at least 1, got {v}")
+    _check_decoder_values(m, d, problems)
     if not d.train:
         problems.append("data.train: no datasets; add at least one {path: ...}")
     seen_names = set()
@@ -465,10 +521,22 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"data.length_grouping_window: must be at least 1, got {d.length_grouping_window}")
     if d.num_workers < 0:
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
+    for i, ds in enumerate(d.train):
+        where = f"data.train[{i}]"
+        if ds.instruction is not None and not ds.instruction.strip():
+            problems.append(f"{where}.instruction: empty; give a task description or remove the key")
+        elif ds.instruction is not None and ds.query_prompt:
+            problems.append(f"{where}.instruction: set either instruction or query_prompt, not both")
+        if ds.label_column is not None:
+            if ds.negative_columns:
+                problems.append(f"{where}.negative_columns: labelled rows (label_column) get their negatives from "
+                                "other labels; remove negative_columns")
+            if ds.example_negatives < 1:
+                problems.append(f"{where}.example_negatives: must be at least 1, got {ds.example_negatives}")
     if lo.temperature <= 0:
         problems.append(f"loss.temperature: must be positive, got {lo.temperature}")
     if not lo.in_batch_negatives and lo.name == "infonce":
-        if not any(ds.negative_columns for ds in d.train):
+        if not any(ds.negative_columns or ds.label_column for ds in d.train):
             problems.append("loss.in_batch_negatives: false needs hard negatives; set data.train[*].negative_columns")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true (a positive's only candidate would be its query)")
@@ -534,6 +602,9 @@ def _check_moe(recipe: Recipe, problems: list[str]) -> None:
             problems.append(f"{where}.{name}: must be 0 or more, got {getattr(moe, name)}")
     if moe.router_lr is not None and moe.router_lr <= 0:
         problems.append(f"{where}.router_lr: must be positive or null, got {moe.router_lr}")
+    if recipe.model.bidirectional:
+        problems.append("model.moe: not available with model.bidirectional yet (decoder encoders are upcycled "
+                        "through embedtrain.models.moe.upcycle, not by the trainer); remove one of them")
     if recipe.model.gradient_checkpointing:
         problems.append("model.gradient_checkpointing: not available with model.moe (a recomputed layer would see "
                         "another forward pass's routing); set it to false")
@@ -541,6 +612,43 @@ def _check_moe(recipe: Recipe, problems: list[str]) -> None:
         if task.domain is not None and task.domain not in domains:
             problems.append(f"eval.tasks[{i}].domain: '{task.domain}' is not a domain{did_you_mean(task.domain, domains)}; "
                             f"choose one of: {', '.join(domains)}")
+
+
+def _check_decoder_values(m: ModelConfig, d: DataConfig, problems: list[str]) -> None:
+    """Settings that only make sense for bidirectional decoders (NV-Embed), and the sizes they take."""
+    decoder_only = []
+    if m.pooling in ("latent_attention", "eos"):
+        decoder_only.append(("model.pooling", f"pooling '{m.pooling}'"))
+    if m.lora is not None:
+        decoder_only.append(("model.lora", "LoRA"))
+    if m.instruction_masking:
+        decoder_only.append(("model.instruction_masking", "instruction masking"))
+    if not m.bidirectional:
+        for where, what in decoder_only:
+            problems.append(f"{where}: {what} needs a decoder LLM; set model.bidirectional: true or remove it")
+        if m.dtype != "float32":
+            problems.append("model.dtype: only decoders (model.bidirectional: true) load in another precision; "
+                            "use train.mixed_precision for encoders")
+    elif m.pooling == "cls":
+        problems.append("model.pooling: 'cls' reads the first token, which a decoder cannot make a summary of; "
+                        "use latent_attention, mean, last_token or eos")
+    if m.instruction_masking and m.pooling in ("last_token", "eos"):
+        problems.append(f"model.instruction_masking: has no effect with pooling {m.pooling} (one token is pooled); "
+                        "use mean or latent_attention pooling, or set it to false")
+    la = m.latent_attention
+    for name in ("num_latents", "num_heads", "intermediate_size"):
+        v = getattr(la, name)
+        if v is not None and v < 1:
+            problems.append(f"model.latent_attention.{name}: must be at least 1, got {v}")
+    if m.lora is not None:
+        if m.lora.r < 1:
+            problems.append(f"model.lora.r: must be at least 1, got {m.lora.r}")
+        if m.lora.alpha <= 0:
+            problems.append(f"model.lora.alpha: must be positive, got {m.lora.alpha}")
+        if not 0 <= m.lora.dropout < 1:
+            problems.append(f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}")
+        if not m.lora.target_modules:
+            problems.append("model.lora.target_modules: empty; name the linear layers to adapt, e.g. [q_proj, v_proj]")
 
 
 def check_beir_folder(path: str, where: str, problems: list[str], files: bool = True) -> None:

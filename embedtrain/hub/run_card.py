@@ -93,7 +93,17 @@ def card_for_run(
         normalize=meta["normalize"],
         prompts={k: v for k, v in meta["prompts"].items() if v},
         eval_results=entries,
+        custom_modules=_has_custom_modules(model_dir),
     )
+
+
+def _has_custom_modules(model_dir: str | Path) -> bool:
+    """Whether modules.json names a module class outside sentence-transformers."""
+    path = Path(model_dir) / "modules.json"
+    if not path.is_file():
+        return False
+    modules = json.loads(path.read_text(encoding="utf-8"))
+    return any(not m.get("type", "").startswith("sentence_transformers.") for m in modules)
 
 
 def _embedding_dim(model_dir: str | Path) -> Optional[int]:

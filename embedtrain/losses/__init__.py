@@ -1,8 +1,10 @@
 """Contrastive objectives. Each module sees embeddings (tensors) only and returns a dict with 'loss'."""
 
 from embedtrain.losses import infonce  # noqa: F401  (registers 'infonce')
+from embedtrain.losses import sigmoid  # noqa: F401  (registers 'siglip')
 from embedtrain.losses.distributed import gather_no_grad, gather_with_grad, world
 from embedtrain.losses.infonce import InfoNCELoss
 from embedtrain.losses.registry import LOSSES
+from embedtrain.losses.sigmoid import SigmoidLoss
 
-__all__ = ["LOSSES", "InfoNCELoss", "gather_with_grad", "gather_no_grad", "world"]
+__all__ = ["LOSSES", "InfoNCELoss", "SigmoidLoss", "gather_with_grad", "gather_no_grad", "world"]

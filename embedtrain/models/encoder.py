@@ -250,6 +250,15 @@ def load_text_encoder(
     model_kwargs = {"attn_implementation": attn_implementation}
     local = Path(path)
     saved = _read_json(local / "embedtrain.json") if local.is_dir() else {}
+    if saved.get("backbone") == "bidirectional_decoder":  # an NV-Embed-style folder: its own loader
+        from embedtrain.models.decoder import load_decoder_encoder
+
+        return load_decoder_encoder(
+            path, pooling=pooling, normalize=normalize, max_length=max_length, query_max_length=query_max_length,
+            document_max_length=document_max_length, query_prompt=query_prompt, document_prompt=document_prompt,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
+            gradient_checkpointing=gradient_checkpointing,
+        )
     try:
         if moe.is_moe_folder(local):  # embedtrain's own first module: built here, no remote code involved
             st = moe.load_moe_sentence_transformer(path, model_kwargs)

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 import yaml
 
-from embedtrain.config import Recipe, dataset_name, task_name, to_dict
-from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, read_pairs, token_lengths
+from embedtrain.config import Recipe, task_name, to_dict
+from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, token_lengths
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
@@ -26,6 +26,8 @@ from embedtrain.models import load_text_encoder
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import experts
 from embedtrain.train.accelerator import build_accelerator
+from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
+                                       prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import build_optimizer, build_scheduler
 from embedtrain.train.step import grad_cache_step, plain_step
 
@@ -99,13 +101,7 @@ def _prepare_output_dir(accelerator, out: Path, overwrite: bool, resuming: bool)
 
 
 def _load_data(recipe: Recipe):
-    return [
-        read_pairs(
-            ds.path, f"data.train[{i}]", dataset_name(ds), ds.query_column, ds.positive_column, ds.negative_columns,
-            ds.query_prompt, ds.document_prompt, ds.weight, ds.split, ds.max_rows,
-        )
-        for i, ds in enumerate(recipe.data.train)
-    ]
+    return [load_training_dataset(ds, i, recipe.train.seed) for i, ds in enumerate(recipe.data.train)]
 
 
 def _evaluate(encoder, tasks, batch_size: int) -> dict[str, float]:
@@ -113,7 +109,7 @@ def _evaluate(encoder, tasks, batch_size: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for cfg, data in tasks:
         with experts.routed_task(encoder, cfg.domain):  # MoE models: the task's domain, or the router
-            scores = evaluate_retrieval(encoder, data, cfg.query_prompt or None, cfg.document_prompt or None,
+            scores = evaluate_retrieval(encoder, data, query_prompt_of(cfg) or None, cfg.document_prompt or None,
                                         batch_size=batch_size, show_progress=True)
         out.update({f"{data.name}/{k}": v for k, v in scores.items()})
     if tasks:
@@ -131,8 +127,11 @@ def _steps_from(plans_len, start_step: int) -> tuple[int, int]:
     return epoch, left
 
 
-def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResult:
-    """Run a recipe. ``resume`` is None, ``'auto'`` or a checkpoint path."""
+def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[str, ...] = ()) -> TrainResult:
+    """Run a recipe. ``resume`` is None, ``'auto'`` or a checkpoint path.
+
+    With ``model.previous_stage`` the previous stage's recipe is trained first if its model is missing
+    (``chain``: the stages already on the way, to catch cycles)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -145,6 +144,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     # -- build: data first (cheap, and its errors should come before the model loads) ----------
     _check_output_dir(out, r.output.overwrite, resuming=resume is not None)
     datasets = _load_data(r)
+    model_source = r.model.name_or_path
+    if r.model.previous_stage:  # stage 2 starts from stage 1's output model
+        model_source = previous_stage_model(r, lambda rr, resume, chain: train(rr, resume, log, chain), log, chain)
     # an MoE step leaves the other domains' experts without gradient, which DDP must be told
     accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out),
                                     find_unused_parameters=experts.uses_experts(r))
@@ -173,13 +175,16 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 "the run continues with the new values")
 
     set_seed(r.train.seed)
-    encoder = load_text_encoder(
-        r.model.name_or_path, pooling=r.model.pooling, normalize=r.model.normalize, max_length=r.model.max_length,
-        query_max_length=r.model.query_max_length, document_max_length=r.model.document_max_length,
-        query_prompt=r.data.train[0].query_prompt, document_prompt=r.data.train[0].document_prompt,
-        attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
-        revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
-    )
+    if r.model.bidirectional:
+        encoder = load_recipe_decoder(r, model_source, accelerator.device)
+    else:
+        encoder = load_text_encoder(
+            model_source, pooling=r.model.pooling, normalize=r.model.normalize, max_length=r.model.max_length,
+            query_max_length=r.model.query_max_length, document_max_length=r.model.document_max_length,
+            query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
+            attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
+            revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
+        )
     encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
     batch_domains = experts.dataset_domains(encoder, r)
     experts.check_eval_tasks(encoder, r)
@@ -196,7 +201,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
             if r.data.pretokenize:
                 pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
     lengths = [token_lengths(ds) for ds in datasets] if r.data.length_grouping else None
-    collator = BatchCollator(datasets, encoder.tokenizer, encoder.max_length_for)
+    collator = BatchCollator(datasets, encoder.tokenizer, encoder.max_length_for, prompt_lengths(encoder, datasets))
 
     plans: dict[int, list] = {}
 

@@ -11,13 +11,15 @@ ALLOWED = {
     "registry": {"errors"},
     "config": UTILS,
     "merge_config": UTILS | {"config", "merge"},
+    "multimodal_config": UTILS | {"config"},
     "data": UTILS | {"config"},
     "models": UTILS | {"config"},
     "losses": UTILS,
     "merge": UTILS | {"config"},
     # the trainer evaluates on local retrieval tasks during training: eval.retrieval only, never mteb
     # and Self Positioning searches merge coefficients through the model's forward pass
-    "train": UTILS | {"config", "merge_config", "data", "models", "losses", "merge", "eval.retrieval"},
+    "train": UTILS | {"config", "merge_config", "multimodal_config", "data", "models", "losses", "merge",
+                      "eval.retrieval"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
     "cli": None,  # may use everything
