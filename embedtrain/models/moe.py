@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
-from embedtrain.errors import EmbedtrainError
+from embedtrain.errors import EmbedtrainError, did_you_mean
 from embedtrain.models.encoder import TextEncoder
 
 MOE_MODULE_TYPE = "embedtrain.models.moe.MoETransformer"
@@ -454,8 +454,6 @@ def domain_indices(settings: MoESettings, domain: Domain, batch: int) -> Optiona
     out = []
     for name in names:
         if name not in settings.domains:
-            from embedtrain.errors import did_you_mean
-
             raise EmbedtrainError(
                 f"domain: {name!r} is not a domain of this model{did_you_mean(str(name), settings.domains)}; "
                 f"choose one of: {', '.join(settings.domains)}"
