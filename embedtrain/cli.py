@@ -154,10 +154,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"losses: {', '.join(LOSSES.names())}")
     print(f"pooling: {', '.join(POOLERS.names())}")
+    import typing
+
+    nested = []  # optional sub-sections such as model.moe, listed after the sections
     for section in dataclasses.fields(config.Recipe):
         cls = section.default_factory().__class__  # type: ignore[misc]
         docs = config.field_docs(cls)
         print(f"\n{section.name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+            each = "[*]" if typing.get_origin(hints[f.name]) is list else ""  # a list of entries, or one optional
+            nested += [(f"{section.name}.{f.name}{each}", t) for t in typing.get_args(hints[f.name])
+                       if dataclasses.is_dataclass(t)]
+    for title, cls in nested:
+        docs = config.field_docs(cls)
+        print(f"\n{title}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")

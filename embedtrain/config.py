@@ -30,6 +30,28 @@ PACKAGE_SCHEME = "pkg://"
 
 
 @dataclass
+class MoEConfig:
+    domains: list[str] = field(default_factory=list)
+    """Domain names, one expert each, in expert order (empty = the training datasets' names, in order)."""
+    layers: list[int] = field(default_factory=list)
+    """Layers whose feed-forward block becomes experts (negative = from the end; empty = every layer)."""
+    routing: Literal["enforced", "learned"] = "enforced"
+    """enforced: a batch's domain (its dataset's name) picks the expert; learned: the router picks, top_k per text."""
+    router: bool = True
+    """Train a router that predicts the domain from the input, so texts given without a domain are routed."""
+    top_k: int = 1
+    """Experts per text under learned routing (outputs mixed with the router's weights renormalised over the k)."""
+    router_loss_weight: float = 0.01
+    """Weight of the router's cross-entropy against the known domain, added to the loss."""
+    router_lr: Optional[float] = 1.0e-3
+    """Learning rate of the router (null = train.lr): a linear classifier on fixed features needs larger steps."""
+    load_balancing_weight: float = 0.01
+    """Weight of the load-balancing loss N·Σ f_e·P_e under learned routing."""
+    domain_tokens: bool = False
+    """Insert a token naming the domain after the input's first token ([CLS] [wordnet] ...)."""
+
+
+@dataclass
 class LatentAttentionConfig:
     num_latents: int = 512
     """Rows of the trainable latent array (keys and values of the cross-attention)."""
@@ -75,6 +97,8 @@ class ModelConfig:
     """Allow a Hub model's own Python code to run. Off unless you trust the repository."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) for name_or_path."""
+    moe: Optional[MoEConfig] = None
+    """Upcycle the feed-forward blocks into one expert per domain (null = a dense model); see MoEConfig."""
     bidirectional: bool = False
     """Load name_or_path as a decoder LLM (Mistral, Llama, Qwen2/3, Gemma) with its causal mask removed (NV-Embed)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -211,6 +235,8 @@ class EvalTaskConfig:
     """NV-Embed task description: queries become 'Instruct: {instruction}\\nQuery: {text}' (instead of query_prompt)."""
     document_prompt: str = ""
     """Text prepended to every corpus document."""
+    domain: Optional[str] = None
+    """MoE models: route this task's texts to this domain's expert (null = the model's router)."""
 
 
 @dataclass
@@ -536,10 +562,56 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
     for i, task in enumerate(e.tasks):
         check_beir_folder(task.path, f"eval.tasks[{i}].path", problems)
+    if m.moe is not None:
+        _check_moe(recipe, problems)
     if not o.dir:
         problems.append("output.dir: missing; give a run directory, e.g. output.dir=runs/my-run")
     if o.push_to_hub is not None and o.push_to_hub.count("/") != 1:
         problems.append(f"output.push_to_hub: {o.push_to_hub!r} is not a repo id; use user/name")
+
+
+def moe_domains(recipe: Recipe) -> list[str]:
+    """The MoE's domains: model.moe.domains, or the training datasets' names."""
+    moe = recipe.model.moe
+    return list(moe.domains) if moe is not None and moe.domains else [dataset_name(ds) for ds in recipe.data.train]
+
+
+def _check_moe(recipe: Recipe, problems: list[str]) -> None:
+    moe, where = recipe.model.moe, "model.moe"
+    domains = moe_domains(recipe)
+    source = "" if moe.domains else " (the training datasets' names)"
+    if len(domains) < 2:
+        problems.append(f"{where}.domains: an MoE needs at least 2 domains, one expert each; got {domains}{source}")
+    if len(set(domains)) != len(domains):
+        problems.append(f"{where}.domains: {domains} names a domain twice")
+    if moe.routing == "enforced":
+        for i, ds in enumerate(recipe.data.train):
+            if dataset_name(ds) not in domains:
+                problems.append(
+                    f"data.train[{i}].name: '{dataset_name(ds)}' is not a domain of {where}.domains "
+                    f"({', '.join(domains)}); enforced routing sends each dataset to the expert of its name"
+                )
+    elif not moe.router:
+        problems.append(f"{where}.router: learned routing needs the router; set router: true")
+    if not 1 <= moe.top_k <= max(len(domains), 1):
+        problems.append(f"{where}.top_k: must be between 1 and {len(domains)} (the experts), got {moe.top_k}")
+    elif moe.top_k > 1 and moe.routing != "learned":
+        problems.append(f"{where}.top_k: {moe.top_k} experts per text needs routing: learned")
+    for name in ("router_loss_weight", "load_balancing_weight"):
+        if getattr(moe, name) < 0:
+            problems.append(f"{where}.{name}: must be 0 or more, got {getattr(moe, name)}")
+    if moe.router_lr is not None and moe.router_lr <= 0:
+        problems.append(f"{where}.router_lr: must be positive or null, got {moe.router_lr}")
+    if recipe.model.bidirectional:
+        problems.append("model.moe: not available with model.bidirectional yet (decoder encoders are upcycled "
+                        "through embedtrain.models.moe.upcycle, not by the trainer); remove one of them")
+    if recipe.model.gradient_checkpointing:
+        problems.append("model.gradient_checkpointing: not available with model.moe (a recomputed layer would see "
+                        "another forward pass's routing); set it to false")
+    for i, task in enumerate(recipe.eval.tasks):
+        if task.domain is not None and task.domain not in domains:
+            problems.append(f"eval.tasks[{i}].domain: '{task.domain}' is not a domain{did_you_mean(task.domain, domains)}; "
+                            f"choose one of: {', '.join(domains)}")
 
 
 def _check_decoder_values(m: ModelConfig, d: DataConfig, problems: list[str]) -> None:

@@ -244,6 +244,7 @@ def load_text_encoder(
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from embedtrain.config import resolve_path
+    from embedtrain.models import moe
 
     path = resolve_path(name_or_path)
     model_kwargs = {"attn_implementation": attn_implementation}
@@ -259,7 +260,9 @@ def load_text_encoder(
             gradient_checkpointing=gradient_checkpointing,
         )
     try:
-        if (local / "modules.json").is_file():
+        if moe.is_moe_folder(local):  # embedtrain's own first module: built here, no remote code involved
+            st = moe.load_moe_sentence_transformer(path, model_kwargs)
+        elif (local / "modules.json").is_file():
             st = SentenceTransformer(
                 path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
             )
@@ -289,7 +292,8 @@ def load_text_encoder(
     qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
     dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
     prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
-    encoder = TextEncoder(
+    encoder_class = moe.MoETextEncoder if moe.is_moe_backbone(st[0].model) else TextEncoder
+    encoder = encoder_class(
         st,
         pooling=pooling or "mean",
         normalize=bool(normalize),
@@ -299,6 +303,8 @@ def load_text_encoder(
         document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
     )
     if gradient_checkpointing:
+        if moe.is_moe_backbone(encoder.backbone):
+            raise EmbedtrainError(moe.NO_GRADIENT_CHECKPOINTING)
         if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
             raise EmbedtrainError(
                 f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it; set it to false"

@@ -24,6 +24,7 @@ from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
 from embedtrain.models import load_text_encoder
 from embedtrain.train import checkpoint as ckpt
+from embedtrain.train import experts
 from embedtrain.train.accelerator import build_accelerator
 from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
                                        prompt_lengths, query_prompt_of)
@@ -107,8 +108,9 @@ def _evaluate(encoder, tasks, batch_size: int) -> dict[str, float]:
     """Metrics per task as ``<task>/<metric>`` plus the mean over tasks as ``mean/<metric>``."""
     out: dict[str, float] = {}
     for cfg, data in tasks:
-        scores = evaluate_retrieval(encoder, data, query_prompt_of(cfg) or None, cfg.document_prompt or None,
-                                    batch_size=batch_size, show_progress=True)
+        with experts.routed_task(encoder, cfg.domain):  # MoE models: the task's domain, or the router
+            scores = evaluate_retrieval(encoder, data, query_prompt_of(cfg) or None, cfg.document_prompt or None,
+                                        batch_size=batch_size, show_progress=True)
         out.update({f"{data.name}/{k}": v for k, v in scores.items()})
     if tasks:
         for metric in ("ndcg@10", "mrr@10", "recall@10"):
@@ -145,7 +147,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
     model_source = r.model.name_or_path
     if r.model.previous_stage:  # stage 2 starts from stage 1's output model
         model_source = previous_stage_model(r, lambda rr, resume, chain: train(rr, resume, log, chain), log, chain)
-    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out))
+    # an MoE step leaves the other domains' experts without gradient, which DDP must be told
+    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out),
+                                    find_unused_parameters=experts.uses_experts(r))
     world_size, rank = accelerator.num_processes, accelerator.process_index
     if not accelerator.is_main_process:
         log = lambda *_: None  # noqa: E731  (one voice per run)
@@ -181,6 +185,9 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
             attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
             revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
         )
+    encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+    batch_domains = experts.dataset_domains(encoder, r)
+    experts.check_eval_tasks(encoder, r)
     _check_position_limit(encoder, r)
     loss_fn = LOSSES.get(r.loss.name)(
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
@@ -218,7 +225,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
     frozen = encoder.freeze_unused_parameters()
     if frozen:
         log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
-    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay)
+    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay, experts.learning_rates(r))
     scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
     if r.train.compile:
         # compiled in place: parameter names (checkpoints, the saved model) stay those of the backbone
@@ -303,10 +310,11 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
 
     def run_step(batch: dict) -> dict:
         batch = _to_device(batch, accelerator.device)
-        if r.train.gradient_cache_chunk_size:
-            return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
-                                   lambda: accelerator.no_sync(model))
-        return plain_step(model, loss_fn, batch, backward)
+        with experts.routed_batch(encoder, batch_domains, batch["dataset"]):  # MoE: the dataset's expert
+            if r.train.gradient_cache_chunk_size:
+                return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
+                                       lambda: accelerator.no_sync(model))
+            return plain_step(model, loss_fn, batch, backward)
 
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     all_params = [p for p in model.parameters() if p.requires_grad] + loss_params
@@ -361,6 +369,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
                     }
                     if skipped:
                         entry["skipped_steps"] = skipped  # non-finite steps in this window (not in the averages)
+                    entry.update(experts.routing_log(encoder))  # MoE: expert shares, router accuracy
                     record(entry)
                     if n:
                         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['accuracy']:.3f}")
