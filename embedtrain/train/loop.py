@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -344,35 +344,10 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[
                 if step >= total_steps:
                     break
                 out_step = run_step(batch)
-                # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
-                for p in loss_params:
-                    if p.grad is not None and world_size > 1:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                grad_norm = (
-                    accelerator.clip_grad_norm_(all_params, r.train.max_grad_norm)
-                    if r.train.max_grad_norm else _grad_norm(all_params)
-                )
-                if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
-                    grad_norm = _grad_norm(all_params)
-                loss_value = accelerator.reduce(out_step["loss"].detach().float(), reduction="mean")
-                finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                if finite:
-                    optimizer.step()
-                    scheduler.step()
-                    state["consecutive_nonfinite"] = 0
-                else:
-                    # the update is skipped: weights and optimizer state stay those of the last good step
-                    state["consecutive_nonfinite"] += 1
-                    skipped += 1
-                    log(f"step {step + 1}: non-finite loss or gradient; step skipped "
-                        f"({state['consecutive_nonfinite']} in a row, limit {r.train.max_consecutive_nonfinite})")
-                    if state["consecutive_nonfinite"] >= r.train.max_consecutive_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        first = step + 2 - state["consecutive_nonfinite"]
-                        raise EmbedtrainError(
-                            f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
-                            f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
-                        )
+                finite, grad_norm, loss_value = apply_update(
+                    accelerator, optimizer, scheduler, out_step["loss"], all_params, loss_params,
+                    r.train.max_grad_norm, state, r.train.max_consecutive_nonfinite, step, out, log)
+                skipped += not finite
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
@@ -476,6 +451,43 @@ def _to_device(batch: dict, device: torch.device) -> dict:
         else:
             moved[k] = v
     return moved
+
+
+def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, all_params: list, loss_params: list,
+                 max_grad_norm: float, state: dict, max_consecutive_nonfinite: int, step: int, out: Path,
+                 log) -> tuple[bool, Any, torch.Tensor]:
+    """Finish one step after backward: average the loss's own gradients, clip, and step the optimizer and
+    scheduler unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
+
+    A non-finite step leaves weights and optimizer state those of the last good step; too many in a row
+    stop training with an error naming the last good checkpoint.
+    """
+    # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
+    if accelerator.num_processes > 1:
+        for p in loss_params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+    grad_norm = accelerator.clip_grad_norm_(all_params, max_grad_norm) if max_grad_norm else _grad_norm(all_params)
+    if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
+        grad_norm = _grad_norm(all_params)
+    loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
+    finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        state["consecutive_nonfinite"] = 0
+    else:
+        state["consecutive_nonfinite"] += 1
+        log(f"step {step + 1}: non-finite loss or gradient; step skipped "
+            f"({state['consecutive_nonfinite']} in a row, limit {max_consecutive_nonfinite})")
+        if state["consecutive_nonfinite"] >= max_consecutive_nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            first = step + 2 - state["consecutive_nonfinite"]
+            raise EmbedtrainError(
+                f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
+                f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
+            )
+    return finite, grad_norm, loss_value
 
 
 def _grad_norm(params) -> torch.Tensor:

@@ -35,11 +35,11 @@ from embedtrain.train.accelerator import build_accelerator
 
 # the text loop's helpers: one implementation of resume bookkeeping, signals and output folders
 from embedtrain.train.loop import (
+    apply_update,
     TrainResult,
     _check_output_dir,
     _closing,
     _flat,
-    _grad_norm,
     _last_good,
     _nonfinite_parameters,
     _prepare_output_dir,
@@ -321,31 +321,10 @@ def train_multimodal(recipe: MultimodalRecipe, resume: Optional[str] = None, log
                     )
                 state["bad_images_in_training"] += len(bad_here)
                 out_step = run_step(batch)
-                for p in loss_params:
-                    if p.grad is not None and world_size > 1:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                grad_norm = (
-                    accelerator.clip_grad_norm_(all_params, r.train.max_grad_norm)
-                    if r.train.max_grad_norm else _grad_norm(all_params)
-                )
-                loss_value = accelerator.reduce(out_step["loss"].detach().float(), reduction="mean")
-                finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                if finite:
-                    optimizer.step()
-                    scheduler.step()
-                    state["consecutive_nonfinite"] = 0
-                else:
-                    state["consecutive_nonfinite"] += 1
-                    skipped += 1
-                    log(f"step {step + 1}: non-finite loss or gradient; step skipped "
-                        f"({state['consecutive_nonfinite']} in a row, limit {r.train.max_consecutive_nonfinite})")
-                    if state["consecutive_nonfinite"] >= r.train.max_consecutive_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        first = step + 2 - state["consecutive_nonfinite"]
-                        raise EmbedtrainError(
-                            f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
-                            f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
-                        )
+                finite, grad_norm, loss_value = apply_update(
+                    accelerator, optimizer, scheduler, out_step["loss"], all_params, loss_params,
+                    r.train.max_grad_norm, state, r.train.max_consecutive_nonfinite, step, out, log)
+                skipped += not finite
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
