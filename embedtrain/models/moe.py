@@ -209,12 +209,18 @@ class DomainRouter(nn.Module):
 
     The features are detached (the router learns on its own; it does not change the embeddings) and
     standardised per text (a layer norm without parameters), so its learning speed does not depend
-    on the scale of the embedding table.
+    on the scale of the embedding table. It starts at zero (no preference), which also leaves the
+    random number stream alone: an upcycled model trains with the dense model's data order and dropout
+    masks, so the two can be compared run against run.
     """
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, num_experts)
+        with torch.random.fork_rng(devices=[]):  # its random initialisation is replaced at once
+            self.proj = nn.Linear(hidden_size, num_experts)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.zero_()
 
     def forward(self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
@@ -298,7 +304,8 @@ def _add_domain_tokens(backbone, tokenizer, settings: MoESettings) -> None:
     ids = [tokenizer.convert_tokens_to_ids(domain_token(d)) for d in settings.domains]
     table = backbone.get_input_embeddings()
     if max(ids) >= table.weight.shape[0]:
-        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.random.fork_rng(devices=[]):  # the new rows are overwritten below; draw nothing
+            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = backbone.get_input_embeddings()
     with torch.no_grad():
         for token_id, parts in zip(ids, name_ids):
@@ -662,10 +669,13 @@ class MoETextEncoder(TextEncoder):
                 p.grad = None
             domain = torch.full((probe["input_ids"].shape[0],), e, dtype=torch.int64)
             settings.routing = "enforced" if forced else routing
-            try:
-                self._embed(probe["input_ids"], probe["attention_mask"], domain).sum().backward()
-            finally:
-                settings.routing = routing
+            # the first probe draws the dropout masks the dense model's one probe draws; the others
+            # draw nothing, so training continues on the dense model's random number stream
+            with contextlib.nullcontext() if e == 0 and forced else torch.random.fork_rng(devices=self._rng_devices()):
+                try:
+                    self._embed(probe["input_ids"], probe["attention_mask"], domain).sum().backward()
+                finally:
+                    settings.routing = routing
             used |= {n for n, p in self.named_parameters() if p.grad is not None}
         frozen = []
         for name, p in self.named_parameters():
@@ -676,6 +686,10 @@ class MoETextEncoder(TextEncoder):
         self.backbone.moe_routing.reset_statistics()
         self.train(was_training)
         return frozen
+
+    def _rng_devices(self) -> list:
+        device = self.device
+        return [device] if device.type == "cuda" else []
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], role: str = "document", prompt: Optional[str] = None, batch_size: int = 128,

@@ -263,3 +263,31 @@ def test_cli_run_writes_a_card_that_says_how_to_load_and_route(tiny_bert, domain
     card = (tmp_path / "run" / "model" / "README.md").read_text()
     assert "SentenceTransformer(path, trust_remote_code=True)" in card
     assert 'domain="nature"' in card and "router picks one" in card
+
+
+def test_first_step_equals_the_dense_models_first_step(tiny_bert, domains, tmp_path):
+    """Same seed, same data order and the same dropout masks: after one step the upcycled model holds
+    the dense model's weights (the routed expert as the dense block, the other expert untouched)."""
+    common = dict(train={"max_steps": 1, "log_every": 1, "lr": 1e-3})
+    dense_recipe = moe_recipe(tiny_bert, domains, tmp_path / "dense", **common)
+    del dense_recipe["model"]["moe"]
+    dense = run(dense_recipe)
+    moe = run(moe_recipe(tiny_bert, domains, tmp_path / "moe", **common))
+    losses = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("dense", "moe")]
+    assert abs(losses[0]["loss"] - losses[1]["loss"]) < 1e-6
+    first = 0 if losses[1]["moe/share/nature"] == 1.0 else 1
+    a = load_file(str(dense.model_dir / "model.safetensors"))
+    b = load_file(str(moe.model_dir / "model.safetensors"))
+    start = load_file(str(tiny_bert / "model.safetensors"))
+    renamed = {"up": "intermediate.dense", "down": "output.dense"}
+    for key, value in b.items():
+        if "moe_router" in key:
+            continue
+        if ".experts." in key:  # encoder.layer.L.intermediate.experts.E.(up|down).(weight|bias)
+            parts = key.split(".")
+            layer, expert, proj, kind = parts[2], int(parts[5]), parts[6], parts[7]
+            dense_key = f"encoder.layer.{layer}.{renamed[proj]}.{kind}"
+            expected = a[dense_key] if expert == first else start[dense_key]
+        else:
+            expected = a[key]
+        assert torch.allclose(value, expected, atol=1e-6), key
