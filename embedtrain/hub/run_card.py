@@ -93,6 +93,7 @@ def card_for_run(
         normalize=meta["normalize"],
         prompts={k: v for k, v in meta["prompts"].items() if v},
         eval_results=entries,
+        citations=citations,
         custom_modules=_has_custom_modules(model_dir),
     )
 
