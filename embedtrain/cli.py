@@ -1,4 +1,4 @@
-"""Command line: embedtrain train | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
+"""Command line: embedtrain train | dml | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
 
 from __future__ import annotations
 
@@ -124,6 +124,29 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0 if report.rows_out else 2
 
 
+def cmd_dml(args: argparse.Namespace) -> int:
+    from embedtrain.dml_config import load_dml_recipe
+
+    overrides = list(args.overrides)
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    recipe = load_dml_recipe(args.recipe, overrides)  # every recipe problem, before anything loads
+    _quiet_libraries()
+    from embedtrain.train.dml_loop import train_dml
+
+    result = train_dml(recipe, resume=args.resume)
+    if result.stopped:
+        print(f"stopped at step {result.steps}; resume with: embedtrain dml {args.recipe} --resume auto "
+              + " ".join(args.overrides))
+        return 0
+    for key in [k for k in result.final if k.startswith("recall@") or k == "map@r"]:
+        before = result.baseline.get(key)
+        print(f"unseen classes {key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+              + f"after {100 * result.final[key]:.2f}")
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from embedtrain.hub.push import push_model
 
@@ -186,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    p = sub.add_parser("dml", help="metric learning on labelled images (visual prompts, proxies): embedtrain dml RECIPE")
+    p.add_argument("recipe", help="YAML DML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 output.dir=runs/x")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
     sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)
     p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware, NV-Embed)")
@@ -227,7 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "merge":
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
-        return {"train": cmd_train, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "dml": cmd_dml, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
+        return commands[args.command](args)
     except EmbedtrainError as err:
         return print_error(err)
 

@@ -5,3 +5,6 @@ from torch import nn
 from embedtrain.registry import Registry
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
+
+PROXY_LOSSES: Registry[type[nn.Module]] = Registry("proxy loss")
+"""Metric-learning losses on embeddings, labels and class proxies (see losses/proxy.py)."""

@@ -12,14 +12,16 @@ ALLOWED = {
     "config": UTILS,
     "merge_config": UTILS | {"config", "merge"},
     "multimodal_config": UTILS | {"config"},
+    "dml_config": UTILS | {"config"},
     "data": UTILS | {"config"},
     "models": UTILS | {"config"},
     "losses": UTILS,
     "merge": UTILS | {"config"},
     # the trainer evaluates on local retrieval tasks during training: eval.retrieval only, never mteb
     # and Self Positioning searches merge coefficients through the model's forward pass
-    "train": UTILS | {"config", "merge_config", "multimodal_config", "data", "models", "losses", "merge",
-                      "eval.retrieval"},
+    # and the metric-learning trainer evaluates unseen classes through eval.dml
+    "train": UTILS | {"config", "merge_config", "multimodal_config", "dml_config", "data", "models", "losses", "merge",
+                      "eval.retrieval", "eval.dml"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
     "cli": None,  # may use everything

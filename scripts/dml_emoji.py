@@ -1,0 +1,142 @@
+"""Zero-shot metric learning on the emoji set: what to train on a frozen CLIP vision tower.
+
+Trains on a seeded half of the Unicode subgroups of data/emoji and evaluates Recall@1/2/4/8 and
+MAP@R on the other half (subgroups never seen in training), for four ways of adapting the tiny
+open_clip vision tower trained by the emoji CLIP recipe:
+
+  head        frozen backbone, only the embedding head trains
+  full        full fine-tuning (every backbone weight and the head)
+  vpt         deep visual prompts + head, backbone frozen
+  vpt_sp      deep visual prompts + semantic proxies (class prompts, GRU) + head, backbone frozen
+
+plus the tower's own embedding before any training. Every variant uses the same recipe
+(recipes/dml/vpt_proxies_emoji.yaml: Proxy-Anchor, batches of 16 subgroups x 4 images, same steps
+and seed), changing only what is trained. Results are printed and written as JSON and Markdown.
+
+    python scripts/dml_emoji.py --backbone runs/emoji_clip/model --output runs/dml_emoji \\
+        --json benchmarks/dml_emoji.json --markdown benchmarks/dml_emoji.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from embedtrain.errors import EmbedtrainError, print_error  # noqa: E402
+
+VARIANTS = {
+    "head": ("frozen backbone + head", ["tuning.train_backbone=frozen", "tuning.prompt_depth=0", "proxies.semantic=false"]),
+    # a third of the learning rate: every backbone weight moves, not only new parameters
+    "full": ("full fine-tuning", ["tuning.train_backbone=full", "tuning.prompt_depth=0", "proxies.semantic=false",
+                                  "train.lr=1e-3"]),
+    "vpt": ("VPT (deep prompts) + head", ["tuning.train_backbone=frozen", "proxies.semantic=false"]),
+    "vpt_sp": ("VPT + semantic proxies", ["tuning.train_backbone=frozen", "proxies.semantic=true"]),
+}
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", required=True, help="open_clip folder of the emoji CLIP recipe (<output.dir>/model)")
+    parser.add_argument("--recipe", default=str(REPO / "recipes/dml/vpt_proxies_emoji.yaml"))
+    parser.add_argument("--output", default="runs/dml_emoji", help="one run folder per variant under this folder")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (results are averaged)")
+    parser.add_argument("--json", default=None, help="write the results here (default: <output>/results.json)")
+    parser.add_argument("--markdown", default=None, help="write the table here (default: <output>/results.md)")
+    parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="recipe overrides for every variant, e.g. --set train.max_steps=50")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EmbedtrainError as err:
+        return print_error(err)
+
+
+def run(args) -> int:
+    from embedtrain.dml_config import load_dml_recipe
+    from embedtrain.train.dml_loop import train_dml
+
+    started = time.time()
+    out = Path(args.output)
+    rows = {}
+    baseline = None
+    for name in args.variants:
+        label, variant_overrides = VARIANTS[name]
+        runs = []
+        for seed in args.seeds:
+            overrides = [f"backbone.name_or_path={args.backbone}", f"output.dir={out / f'{name}-seed{seed}'}",
+                         "output.overwrite=true", "output.plot=false", f"train.seed={seed}",
+                         *variant_overrides, *args.overrides]
+            recipe = load_dml_recipe(args.recipe, overrides)
+            print(f"\n== {label} (seed {seed})", flush=True)
+            result = train_dml(recipe)
+            runs.append({"seed": seed, "before": result.baseline, "final": result.final, "train_seconds": result.train_seconds,
+                         "seconds": result.seconds, "steps": result.steps})
+            if name in ("head", "full") and not baseline:  # prompts change the embedding before any training
+                baseline = result.baseline
+            trainable, total = result.trainable_parameters, result.total_parameters
+        rows[name] = {"label": label, "overrides": variant_overrides, "runs": runs,
+                      "mean": {m: _mean([r["final"][m] for r in runs]) for m in METRICS},
+                      "std": {m: _std([r["final"][m] for r in runs]) for m in METRICS},
+                      "trainable_parameters": trainable, "total_parameters": total,
+                      "train_seconds": _mean([r["train_seconds"] for r in runs])}
+    report = {
+        "backbone": str(args.backbone), "recipe": str(args.recipe), "overrides": args.overrides, "seeds": args.seeds,
+        "before_training": {m: baseline[m] for m in METRICS} if baseline else {},
+        "queries": baseline.get("queries") if baseline else None, "singletons": baseline.get("singletons") if baseline else None,
+        "rows": rows, "seconds": time.time() - started,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    }
+    table = markdown(report)
+    print("\n" + table)
+    json_path = Path(args.json or out / "results.json")
+    md_path = Path(args.markdown or out / "results.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(table + "\n", encoding="utf-8")
+    print(f"\nwrote {json_path} and {md_path} ({report['seconds'] / 60:.1f} min in all)")
+    return 0
+
+
+def markdown(report: dict) -> str:
+    seeds = len(report["seeds"])
+    head = "| unseen subgroups | R@1 | R@2 | R@4 | R@8 | MAP@R | trained parameters | train time |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    if report["before_training"]:
+        b = report["before_training"]
+        lines.append("| CLIP tower's own embedding (no training) | " + " | ".join(f"{100 * b[m]:.2f}" for m in METRICS)
+                     + " | 0 | - |")
+    for row in report["rows"].values():
+        cells = []
+        for m in METRICS:
+            cell = f"{100 * row['mean'][m]:.2f}"
+            if seeds > 1:
+                cell += f" ± {100 * row['std'][m]:.2f}"
+            cells.append(cell)
+        share = 100 * row["trainable_parameters"] / row["total_parameters"]
+        lines.append(f"| {row['label']} | " + " | ".join(cells)
+                     + f" | {row['trainable_parameters']:,} ({share:.1f}%) | {row['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _std(values):
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / len(values)) ** 0.5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

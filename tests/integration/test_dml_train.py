@@ -1,0 +1,97 @@
+"""Short real DML runs: VPT + semantic proxies on a tiny open_clip tower, saving, reloading, resuming."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from embedtrain.cli import main as cli_main
+from embedtrain.dml_config import dml_recipe_from_dict
+from embedtrain.models.semantic_proxies import load_dml_model
+from embedtrain.train.dml_loop import train_dml
+
+from vpt_support import build_tiny_open_clip, write_labelled_images
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dml")
+    return build_tiny_open_clip(root / "tower"), write_labelled_images(root / "images", classes=8, per_class=6)
+
+
+def recipe(assets, out, **sections):
+    tower, meta = assets
+    data = {
+        "backbone": {"kind": "open_clip", "name_or_path": str(tower)},
+        "tuning": {"prompt_depth": 2, "num_prompts": 2},
+        "proxies": {"semantic": True, "accumulate": "gru", "class_prompt_depth": 1, "class_prompts": 2},
+        "loss": {"metrix": True},
+        "data": {"path": str(meta), "samples_per_class": 2, "batch_size": 4, "augment": "crop_flip"},
+        "train": {"max_steps": 8, "log_every": 2, "save_every": 4, "eval_every": 4, "lr": 1e-2},
+        "output": {"dir": str(out), "plot": False},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return dml_recipe_from_dict(data)
+
+
+def test_vpt_with_semantic_proxies_trains_saves_and_reloads(assets, tmp_path):
+    tower, _ = assets
+    result = train_dml(recipe(assets, tmp_path / "run"), log=lambda *a: None)
+    assert result.steps == 8 and 0 <= result.final["recall@1"] <= 1 and result.baseline
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert summary["train_classes"] == 4 and summary["test_classes"] == 4
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/recall@1" in l and l["step"] == 4 for l in lines) and any("mixed_loss" in l for l in lines)
+    # the saved backbone is the original tower, bit for bit (it was frozen)
+    saved = load_file(str(result.model_dir / "model.safetensors"))
+    original = load_file(str(tower / "open_clip_model.safetensors"))
+    for key, value in original.items():
+        if key.startswith("visual."):
+            assert torch.equal(saved["encoder.backbone.model." + key[len("visual."):]], value), key
+    # the folder reloads without the original tower and embeds the test classes the same way
+    model, config = load_dml_model(result.model_dir)
+    assert len(config["test_classes"]) == 4
+    from embedtrain.data.images import ImageClassDataset, build_transform, collate_images, read_labelled_images
+
+    images = read_labelled_images(str(assets[1]), "image", "label")
+    subset, labels = images.subset(config["test_classes"])
+    b = model.encoder.backbone
+    ds = ImageClassDataset(subset, labels, build_transform(b.image_size, b.mean, b.std, False, "none"))
+    batch = collate_images([ds[i] for i in range(len(ds))])
+    from embedtrain.eval.dml import dml_metrics
+
+    with torch.no_grad():
+        scores = dml_metrics(model.eval().encoder(batch["pixels"]), batch["labels"])
+    assert scores["recall@1"] == pytest.approx(result.final["recall@1"])
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(assets, tmp_path):
+    full = train_dml(recipe(assets, tmp_path / "full"), log=lambda *a: None)
+    # the same run stopped after its step-4 checkpoint: keep only that checkpoint and resume
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "model")
+    (part / "results.json").unlink()
+    shutil.rmtree(part / "checkpoints" / "step-0000008")
+    resumed = train_dml(recipe(assets, part), resume="auto", log=lambda *a: None)
+    a = load_file(str(full.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert resumed.final == pytest.approx(full.final)
+
+
+def test_cli_reports_recipe_problems_on_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("# embedtrain dml bad.yaml\nbackbone: {name_or_path: nowhere}\ndata: {path: none.jsonl}\n"
+                    "train: {lr: -1}\n")
+    assert cli_main(["dml", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: train.lr: must be positive, got -1" in err
+    assert "error: output.dir: missing" in err
