@@ -1,4 +1,4 @@
-"""Command line: embedtrain train | dml | eval | merge | push | info. Thin dispatch; nothing imports this module."""
+"""Command line: embedtrain train | dml | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from embedtrain.config import load_recipe
+    from embedtrain.multimodal_config import is_multimodal_recipe
 
+    if is_multimodal_recipe(args.recipe):  # kind: clip | vlm2vec
+        return cmd_train_multimodal(args)
     overrides = list(args.overrides)
     if args.overwrite:
         overrides.append("output.overwrite=true")
@@ -62,6 +65,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_multimodal(args: argparse.Namespace) -> int:
+    from embedtrain.multimodal_config import load_multimodal_recipe
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    recipe = load_multimodal_recipe(args.recipe, overrides)
+    _quiet_libraries()
+    from embedtrain.train.multimodal_loop import train_multimodal
+
+    result = train_multimodal(recipe, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    if result.stopped:
+        print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
+              + " ".join(args.overrides))
+        return 0
+    metric = recipe.eval.metric
+    for key in sorted(k for k in {**result.baseline, **result.final} if k.endswith(f"/{metric}") and not k.startswith("mean/")):
+        before, after = result.baseline.get(key), result.final.get(key)
+        line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+        print(line + (f"after {100 * after:.2f}" if after is not None else ""))
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     _quiet_libraries()
     from embedtrain.eval.mteb_run import main
@@ -74,6 +103,25 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     from embedtrain.train.merge_run import main
 
     return main(rest)
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from embedtrain.models.instructions import instruction_prefix
+    from embedtrain.train.mining import mine_hard_negatives
+
+    if args.instruction and args.query_prompt:
+        raise EmbedtrainError("--instruction and --query-prompt: give one of them")
+    query_prompt = instruction_prefix(args.instruction) if args.instruction else args.query_prompt
+    report = mine_hard_negatives(
+        args.teacher, args.data, args.output, query_column=args.query_column, positive_column=args.positive_column,
+        corpus=args.corpus, top_k=args.top_k, num_negatives=args.num_negatives, factor=args.factor,
+        query_prompt=query_prompt, document_prompt=args.document_prompt, max_length=args.max_length,
+        batch_size=args.batch_size, max_rows=args.max_rows, split=args.split, subset=args.subset, device=args.device,
+    )
+    columns = ", ".join(f"negative_{i + 1}" for i in range(args.num_negatives))
+    print(f"wrote {args.output}; read it in a recipe with: {{path: {args.output}, negative_columns: [{columns}]}}")
+    return 0 if report.rows_out else 2
 
 
 def cmd_dml(args: argparse.Namespace) -> int:
@@ -114,12 +162,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     from embedtrain.losses import LOSSES
     from embedtrain.models.pooling import POOLERS
 
+    if getattr(args, "kind", None):  # a multimodal recipe type
+        from embedtrain.multimodal_config import RECIPE_TYPES, all_field_docs
+
+        for section in dataclasses.fields(RECIPE_TYPES[args.kind]):
+            if section.name == "kind":
+                continue
+            cls = section.default_factory().__class__  # type: ignore[misc]
+            docs = all_field_docs(cls)
+            print(f"\n{section.name}:")
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+        return 0
     print(f"losses: {', '.join(LOSSES.names())}")
     print(f"pooling: {', '.join(POOLERS.names())}")
+    import typing
+
+    nested = []  # optional sub-sections such as model.moe, listed after the sections
     for section in dataclasses.fields(config.Recipe):
         cls = section.default_factory().__class__  # type: ignore[misc]
         docs = config.field_docs(cls)
         print(f"\n{section.name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+            each = "[*]" if typing.get_origin(hints[f.name]) is list else ""  # a list of entries, or one optional
+            nested += [(f"{section.name}.{f.name}{each}", t) for t in typing.get_args(hints[f.name])
+                       if dataclasses.is_dataclass(t)]
+    for title, cls in nested:
+        docs = config.field_docs(cls)
+        print(f"\n{title}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
@@ -143,12 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
     sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)
+    p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware, NV-Embed)")
+    p.add_argument("--teacher", required=True, help="model that scores candidates: folder, pkg:// path or Hub id")
+    p.add_argument("--data", required=True, help="(query, positive) rows: .jsonl/.json/.csv/.parquet or Hub dataset id")
+    p.add_argument("--output", required=True, help="where to write the mined rows (.jsonl)")
+    p.add_argument("--query-column", default="anchor")
+    p.add_argument("--positive-column", default="positive")
+    p.add_argument("--corpus", nargs="*", default=[], help="extra candidate texts: BEIR corpus.jsonl or .txt files")
+    p.add_argument("--top-k", type=int, default=30, help="candidates per query, best first (default 30)")
+    p.add_argument("--num-negatives", type=int, default=4, help="negatives kept per row, hardest first (default 4)")
+    p.add_argument("--factor", type=float, default=0.95,
+                   help="keep candidates scoring below factor x the positive's score (default 0.95)")
+    p.add_argument("--instruction", default=None, help="task description: queries get 'Instruct: ...\nQuery: '")
+    p.add_argument("--query-prompt", default="", help="text put before each query (instead of --instruction)")
+    p.add_argument("--document-prompt", default="", help="text put before each corpus text")
+    p.add_argument("--max-length", type=int, default=None, help="token limit of the teacher")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--split", default="train", help="split of a Hub dataset")
+    p.add_argument("--subset", default=None, help="configuration of a Hub dataset")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
     p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     p.add_argument("model_dir")
     p.add_argument("--repo-id", required=True, help="user/name")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p = sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
+    p.add_argument("--kind", choices=["clip", "vlm2vec"], help="the fields of a multimodal recipe type instead")
     return parser
 
 
@@ -161,7 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "merge":
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
-        return {"train": cmd_train, "dml": cmd_dml, "push": cmd_push, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "dml": cmd_dml, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
+        return commands[args.command](args)
     except EmbedtrainError as err:
         return print_error(err)
 

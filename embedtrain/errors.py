@@ -37,6 +37,10 @@ ALIASES = {
     "max_seq_length": "max_length",
     "scale": "temperature",
     "max_grad_norm_clip": "max_grad_norm",
+    # peft's LoraConfig names
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
 }
 
 

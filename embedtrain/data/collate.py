@@ -8,6 +8,9 @@ A collated batch is a dict:
 - ``positive_ids`` (B,) and ``negative_ids`` (B*k,): int64 text hashes so the loss can mask false
   negatives across processes;
 - ``dataset``: the dataset index.
+
+With ``prompt_lengths`` given (instruction masking, NV-Embed), every role's dict also has a
+``pooling_mask`` (B, L_role): the attention mask without each text's prompt tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from embedtrain.data.readers import PairDataset
+from embedtrain.errors import EmbedtrainError
 from embedtrain.data.sampler import PlannedBatch
 
 ROLE_OF = {"query": "query", "positive": "document"}
@@ -75,11 +79,31 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
 class BatchCollator:
     """Turns planned rows of one dataset into tensors (from cached token ids, or by tokenizing)."""
 
-    def __init__(self, datasets: Sequence[PairDataset], tokenizer, max_length_for: Callable[[str], int]):
+    def __init__(self, datasets: Sequence[PairDataset], tokenizer, max_length_for: Callable[[str], int],
+                 prompt_lengths: Optional[dict[str, int]] = None):
         self.datasets = datasets
         self.tokenizer = tokenizer
         self.max_length_for = max_length_for
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # prompt -> tokens it takes at the start of a text (leading special tokens included), to leave
+        # out of pooling; None: pool every token. A plain dict, so that DataLoader workers can take it.
+        self.prompt_lengths = prompt_lengths
+
+    def _with_pooling_mask(self, dataset: PairDataset, tensors: dict[str, torch.Tensor], role: str) -> dict:
+        prompt = dataset.query_prompt if role == "query" else dataset.document_prompt
+        n = self.prompt_lengths[prompt] if prompt else 0
+        mask = tensors["attention_mask"]
+        # count from each row's first real token, so left padding works as well as right padding
+        first = mask.argmax(dim=1, keepdim=True)
+        keep = torch.arange(mask.shape[1]).unsqueeze(0) >= first + n
+        pooled = mask * keep.to(mask.dtype)
+        if n and not bool((pooled.sum(1) > 0).all()):
+            raise EmbedtrainError(
+                f"{dataset.name}: the {role} prompt {prompt[:40]!r}... takes {n} of the "
+                f"{self.max_length_for(role)} tokens allowed, leaving a text with no token to pool; raise the "
+                f"model's {role}_max_length or shorten the prompt"
+            )
+        return {**tensors, "pooling_mask": pooled}
 
     def _tensors(self, dataset: PairDataset, data: dict, columns: Sequence[str], n: int) -> dict[str, torch.Tensor]:
         """Pad the texts of ``columns`` interleaved per row (row i, column j → i*len(columns)+j)."""
@@ -97,12 +121,17 @@ class BatchCollator:
         data = dataset.rows[list(rows)]
         n, k = len(rows), dataset.num_negatives
         negatives = [f"negative_{j}" for j in range(k)]
+        tensors = {role: self._tensors(dataset, data, columns, n) if columns else None
+                   for role, columns in (("query", ["query"]), ("positive", ["positive"]), ("negative", negatives))}
+        if self.prompt_lengths is not None:
+            tensors = {role: t if t is None else self._with_pooling_mask(dataset, t, "query" if role == "query" else "document")
+                       for role, t in tensors.items()}
         return {
             "dataset": planned.dataset,
-            "query": self._tensors(dataset, data, ["query"], n),
-            "positive": self._tensors(dataset, data, ["positive"], n),
+            "query": tensors["query"],
+            "positive": tensors["positive"],
             "positive_ids": torch.tensor([dataset.row_keys[r][1] for r in rows], dtype=torch.long),
-            "negative": self._tensors(dataset, data, negatives, n) if k else None,
+            "negative": tensors["negative"],
             "negative_ids": (
                 torch.tensor([dataset.row_keys[r][2 + j] for r in rows for j in range(k)], dtype=torch.long)
                 if k else None

@@ -42,6 +42,33 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def load_table(path: str, where: str, split: str = "train", subset: Optional[str] = None):
+    """A local .jsonl/.json/.csv/.parquet file or a Hub dataset (``subset``: its configuration) as a
+    ``datasets.Dataset``, and the name to use for it in messages."""
+    import datasets
+
+    from embedtrain.config import looks_local, resolve_path
+
+    datasets.disable_progress_bars()
+    try:
+        if looks_local(path):
+            file = resolve_path(path)
+            suffix = Path(file).suffix
+            if suffix not in FORMATS:
+                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
+            return datasets.load_dataset(FORMATS[suffix], data_files=file, split="train"), file
+        return datasets.load_dataset(path, subset, split=split), path
+    except EmbedtrainError:
+        raise
+    except FileNotFoundError:
+        raise EmbedtrainError(f"{where}.path: {path} not found; check the path or the Hub id") from None
+    except Exception as err:  # datasets wraps parser errors in many types
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise EmbedtrainError(f"{where}.path: cannot read {path} ({first[:160]}); check the file's format") from None
+    finally:
+        datasets.enable_progress_bars()
+
+
 def read_pairs(
     path: str,
     where: str,
@@ -54,37 +81,14 @@ def read_pairs(
     weight: float = 1.0,
     split: str = "train",
     max_rows: Optional[int] = None,
+    subset: Optional[str] = None,
 ) -> PairDataset:
     """Load a local file (or a Hub dataset id) and validate every row.
 
     ``where`` is the recipe path of this dataset (e.g. ``data.train[0]``) used in error messages.
     """
-    import datasets
-
-    from embedtrain.config import looks_local, resolve_path
-
     negative_columns = list(negative_columns or [])
-    datasets.disable_progress_bars()
-    try:
-        if looks_local(path):
-            file = resolve_path(path)
-            suffix = Path(file).suffix
-            if suffix not in FORMATS:
-                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
-            ds = datasets.load_dataset(FORMATS[suffix], data_files=file, split="train")
-            source = file
-        else:
-            ds = datasets.load_dataset(path, split=split)
-            source = path
-    except EmbedtrainError:
-        raise
-    except FileNotFoundError:
-        raise EmbedtrainError(f"{where}.path: {path} not found; check the path or the Hub id") from None
-    except Exception as err:  # datasets wraps parser errors in many types
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-        raise EmbedtrainError(f"{where}.path: cannot read {path} ({first[:160]}); check the file's format") from None
-    finally:
-        datasets.enable_progress_bars()
+    ds, source = load_table(path, where, split, subset)
 
     wanted = {"query": query_column, "positive": positive_column}
     wanted.update({f"negative_{j}": c for j, c in enumerate(negative_columns)})
@@ -101,7 +105,17 @@ def read_pairs(
     if len(set(wanted.values())) != len(wanted):
         raise EmbedtrainError(f"{where}: the same column is used for two roles ({', '.join(wanted.values())}); give each role its own column")
     ds = ds.rename_columns({src: role for role, src in wanted.items() if src != role})
+    return pair_dataset(ds, source, name, wanted, query_prompt, document_prompt, weight)
 
+
+def pair_dataset(
+    ds, source: str, name: str, wanted: dict[str, str], query_prompt: str = "", document_prompt: str = "",
+    weight: float = 1.0,
+) -> PairDataset:
+    """Check the texts of a table with role columns (query, positive, negative_0..) and wrap it.
+
+    ``wanted`` maps each role to the column name the user gave (for messages).
+    """
     columns = {role: ds[role] for role in wanted}
     for role, values in columns.items():
         for i, value in enumerate(values):
@@ -117,7 +131,7 @@ def read_pairs(
     return PairDataset(
         name=name,
         rows=ds,
-        num_negatives=len(negative_columns),
+        num_negatives=len(wanted) - 2,
         query_prompt=query_prompt,
         document_prompt=document_prompt,
         weight=weight,

@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         raise EmbedtrainError("nothing to evaluate; give --tasks, --benchmark, --task-types or --local-task")
     if args.batch_size < 1:
         raise EmbedtrainError(f"--batch-size: {args.batch_size} must be at least 1")
+    from embedtrain.eval.multimodal_run import model_kind, run_multimodal
+
+    if model_kind(args.model):  # CLIP / VLM2Vec folders: image-text tasks through evaluate_retrieval
+        return run_multimodal(args)
     import mteb
 
     from embedtrain.eval.mteb_adapter import MtebEncoder

@@ -204,6 +204,9 @@ class ModelCardData:
     """Evaluation results."""
     citations: dict[str, str] = field(default_factory=dict)
     """Extra BibTeX entries by title (e.g. {'GradCache': GRADCACHE_CITATION})."""
+    custom_modules: bool = False
+    """The folder uses embedtrain's own module classes (decoder backbone, latent attention, experts):
+    loading it needs embedtrain installed and trust_remote_code=True."""
 
     def __post_init__(self) -> None:
         self.tags = list(dict.fromkeys([*DEFAULT_TAGS, *self.tags]))
@@ -299,6 +302,7 @@ def _body_vars(data: ModelCardData) -> dict[str, Any]:
         "summary": data.summary or _default_summary(data),
         "details_table": _table(["Property", "Value"], _details_rows(data)),
         "model_id": data.repo_id or "path/to/model",
+        "custom_modules": data.custom_modules,
         "shape_comment": f"(1, {data.embedding_dim})" if data.embedding_dim else "(1, embedding dimension)",
         "prompts": query_document,
         "other_prompt_names": ", ".join(_code(k) for k in others),

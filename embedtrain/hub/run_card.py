@@ -76,6 +76,7 @@ def card_for_run(
     }
     citations = {"GradCache": GRADCACHE_CITATION} if t.gradient_cache_chunk_size else {}
     return ModelCardData(
+        summary=_moe_summary(model_dir),
         model_name=Path(recipe.output.dir).name or "embedtrain-model",
         base_model=None if base.startswith("pkg://") else base,
         datasets=hub_datasets,
@@ -92,7 +93,18 @@ def card_for_run(
         normalize=meta["normalize"],
         prompts={k: v for k, v in meta["prompts"].items() if v},
         eval_results=entries,
+        citations=citations,
+        custom_modules=_has_custom_modules(model_dir),
     )
+
+
+def _has_custom_modules(model_dir: str | Path) -> bool:
+    """Whether modules.json names a module class outside sentence-transformers."""
+    path = Path(model_dir) / "modules.json"
+    if not path.is_file():
+        return False
+    modules = json.loads(path.read_text(encoding="utf-8"))
+    return any(not m.get("type", "").startswith("sentence_transformers.") for m in modules)
 
 
 def _embedding_dim(model_dir: str | Path) -> Optional[int]:
@@ -101,3 +113,23 @@ def _embedding_dim(model_dir: str | Path) -> Optional[int]:
         cfg = json.loads(pooling.read_text(encoding="utf-8"))
         return cfg.get("embedding_dimension") or cfg.get("word_embedding_dimension")
     return None
+
+
+def _moe_summary(model_dir: str | Path) -> Optional[str]:
+    """For a Mixture-of-Experts model: how to load and route it (None otherwise: the default summary)."""
+    from embedtrain.models.moe import is_moe_folder
+
+    if not is_moe_folder(model_dir):
+        return None
+    config = json.loads((Path(model_dir) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+    moe = config.get("moe", {})
+    domains = moe.get("domains", [])
+    return (
+        "A Mixture-of-Experts text embedding model trained with embedtrain: the feed-forward blocks of layers "
+        f"{', '.join(map(str, moe.get('layers', [])))} have one expert per domain ({', '.join(domains)}). "
+        "Its first module is embedtrain's `MoETransformer`, so it loads with "
+        "`SentenceTransformer(path, trust_remote_code=True)` with `embedtrain` installed (the class comes from the "
+        f"installed package, not from this folder). Pass `domain=\"{(domains or ['...'])[0]}\"` to `encode` to choose "
+        "the expert" + ("; without it the model's router picks one." if moe.get("router") else ".")
+    )
+

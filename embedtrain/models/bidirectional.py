@@ -37,6 +37,7 @@ from sentence_transformers.sentence_transformer.modules import Transformer
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.instructions import prefix_token_lengths
+from embedtrain.models.lora import ADAPTER_DIR, is_peft_model, merged_state_dict
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 """``config.model_type`` values whose base models :func:`make_bidirectional` is tested on."""
@@ -254,6 +255,19 @@ class BidirectionalTransformer(Transformer):
         make_bidirectional(self.model)
         assert_bidirectional(self.model, tokenizer)
         self._instruction_lengths: dict[str, int] = {}
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """Save as sentence-transformers' ``Transformer`` does; a LoRA-wrapped decoder is saved merged
+        (plain weights, no peft needed to load them) with its adapter alone in ``adapter/``."""
+        if not is_peft_model(self.model):
+            return super().save(output_path, *args, safe_serialization=safe_serialization, **kwargs)
+        import os
+
+        base = self.model.get_base_model()
+        base.save_pretrained(output_path, state_dict=merged_state_dict(self.model), safe_serialization=safe_serialization)
+        self.model.save_pretrained(os.path.join(output_path, ADAPTER_DIR), safe_serialization=safe_serialization)
+        self.processor.save_pretrained(output_path)
+        self.save_config(output_path)
 
     def _get_prompt_length(self, prompt: str, **kwargs) -> Optional[int]:
         tokenizer = self.tokenizer

@@ -173,10 +173,27 @@ class TextEncoder(nn.Module):
         st.similarity_fn_name = "cosine"
         return st
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a sentence-transformers folder (safetensors weights) to ``path``."""
+    def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write a sentence-transformers folder (safetensors weights) to ``path``.
+
+        ``state_dict`` (this module's keys, ``backbone.*``) replaces the weights written: under FSDP or
+        DeepSpeed ZeRO-3 each process holds only a shard, so the trainer gathers the full state dict
+        (``Accelerator.get_state_dict``) and passes it here.
+        """
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
+        if state_dict is not None:
+            backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            missing = set(self.backbone.state_dict()) - set(backbone_sd)
+            if missing:
+                raise EmbedtrainError(
+                    f"saving {path}: the gathered state dict lacks {len(missing)} backbone weights "
+                    f"(e.g. {sorted(missing)[0]}); save from every process with the full state dict"
+                )
+            # the transformer module's folder, as sentence-transformers wrote it (the root for module 0)
+            modules = json.loads((Path(path) / "modules.json").read_text(encoding="utf-8"))
+            module_dir = Path(path) / modules[0]["path"]
+            self.backbone.save_pretrained(str(module_dir), state_dict=backbone_sd, safe_serialization=True)
         # embedtrain's own view of the model, for tools that want it without sentence-transformers
         meta = {
             "pooling": self.pooling,
@@ -227,13 +244,25 @@ def load_text_encoder(
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from embedtrain.config import resolve_path
+    from embedtrain.models import moe
 
     path = resolve_path(name_or_path)
     model_kwargs = {"attn_implementation": attn_implementation}
     local = Path(path)
     saved = _read_json(local / "embedtrain.json") if local.is_dir() else {}
+    if saved.get("backbone") == "bidirectional_decoder":  # an NV-Embed-style folder: its own loader
+        from embedtrain.models.decoder import load_decoder_encoder
+
+        return load_decoder_encoder(
+            path, pooling=pooling, normalize=normalize, max_length=max_length, query_max_length=query_max_length,
+            document_max_length=document_max_length, query_prompt=query_prompt, document_prompt=document_prompt,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
+            gradient_checkpointing=gradient_checkpointing,
+        )
     try:
-        if (local / "modules.json").is_file():
+        if moe.is_moe_folder(local):  # embedtrain's own first module: built here, no remote code involved
+            st = moe.load_moe_sentence_transformer(path, model_kwargs)
+        elif (local / "modules.json").is_file():
             st = SentenceTransformer(
                 path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
             )
@@ -263,7 +292,8 @@ def load_text_encoder(
     qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
     dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
     prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
-    encoder = TextEncoder(
+    encoder_class = moe.MoETextEncoder if moe.is_moe_backbone(st[0].model) else TextEncoder
+    encoder = encoder_class(
         st,
         pooling=pooling or "mean",
         normalize=bool(normalize),
@@ -273,6 +303,8 @@ def load_text_encoder(
         document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
     )
     if gradient_checkpointing:
+        if moe.is_moe_backbone(encoder.backbone):
+            raise EmbedtrainError(moe.NO_GRADIENT_CHECKPOINTING)
         if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
             raise EmbedtrainError(
                 f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it; set it to false"

@@ -12,19 +12,22 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import yaml
 
-from embedtrain.config import Recipe, dataset_name, task_name, to_dict
-from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, read_pairs, token_lengths
+from embedtrain.config import Recipe, task_name, to_dict
+from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, token_lengths
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
 from embedtrain.models import load_text_encoder
 from embedtrain.train import checkpoint as ckpt
+from embedtrain.train import experts
 from embedtrain.train.accelerator import build_accelerator
+from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
+                                       prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import build_optimizer, build_scheduler
 from embedtrain.train.step import grad_cache_step, plain_step
 
@@ -98,21 +101,16 @@ def _prepare_output_dir(accelerator, out: Path, overwrite: bool, resuming: bool)
 
 
 def _load_data(recipe: Recipe):
-    return [
-        read_pairs(
-            ds.path, f"data.train[{i}]", dataset_name(ds), ds.query_column, ds.positive_column, ds.negative_columns,
-            ds.query_prompt, ds.document_prompt, ds.weight, ds.split, ds.max_rows,
-        )
-        for i, ds in enumerate(recipe.data.train)
-    ]
+    return [load_training_dataset(ds, i, recipe.train.seed) for i, ds in enumerate(recipe.data.train)]
 
 
 def _evaluate(encoder, tasks, batch_size: int) -> dict[str, float]:
     """Metrics per task as ``<task>/<metric>`` plus the mean over tasks as ``mean/<metric>``."""
     out: dict[str, float] = {}
     for cfg, data in tasks:
-        scores = evaluate_retrieval(encoder, data, cfg.query_prompt or None, cfg.document_prompt or None,
-                                    batch_size=batch_size, show_progress=True)
+        with experts.routed_task(encoder, cfg.domain):  # MoE models: the task's domain, or the router
+            scores = evaluate_retrieval(encoder, data, query_prompt_of(cfg) or None, cfg.document_prompt or None,
+                                        batch_size=batch_size, show_progress=True)
         out.update({f"{data.name}/{k}": v for k, v in scores.items()})
     if tasks:
         for metric in ("ndcg@10", "mrr@10", "recall@10"):
@@ -129,8 +127,11 @@ def _steps_from(plans_len, start_step: int) -> tuple[int, int]:
     return epoch, left
 
 
-def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResult:
-    """Run a recipe. ``resume`` is None, ``'auto'`` or a checkpoint path."""
+def train(recipe: Recipe, resume: Optional[str] = None, log=print, chain: tuple[str, ...] = ()) -> TrainResult:
+    """Run a recipe. ``resume`` is None, ``'auto'`` or a checkpoint path.
+
+    With ``model.previous_stage`` the previous stage's recipe is trained first if its model is missing
+    (``chain``: the stages already on the way, to catch cycles)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -143,7 +144,12 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     # -- build: data first (cheap, and its errors should come before the model loads) ----------
     _check_output_dir(out, r.output.overwrite, resuming=resume is not None)
     datasets = _load_data(r)
-    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out))
+    model_source = r.model.name_or_path
+    if r.model.previous_stage:  # stage 2 starts from stage 1's output model
+        model_source = previous_stage_model(r, lambda rr, resume, chain: train(rr, resume, log, chain), log, chain)
+    # an MoE step leaves the other domains' experts without gradient, which DDP must be told
+    accelerator = build_accelerator(r.train.mixed_precision, r.output.report_to or None, str(out),
+                                    find_unused_parameters=experts.uses_experts(r))
     world_size, rank = accelerator.num_processes, accelerator.process_index
     if not accelerator.is_main_process:
         log = lambda *_: None  # noqa: E731  (one voice per run)
@@ -169,13 +175,19 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 "the run continues with the new values")
 
     set_seed(r.train.seed)
-    encoder = load_text_encoder(
-        r.model.name_or_path, pooling=r.model.pooling, normalize=r.model.normalize, max_length=r.model.max_length,
-        query_max_length=r.model.query_max_length, document_max_length=r.model.document_max_length,
-        query_prompt=r.data.train[0].query_prompt, document_prompt=r.data.train[0].document_prompt,
-        attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
-        revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
-    )
+    if r.model.bidirectional:
+        encoder = load_recipe_decoder(r, model_source, accelerator.device)
+    else:
+        encoder = load_text_encoder(
+            model_source, pooling=r.model.pooling, normalize=r.model.normalize, max_length=r.model.max_length,
+            query_max_length=r.model.query_max_length, document_max_length=r.model.document_max_length,
+            query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
+            attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
+            revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
+        )
+    encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+    batch_domains = experts.dataset_domains(encoder, r)
+    experts.check_eval_tasks(encoder, r)
     _check_position_limit(encoder, r)
     loss_fn = LOSSES.get(r.loss.name)(
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
@@ -189,7 +201,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
             if r.data.pretokenize:
                 pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
     lengths = [token_lengths(ds) for ds in datasets] if r.data.length_grouping else None
-    collator = BatchCollator(datasets, encoder.tokenizer, encoder.max_length_for)
+    collator = BatchCollator(datasets, encoder.tokenizer, encoder.max_length_for, prompt_lengths(encoder, datasets))
 
     plans: dict[int, list] = {}
 
@@ -213,10 +225,11 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
     frozen = encoder.freeze_unused_parameters()
     if frozen:
         log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
-    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay)
+    optimizer = build_optimizer(encoder, loss_fn, r.train.lr, r.train.weight_decay, experts.learning_rates(r))
     scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
     if r.train.compile:
-        encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
+        # compiled in place: parameter names (checkpoints, the saved model) stay those of the backbone
+        encoder.backbone.compile(dynamic=True)
     model, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
     loss_fn.to(accelerator.device)
 
@@ -297,10 +310,11 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
 
     def run_step(batch: dict) -> dict:
         batch = _to_device(batch, accelerator.device)
-        if r.train.gradient_cache_chunk_size:
-            return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
-                                   lambda: accelerator.no_sync(model))
-        return plain_step(model, loss_fn, batch, backward)
+        with experts.routed_batch(encoder, batch_domains, batch["dataset"]):  # MoE: the dataset's expert
+            if r.train.gradient_cache_chunk_size:
+                return grad_cache_step(model, loss_fn, batch, r.train.gradient_cache_chunk_size, backward,
+                                       lambda: accelerator.no_sync(model))
+            return plain_step(model, loss_fn, batch, backward)
 
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     all_params = [p for p in model.parameters() if p.requires_grad] + loss_params
@@ -330,33 +344,10 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 if step >= total_steps:
                     break
                 out_step = run_step(batch)
-                # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
-                for p in loss_params:
-                    if p.grad is not None and world_size > 1:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                grad_norm = (
-                    accelerator.clip_grad_norm_(all_params, r.train.max_grad_norm)
-                    if r.train.max_grad_norm else _grad_norm(all_params)
-                )
-                loss_value = accelerator.reduce(out_step["loss"].detach().float(), reduction="mean")
-                finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                if finite:
-                    optimizer.step()
-                    scheduler.step()
-                    state["consecutive_nonfinite"] = 0
-                else:
-                    # the update is skipped: weights and optimizer state stay those of the last good step
-                    state["consecutive_nonfinite"] += 1
-                    skipped += 1
-                    log(f"step {step + 1}: non-finite loss or gradient; step skipped "
-                        f"({state['consecutive_nonfinite']} in a row, limit {r.train.max_consecutive_nonfinite})")
-                    if state["consecutive_nonfinite"] >= r.train.max_consecutive_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        first = step + 2 - state["consecutive_nonfinite"]
-                        raise EmbedtrainError(
-                            f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
-                            f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
-                        )
+                finite, grad_norm, loss_value = apply_update(
+                    accelerator, optimizer, scheduler, out_step["loss"], all_params, loss_params,
+                    r.train.max_grad_norm, state, r.train.max_consecutive_nonfinite, step, out, log)
+                skipped += not finite
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
@@ -378,6 +369,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                     }
                     if skipped:
                         entry["skipped_steps"] = skipped  # non-finite steps in this window (not in the averages)
+                    entry.update(experts.routing_log(encoder))  # MoE: expert shares, router accuracy
                     record(entry)
                     if n:
                         progress.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['accuracy']:.3f}")
@@ -416,6 +408,8 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
         save(step)
     model_dir = out / "model"
     problem = None
+    # every process takes part: under FSDP / ZeRO-3 this gathers the shards into one full state dict
+    full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         # model/ and results.json appear whole or not at all: each is written aside, then renamed
         tmp = out / ".model.tmp"
@@ -427,7 +421,7 @@ def train(recipe: Recipe, resume: Optional[str] = None, log=print) -> TrainResul
                 with ckpt.cleaned_on_failure(tmp, "final model", out):
                     if tmp.exists():
                         shutil.rmtree(tmp)
-                    encoder_out.save(tmp)
+                    encoder_out.save(tmp, state_dict=full_state)
                 ckpt.replace_dir(tmp, model_dir)
                 summary = {"steps": step, "baseline": state["baseline"], "final": final,
                            "best_step": state["best_step"], "seconds": time.time() - t0}
@@ -457,6 +451,43 @@ def _to_device(batch: dict, device: torch.device) -> dict:
         else:
             moved[k] = v
     return moved
+
+
+def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, all_params: list, loss_params: list,
+                 max_grad_norm: float, state: dict, max_consecutive_nonfinite: int, step: int, out: Path,
+                 log) -> tuple[bool, Any, torch.Tensor]:
+    """Finish one step after backward: average the loss's own gradients, clip, and step the optimizer and
+    scheduler unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
+
+    A non-finite step leaves weights and optimizer state those of the last good step; too many in a row
+    stop training with an error naming the last good checkpoint.
+    """
+    # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
+    if accelerator.num_processes > 1:
+        for p in loss_params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+    grad_norm = accelerator.clip_grad_norm_(all_params, max_grad_norm) if max_grad_norm else _grad_norm(all_params)
+    if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
+        grad_norm = _grad_norm(all_params)
+    loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
+    finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        state["consecutive_nonfinite"] = 0
+    else:
+        state["consecutive_nonfinite"] += 1
+        log(f"step {step + 1}: non-finite loss or gradient; step skipped "
+            f"({state['consecutive_nonfinite']} in a row, limit {max_consecutive_nonfinite})")
+        if state["consecutive_nonfinite"] >= max_consecutive_nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            first = step + 2 - state["consecutive_nonfinite"]
+            raise EmbedtrainError(
+                f"training stopped: {state['consecutive_nonfinite']} steps in a row had a non-finite loss "
+                f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {_last_good(out)}"
+            )
+    return finite, grad_norm, loss_value
 
 
 def _grad_norm(params) -> torch.Tensor:

@@ -15,7 +15,7 @@ alive:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -74,16 +74,22 @@ def grad_cache_step(
     model,
     loss_fn,
     batch: dict,
-    chunk_size: int,
+    chunk_size: Union[int, dict[str, int]],
     backward: Callable[[torch.Tensor], None],
     no_sync: Callable[[], contextlib.AbstractContextManager],
+    split: Optional[Callable[[dict, int], Iterable[dict]]] = None,
 ) -> dict:
     """GradCache step. ``no_sync()`` suspends gradient all-reduce (DDP) for all but the last chunk.
 
-    Padding columns are trimmed per chunk; with right padding this changes no embedding.
+    ``chunk_size`` is one size for every role or a size per role ('query', 'positive', 'negative').
+    ``split(inputs, size)`` cuts one role's inputs into chunks of rows (default: tokenized text,
+    sliced by rows with padding columns trimmed per chunk; with right padding this changes no
+    embedding); multimodal inputs (images) bring their own.
     """
-    device = batch["query"]["input_ids"].device
-    chunks: list[tuple[str, dict, _RandomState]] = []
+    split = split or _chunks
+    sizes = chunk_size if isinstance(chunk_size, dict) else dict.fromkeys(ROLES, chunk_size)
+    device = next(iter(batch["query"].values())).device
+    chunks: list[tuple[str, dict, _RandomState, int]] = []
     cached: dict[str, Optional[torch.Tensor]] = {}
     # 1. embeddings without graph
     with torch.no_grad():
@@ -92,10 +98,10 @@ def grad_cache_step(
                 cached[role] = None
                 continue
             parts = []
-            for chunk in _chunks(batch[role], chunk_size):
+            for chunk in split(batch[role], sizes[role]):
                 state = _RandomState(device)
                 parts.append(model(**chunk))
-                chunks.append((role, chunk, state))
+                chunks.append((role, chunk, state, parts[-1].shape[0]))
             cached[role] = torch.cat(parts).float().requires_grad_()
     # 2. loss on the cached embeddings; gradients stop at them
     out = loss_fn(**_loss_inputs(batch, cached))
@@ -103,8 +109,7 @@ def grad_cache_step(
     grads = {r: (e.grad if e is not None else None) for r, e in cached.items()}
     # 3. replay each chunk with a graph and push its cached gradient into the parameters
     offsets = {r: 0 for r in ROLES}
-    for i, (role, chunk, state) in enumerate(chunks):
-        n = chunk["input_ids"].shape[0]
+    for i, (role, chunk, state, n) in enumerate(chunks):
         grad = grads[role][offsets[role] : offsets[role] + n]
         offsets[role] += n
         last = i == len(chunks) - 1

@@ -351,7 +351,7 @@ def test_disk_full_during_writes_then_resume(tiny_bert, pairs_file, tmp_path, mo
     assert _complete_steps(out) == [2, 4] and ckpt.incomplete_checkpoints(out) == []
     monkeypatch.undo()
 
-    def full(self, path):
+    def full(self, path, state_dict=None):
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "model.safetensors").write_bytes(b"\0" * 64)
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -11,6 +11,7 @@ ALLOWED = {
     "registry": {"errors"},
     "config": UTILS,
     "merge_config": UTILS | {"config", "merge"},
+    "multimodal_config": UTILS | {"config"},
     "dml_config": UTILS | {"config"},
     "data": UTILS | {"config"},
     "models": UTILS | {"config"},
@@ -19,8 +20,8 @@ ALLOWED = {
     # the trainer evaluates on local retrieval tasks during training: eval.retrieval only, never mteb
     # and Self Positioning searches merge coefficients through the model's forward pass
     # and the metric-learning trainer evaluates unseen classes through eval.dml
-    "train": UTILS | {"config", "merge_config", "dml_config", "data", "models", "losses", "merge", "eval.retrieval",
-                      "eval.dml"},
+    "train": UTILS | {"config", "merge_config", "multimodal_config", "dml_config", "data", "models", "losses", "merge",
+                      "eval.retrieval", "eval.dml"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
     "cli": None,  # may use everything

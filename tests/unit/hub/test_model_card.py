@@ -184,3 +184,23 @@ def test_a_card_without_a_leading_yaml_block_has_no_metadata():
     """Why the template keeps '{{ card_data }}' first: huggingface_hub drops metadata found elsewhere."""
     card = ModelCard("# Title\n\n---\nlibrary_name: sentence-transformers\n---\n")
     assert card.data.to_dict() == {}
+
+
+def test_custom_module_folders_are_loaded_with_trust_remote_code(tmp_path):
+    """A folder whose modules.json names embedtrain classes (decoder, latent attention, experts) cannot be
+    loaded by sentence-transformers without trust_remote_code=True; the card's snippet must say so."""
+    import json
+
+    from embedtrain.hub.run_card import _has_custom_modules
+
+    plain = render_model_card(ModelCardData(model_name="m"))
+    assert "trust_remote_code" not in plain
+    custom = render_model_card(ModelCardData(model_name="m", custom_modules=True))
+    assert 'SentenceTransformer("path/to/model", trust_remote_code=True)' in custom
+    assert "pip install -U sentence-transformers embedtrain\n```" in custom
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}]))
+    assert not _has_custom_modules(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "embedtrain.models.bidirectional.BidirectionalTransformer"}]))
+    assert _has_custom_modules(tmp_path)

