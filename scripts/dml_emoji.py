@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (results are averaged)")
     parser.add_argument("--json", default=None, help="write the results here (default: <output>/results.json)")
     parser.add_argument("--markdown", default=None, help="write the table here (default: <output>/results.md)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs that finished before with the same recipe (their results.json) instead of training again")
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="recipe overrides for every variant, e.g. --set train.max_steps=50")
     args = parser.parse_args(argv)
@@ -78,12 +80,22 @@ def run(args) -> int:
                          *variant_overrides, *args.overrides]
             recipe = load_dml_recipe(args.recipe, overrides)
             print(f"\n== {label} (seed {seed})", flush=True)
-            result = train_dml(recipe)
-            runs.append({"seed": seed, "before": result.baseline, "final": result.final, "train_seconds": result.train_seconds,
-                         "seconds": result.seconds, "steps": result.steps})
+            done = finished_run(recipe) if args.reuse else None
+            if done is None:
+                result = train_dml(recipe)
+                if result.stopped:
+                    print(f"stopped during {label} (seed {seed}); run again with --reuse to continue", file=sys.stderr)
+                    return 1
+                done = {"baseline": result.baseline, "final": result.final, "train_seconds": result.train_seconds,
+                        "seconds": result.seconds, "steps": result.steps,
+                        "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters}
+            else:
+                print(f"reusing {recipe.output.dir}: recall@1 {100 * done['final']['recall@1']:.2f}")
+            runs.append({"seed": seed, "before": done["baseline"], "final": done["final"],
+                         "train_seconds": done["train_seconds"], "seconds": done["seconds"], "steps": done["steps"]})
             if name in ("head", "full") and not baseline:  # prompts change the embedding before any training
-                baseline = result.baseline
-            trainable, total = result.trainable_parameters, result.total_parameters
+                baseline = done["baseline"]
+            trainable, total = done["trainable_parameters"], done["total_parameters"]
         rows[name] = {"label": label, "overrides": variant_overrides, "runs": runs,
                       "mean": {m: _mean([r["final"][m] for r in runs]) for m in METRICS},
                       "std": {m: _std([r["final"][m] for r in runs]) for m in METRICS},
@@ -94,6 +106,7 @@ def run(args) -> int:
         "before_training": {m: baseline[m] for m in METRICS} if baseline else {},
         "queries": baseline.get("queries") if baseline else None, "singletons": baseline.get("singletons") if baseline else None,
         "rows": rows, "seconds": time.time() - started,
+        "run_seconds": sum(r["seconds"] for row in rows.values() for r in row["runs"]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
     }
     table = markdown(report)
@@ -106,6 +119,24 @@ def run(args) -> int:
     md_path.write_text(table + "\n", encoding="utf-8")
     print(f"\nwrote {json_path} and {md_path} ({report['seconds'] / 60:.1f} min in all)")
     return 0
+
+
+def finished_run(recipe) -> dict | None:
+    """results.json of a finished run of exactly this recipe, or None."""
+    import yaml
+
+    from embedtrain.config import to_dict
+
+    folder = Path(recipe.output.dir)
+    try:
+        saved = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    mine, theirs = to_dict(recipe), dict(saved or {})
+    for d in (mine, theirs):
+        d.get("output", {}).pop("overwrite", None)
+    return results if mine == theirs and results.get("final") else None
 
 
 def markdown(report: dict) -> str:

@@ -144,16 +144,6 @@ class PromptedViT(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.features(pixels)), dim=-1)
 
-    @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Embeddings of many images in eval mode, batch by batch (returns CPU float32)."""
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        out = [self(pixels[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(pixels), batch_size)]
-        self.train(was_training)
-        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
-
 
 def _is_bias(name: str) -> bool:
     # "…bias" covers Linear/LayerNorm biases and nn.MultiheadAttention's in_proj_bias

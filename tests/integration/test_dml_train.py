@@ -95,3 +95,31 @@ def test_cli_reports_recipe_problems_on_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: train.lr: must be positive, got -1" in err
     assert "error: output.dir: missing" in err
+
+
+def test_emoji_comparison_script_reports_every_row(assets, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("dml_emoji", REPO / "scripts" / "dml_emoji.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tower, meta = assets
+    args = ["--backbone", str(tower), "--output", str(tmp_path / "runs"), "--seeds", "1",
+            "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+            "--set", f"data.path={meta}", "data.label_column=label", "data.samples_per_class=2", "data.batch_size=4",
+            "train.max_steps=2", "proxies.class_prompts=2"]
+    assert script.main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["rows"]) == ["head", "full", "vpt", "vpt_sp"]
+    for row in report["rows"].values():
+        assert set(row["mean"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    # head-only trains far fewer parameters than full fine-tuning
+    assert report["rows"]["head"]["trainable_parameters"] < report["rows"]["full"]["trainable_parameters"]
+    table = (tmp_path / "r.md").read_text()
+    assert len(table.strip().splitlines()) == 7 and "VPT + semantic proxies" in table and "no training" in table
+    # a second call with --reuse trains nothing and gives the same report
+    assert script.main(["--reuse"] + args) == 0
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["rows"]["vpt_sp"]["mean"] == report["rows"]["vpt_sp"]["mean"]
