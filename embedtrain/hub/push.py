@@ -1,4 +1,5 @@
-"""Push a saved model folder to the Hugging Face Hub in one commit.
+"""Push a saved model folder of any kind (see :data:`embedtrain.models.MODEL_KINDS`) to the Hugging Face Hub
+in one commit.
 
 Failures become one-line :class:`EmbedtrainError` messages that never include the token: it is
 not logged, and huggingface_hub's exceptions (whose request objects carry it in the Authorization
@@ -34,7 +35,12 @@ def push_model(
     endpoint: Optional[str] = None,
     commit_message: str = "Upload model trained with embedtrain",
 ) -> str:
-    """Upload every file of a sentence-transformers folder to ``repo_id`` and return the commit URL.
+    """Upload every file of a saved model folder to ``repo_id`` and return the commit URL.
+
+    Any folder :func:`~embedtrain.models.detect_model_kind` recognises can be pushed (text, MoE and decoder
+    encoders, CLIP in open_clip's layout, VLM2Vec, metric learning). A text-encoder folder without a
+    ``README.md`` gets a model card generated from its own files (:mod:`embedtrain.hub.folder_card`: no
+    results, which the folder does not record); the other kinds are pushed as they are.
 
     The repo is created if missing (``private`` applies only then), and the branch ``revision`` too
     when given. All files go in a single commit. The token comes from ``token``, else from
@@ -42,16 +48,14 @@ def push_model(
     endpoint from ``endpoint``, else ``HF_ENDPOINT``, else the public Hub. Nothing is written into
     ``model_dir``.
     """
+    from embedtrain.models.folders import detect_model_kind
+
     folder = Path(model_dir)
     if not folder.is_dir():
         raise EmbedtrainError(f"{folder}: model folder not found; push the folder a run saved, e.g. <output.dir>/model")
-    if not (folder / "modules.json").is_file():
-        raise EmbedtrainError(
-            f"{folder}: not a sentence-transformers model folder (no modules.json); "
-            "push the folder a run saved, e.g. <output.dir>/model"
-        )
+    kind = detect_model_kind(folder)
     _check_repo_id(repo_id)
-    operations = _folder_operations(folder)
+    operations = _folder_operations(folder) + _card_operations(folder, kind, repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         if token is None and get_token() is None:
@@ -90,6 +94,21 @@ def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
     except OSError as err:
         what = err.filename or "a file"
         raise EmbedtrainError(f"{folder}: cannot read {what} ({err.strerror}); check its permissions") from None
+
+
+def _card_operations(folder: Path, kind: str, repo_id: str) -> list[CommitOperationAdd]:
+    """A generated README.md for a text-encoder folder that has none (added to the commit, not the folder)."""
+    from embedtrain.hub.folder_card import CARD_KINDS, card_for_folder
+    from embedtrain.hub.model_card import render_model_card
+
+    if (folder / "README.md").is_file():
+        return []
+    if kind not in CARD_KINDS:
+        logger.info("%s has no README.md; a %s model is pushed without a model card", folder, kind)
+        return []
+    logger.info("%s has no README.md; pushing a model card generated from its files", folder)
+    card = render_model_card(card_for_folder(folder, repo_id))
+    return [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
 
 
 def _push_error_message(err: Exception, folder: Path, repo_id: str, endpoint: str) -> Optional[str]:

@@ -36,6 +36,7 @@ import torch
 from sentence_transformers.sentence_transformer.modules import Transformer
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import load_failure
 from embedtrain.models.instructions import prefix_token_lengths
 from embedtrain.models.lora import ADAPTER_DIR, is_peft_model, merged_state_dict
 
@@ -221,8 +222,6 @@ def load_bidirectional_decoder(
     try:
         model = AutoModel.from_pretrained(resolve_path(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
-        from embedtrain.models.encoder import load_failure
-
         raise load_failure(name_or_path, err) from None
     if device is not None:
         model.to(device)

@@ -14,7 +14,6 @@ gives the same (normalised) embeddings as :meth:`ClipEncoder.encode_items`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,10 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import (
+    CLIP,
+    CLIP_CONFIG_FILE,
+    CLIP_WEIGHTS_FILE,
+    read_json_object,
+    read_metadata,
+    write_json,
+    write_metadata,
+)
 from embedtrain.models.images import load_images
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = CLIP_CONFIG_FILE
+WEIGHTS_FILE = CLIP_WEIGHTS_FILE
 TOWERS = ("image", "text")
 # attention and MLP layers of open_clip's transformer blocks, per tower (CLIP and CustomTextCLIP layouts)
 LORA_DEFAULT = {
@@ -227,17 +235,8 @@ class ClipEncoder(nn.Module):
         if model.logit_bias is not None:
             model_cfg["init_logit_bias"] = float(model.logit_bias.detach().reshape(-1)[0])
         preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.preprocess_cfg.items()}
-        (folder / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2),
-                                          encoding="utf-8")
-        meta = {"kind": "clip", "normalize": True, "templates": self.templates, **(extra or {})}
-        (folder / "embedtrain.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+        write_metadata(folder, {"kind": CLIP, "normalize": True, "templates": self.templates, **(extra or {})})
 
 
 def load_clip_encoder(
@@ -270,14 +269,14 @@ def load_clip_encoder(
             open_clip.model.set_model_preprocess_cfg(model, _default_preprocess(model))
         elif looks_local(name_or_path):
             folder = Path(resolve_path(name_or_path))
-            saved = _read_json(folder / CONFIG_FILE)
+            saved = read_json_object(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
             if "model_cfg" not in saved:
                 raise EmbedtrainError(f"model.name_or_path: {folder} has no readable {CONFIG_FILE} with a model_cfg; "
                                       "give a folder written by embedtrain or open_clip")
             model_cfg = saved["model_cfg"]
             model = open_clip.create_model(f"local-dir:{folder}")
             if templates is None:
-                templates = _read_json(folder / "embedtrain.json").get("templates")
+                templates = read_metadata(folder).get("templates")
         else:
             model_cfg = open_clip.get_model_config(name_or_path)
             if model_cfg is None:

@@ -27,7 +27,6 @@ installed embedtrain package, never from the folder) and gives the same embeddin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,13 +37,22 @@ from torch import nn
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.bidirectional import BidirectionalTransformer, assert_bidirectional
-from embedtrain.models.encoder import TextEncoder, load_failure
+from embedtrain.models.encoder import TextEncoder, set_modules
+from embedtrain.models.folders import (
+    DECODER,
+    DECODER_BACKBONE,
+    MODEL_KINDS,
+    find_model_kind,
+    load_failure,
+    read_metadata,
+    write_metadata,
+)
 from embedtrain.models.instructions import pooling_mask, prefix_token_lengths
 from embedtrain.models.latent_attention import LatentAttentionPooling, LatentAttentionPoolingModule
 from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model
 from embedtrain.models.pooling import last_token_pooling, mean_pooling
 
-BACKBONE_KIND = "bidirectional_decoder"
+BACKBONE_KIND = DECODER_BACKBONE
 """``embedtrain.json``'s ``backbone`` value for folders this module writes."""
 DECODER_POOLING = ("latent_attention", "mean", "last_token", "eos")
 LATENT_DIR = "1_LatentAttentionPoolingModule"
@@ -217,14 +225,7 @@ class DecoderEncoder(TextEncoder):
         else:
             mode = {"mean": "mean", "last_token": "lasttoken", "eos": "lasttoken"}[self.pooling]
             pooling = Pooling(self.embedding_dim, pooling_mode=mode, include_prompt=not self.instruction_masking)
-        modules = [transformer, pooling] + ([Normalize()] if self.normalize else [])
-        for name in list(st._modules):
-            del st._modules[name]
-        for i, module in enumerate(modules):
-            st.add_module(str(i), module)
-        st.prompts = dict(self.prompts)
-        st.similarity_fn_name = "cosine"
-        return st
+        return set_modules(st, [transformer, pooling] + ([Normalize()] if self.normalize else []), self.prompts)
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write the sentence-transformers folder described in the module docstring.
@@ -258,19 +259,12 @@ class DecoderEncoder(TextEncoder):
         if self.head is not None:
             meta["latent_attention"] = {"num_latents": self.head.num_latents, "num_heads": self.head.num_heads,
                                         "intermediate_size": self.head.intermediate_size}
-        (Path(path) / "embedtrain.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        write_metadata(path, meta)
 
 
 def is_decoder_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder saved by :meth:`DecoderEncoder.save`."""
-    return _read_json(Path(path) / "embedtrain.json").get("backbone") == BACKBONE_KIND
+    return find_model_kind(path) == DECODER
 
 
 def load_decoder_encoder(
@@ -306,11 +300,12 @@ def load_decoder_encoder(
 
     path = resolve_path(name_or_path)
     local = Path(path)
-    saved = _read_json(local / "embedtrain.json") if local.is_dir() else {}
-    if local.is_dir() and (local / "modules.json").is_file() and saved.get("backbone") != BACKBONE_KIND:
+    kind = find_model_kind(local)
+    saved = read_metadata(local) if local.is_dir() else {}
+    if kind not in (None, DECODER):
         raise EmbedtrainError(
-            f"model '{name_or_path}': a sentence-transformers folder that is not a bidirectional decoder saved by "
-            "embedtrain; give the decoder's own folder or Hub id, or set model.bidirectional: false"
+            f"model '{name_or_path}': {MODEL_KINDS[kind]}, not a bidirectional decoder saved by embedtrain; "
+            "give the decoder's own folder or Hub id, or set model.bidirectional: false"
         )
     model_kwargs = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code,
                     "dtype": getattr(torch, dtype)}
@@ -395,7 +390,7 @@ def load_adapter_encoder(model_dir: str | os.PathLike, base: Optional[str] = Non
         raise EmbedtrainError(f"{model_dir}: has no {ADAPTER_DIR}/adapter_config.json; it was not trained with LoRA")
     base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     encoder = load_decoder_encoder(str(model_dir), device=device)  # head, tokenizer and settings of the folder
-    saved = _read_json(model_dir / "embedtrain.json")
+    saved = read_metadata(model_dir)
     base_encoder = load_decoder_encoder(base, pooling="mean", device=device)
     wrapped = PeftModel.from_pretrained(base_encoder.backbone, str(adapter))
     assert_bidirectional(wrapped, encoder.tokenizer)

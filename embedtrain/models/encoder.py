@@ -8,7 +8,6 @@ the hot path).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,7 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import MODULES_FILE, load_failure, read_metadata, read_modules, write_metadata
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
+
+__all__ = ["TextEncoder", "encoder_from_sentence_transformer", "load_failure", "load_sentence_transformers_encoder",
+           "set_modules"]
 
 
 class TextEncoder(nn.Module):
@@ -163,15 +166,7 @@ class TextEncoder(nn.Module):
         transformer.query_length = self.query_max_length
         transformer.document_length = self.document_max_length
         pooling = Pooling(self.embedding_dim, pooling_mode=SENTENCE_TRANSFORMERS_MODE[self.pooling])
-        modules = [transformer, pooling] + ([Normalize()] if self.normalize else [])
-        # Rebuild the module list in place, keeping the (trained) transformer.
-        for name in list(st._modules):
-            del st._modules[name]
-        for i, module in enumerate(modules):
-            st.add_module(str(i), module)
-        st.prompts = dict(self.prompts)
-        st.similarity_fn_name = "cosine"
-        return st
+        return set_modules(st, [transformer, pooling] + ([Normalize()] if self.normalize else []), self.prompts)
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write a sentence-transformers folder (safetensors weights) to ``path``.
@@ -191,8 +186,7 @@ class TextEncoder(nn.Module):
                     f"(e.g. {sorted(missing)[0]}); save from every process with the full state dict"
                 )
             # the transformer module's folder, as sentence-transformers wrote it (the root for module 0)
-            modules = json.loads((Path(path) / "modules.json").read_text(encoding="utf-8"))
-            module_dir = Path(path) / modules[0]["path"]
+            module_dir = Path(path) / read_modules(path)[0]["path"]
             self.backbone.save_pretrained(str(module_dir), state_dict=backbone_sd, safe_serialization=True)
         # embedtrain's own view of the model, for tools that want it without sentence-transformers
         meta = {
@@ -202,26 +196,22 @@ class TextEncoder(nn.Module):
             "document_max_length": self.document_max_length,
             "prompts": self.prompts,
         }
-        (Path(path) / "embedtrain.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        write_metadata(path, meta)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def set_modules(st, modules: Sequence[nn.Module], prompts: dict[str, str]):
+    """Replace the modules of sentence-transformers model ``st`` in place (the trained transformer is passed
+    back in as module 0, so its weights are kept), set its prompts and cosine similarity; returns ``st``."""
+    for name in list(st._modules):
+        del st._modules[name]
+    for i, module in enumerate(modules):
+        st.add_module(str(i), module)
+    st.prompts = dict(prompts)
+    st.similarity_fn_name = "cosine"
+    return st
 
 
-def load_failure(name_or_path: str, err: Exception) -> EmbedtrainError:
-    """The one-line error for a model that transformers could not load (first line of its message)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-    return EmbedtrainError(
-        f"model '{name_or_path}': cannot be loaded ({first[:200]}); give a local model folder, "
-        "or a Hub id while the Hub is reachable"
-    )
-
-
-def load_text_encoder(
+def load_sentence_transformers_encoder(
     name_or_path: str,
     pooling: Optional[str] = None,
     normalize: Optional[bool] = None,
@@ -235,34 +225,24 @@ def load_text_encoder(
     revision: Optional[str] = None,
     gradient_checkpointing: bool = False,
 ) -> TextEncoder:
-    """Load a local sentence-transformers/transformers folder or a Hub id as a :class:`TextEncoder`.
+    """A sentence-transformers folder, a transformers folder or a Hub id as a :class:`TextEncoder`.
 
-    Settings left as None come from the folder (its ``embedtrain.json`` or sentence-transformers
-    config), then from defaults (mean pooling, normalised, 256 tokens).
+    This is :func:`embedtrain.models.load_text_encoder` for folders of kind ``text`` (and names that are no
+    saved folder); that function also loads MoE and decoder folders. Settings left as None come from the
+    folder (its ``embedtrain.json`` or sentence-transformers config), then from defaults (mean pooling,
+    normalised, 256 tokens).
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
 
     from embedtrain.config import resolve_path
-    from embedtrain.models import moe
 
     path = resolve_path(name_or_path)
     model_kwargs = {"attn_implementation": attn_implementation}
     local = Path(path)
-    saved = _read_json(local / "embedtrain.json") if local.is_dir() else {}
-    if saved.get("backbone") == "bidirectional_decoder":  # an NV-Embed-style folder: its own loader
-        from embedtrain.models.decoder import load_decoder_encoder
-
-        return load_decoder_encoder(
-            path, pooling=pooling, normalize=normalize, max_length=max_length, query_max_length=query_max_length,
-            document_max_length=document_max_length, query_prompt=query_prompt, document_prompt=document_prompt,
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+    saved = read_metadata(local) if local.is_dir() else {}
     try:
-        if moe.is_moe_folder(local):  # embedtrain's own first module: built here, no remote code involved
-            st = moe.load_moe_sentence_transformer(path, model_kwargs)
-        elif (local / "modules.json").is_file():
+        if (local / MODULES_FILE).is_file():
             st = SentenceTransformer(
                 path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
             )
@@ -276,6 +256,34 @@ def load_text_encoder(
             st = SentenceTransformer(modules=[transformer], device="cpu")
     except (OSError, ValueError) as err:
         raise load_failure(name_or_path, err) from None
+    return encoder_from_sentence_transformer(
+        st, name_or_path, saved, pooling=pooling, normalize=normalize, max_length=max_length,
+        query_max_length=query_max_length, document_max_length=document_max_length, query_prompt=query_prompt,
+        document_prompt=document_prompt, gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def encoder_from_sentence_transformer(
+    st,
+    name_or_path: str,
+    saved: dict,
+    encoder_class: type[TextEncoder] = TextEncoder,
+    pooling: Optional[str] = None,
+    normalize: Optional[bool] = None,
+    max_length: Optional[int] = None,
+    query_max_length: Optional[int] = None,
+    document_max_length: Optional[int] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    gradient_checkpointing: bool = False,
+) -> TextEncoder:
+    """An ``encoder_class`` around a loaded sentence-transformers model.
+
+    Each setting left as None comes from ``saved`` (the folder's ``embedtrain.json``), then from the
+    model's own sentence-transformers modules and prompts, then from the defaults.
+    """
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
     if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
         raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
 
@@ -292,7 +300,6 @@ def load_text_encoder(
     qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
     dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
     prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
-    encoder_class = moe.MoETextEncoder if moe.is_moe_backbone(st[0].model) else TextEncoder
     encoder = encoder_class(
         st,
         pooling=pooling or "mean",
@@ -303,8 +310,6 @@ def load_text_encoder(
         document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
     )
     if gradient_checkpointing:
-        if moe.is_moe_backbone(encoder.backbone):
-            raise EmbedtrainError(moe.NO_GRADIENT_CHECKPOINTING)
         if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
             raise EmbedtrainError(
                 f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it; set it to false"

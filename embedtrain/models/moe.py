@@ -36,8 +36,9 @@ Router and load-balancing losses are added to the training loss through the embe
 one GradCache chunk) contributes its own mean.
 
 Saving: a sentence-transformers folder whose first module is :class:`MoETransformer` (the MoE settings
-go into its ``sentence_bert_config.json``). ``embedtrain.models.load_text_encoder(path)`` loads it as
-a :class:`MoETextEncoder`; sentence-transformers loads it with
+go into its ``sentence_bert_config.json``). :func:`load_moe_encoder` (and so
+``embedtrain.models.load_text_encoder(path)`` and ``embedtrain.load(path)``) loads it as a
+:class:`MoETextEncoder`; sentence-transformers loads it with
 ``SentenceTransformer(path, trust_remote_code=True)`` (the class is imported from the installed
 ``embedtrain`` package, never from the folder) and routes with ``encode(texts, domain="wordnet")``.
 """
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -57,10 +57,16 @@ from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError, did_you_mean
-from embedtrain.models.encoder import TextEncoder
-
-MOE_MODULE_TYPE = "embedtrain.models.moe.MoETransformer"
-"""The ``type`` of the first module in ``modules.json`` of a saved MoE model."""
+from embedtrain.models.encoder import TextEncoder, encoder_from_sentence_transformer
+from embedtrain.models.folders import (
+    MOE,
+    MOE_MODULE_TYPE,
+    find_model_kind,
+    load_failure,
+    read_json_object,
+    read_metadata,
+    read_modules,
+)
 
 Domain = Union[None, str, Sequence[str], torch.Tensor]
 
@@ -480,7 +486,7 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(str(single))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        shards = sorted(set(read_json_object(index)["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(load_file(str(folder / shard)))
@@ -563,9 +569,8 @@ def load_moe_sentence_transformer(path: str, model_kwargs: Optional[dict] = None
     from sentence_transformers.util import import_from_string
 
     folder = Path(path)
-    entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
     modules = []
-    for entry in entries:
+    for entry in read_modules(folder) or []:
         kind = entry["type"]
         if kind == MOE_MODULE_TYPE:
             module = MoETransformer.load(str(folder), subfolder=entry["path"], model_kwargs=dict(model_kwargs or {}),
@@ -581,20 +586,51 @@ def load_moe_sentence_transformer(path: str, model_kwargs: Optional[dict] = None
     st = SentenceTransformer(modules=modules, device="cpu")
     saved = folder / "config_sentence_transformers.json"
     if saved.is_file():
-        config = json.loads(saved.read_text(encoding="utf-8"))
+        config = read_json_object(saved)
         st.prompts = {k: v for k, v in (config.get("prompts") or {}).items()}
     return st
 
 
 def is_moe_folder(path: Union[str, Path]) -> bool:
-    modules = Path(path) / "modules.json"
-    if not modules.is_file():
-        return False
+    """Whether ``path`` is a folder holding a saved MoE model (see :func:`embedtrain.models.folders.find_model_kind`)."""
+    return find_model_kind(path) == MOE
+
+
+def load_moe_encoder(
+    name_or_path: str,
+    pooling: Optional[str] = None,
+    normalize: Optional[bool] = None,
+    max_length: Optional[int] = None,
+    query_max_length: Optional[int] = None,
+    document_max_length: Optional[int] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    revision: Optional[str] = None,
+    gradient_checkpointing: bool = False,
+) -> MoETextEncoder:
+    """A saved MoE folder as a :class:`MoETextEncoder`; settings as for
+    :func:`embedtrain.models.load_text_encoder`, which calls this for MoE folders.
+
+    The first module is built here from the installed package, so ``trust_remote_code`` and ``revision``
+    (accepted for the same signature) play no part: the folder is local.
+    """
+    from embedtrain.config import resolve_path
+
+    if gradient_checkpointing:
+        raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)
+    path = resolve_path(name_or_path)
+    saved = read_metadata(path)
     try:
-        entries = json.loads(modules.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(entries) and isinstance(entries, list) and entries[0].get("type") == MOE_MODULE_TYPE
+        st = load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation})
+    except (OSError, ValueError) as err:
+        raise load_failure(name_or_path, err) from None
+    return encoder_from_sentence_transformer(
+        st, name_or_path, saved, MoETextEncoder, pooling=pooling, normalize=normalize, max_length=max_length,
+        query_max_length=query_max_length, document_max_length=document_max_length, query_prompt=query_prompt,
+        document_prompt=document_prompt,
+    )
 
 
 # -- the encoder -----------------------------------------------------------------------------

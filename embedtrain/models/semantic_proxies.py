@@ -28,7 +28,6 @@ semantic head and the GRU learn from it) and are stored detached for later steps
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -38,12 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import DML_CONFIG_FILE, DML_FORMAT, read_json_object, write_json
 from embedtrain.models.visual_prompts import PromptedViT, prompt_init_
 from embedtrain.models.vit_backbones import build_vit_from_spec
 
-CONFIG_NAME = "dml_config.json"
+CONFIG_NAME = DML_CONFIG_FILE
 WEIGHTS_NAME = "model.safetensors"
-FORMAT = "embedtrain-dml"
+FORMAT = DML_FORMAT
 
 
 class ProxyBank(nn.Module):
@@ -76,11 +76,11 @@ class ProxyBank(nn.Module):
         if not semantic:
             return
         if accumulate not in ("ema", "gru"):
-            raise EmbedtrainError(f"proxies.accumulate: {accumulate!r} is not one of ema, gru")
+            raise EmbedtrainError(f"model.proxies.accumulate: {accumulate!r} is not one of ema, gru")
         if not 1 <= class_prompt_depth <= num_layers:
-            raise EmbedtrainError(f"proxies.class_prompt_depth: must be in 1..{num_layers} (the backbone's blocks), got {class_prompt_depth}")
+            raise EmbedtrainError(f"model.proxies.class_prompt_depth: must be in 1..{num_layers} (the backbone's blocks), got {class_prompt_depth}")
         if class_prompts < 1:
-            raise EmbedtrainError(f"proxies.class_prompts: must be at least 1, got {class_prompts}")
+            raise EmbedtrainError(f"model.proxies.class_prompts: must be at least 1, got {class_prompts}")
         self.class_prompt_depth, self.class_prompts_per_layer = class_prompt_depth, class_prompts
         self.class_prompts = nn.Parameter(
             prompt_init_(torch.empty(class_prompt_depth, num_classes, class_prompts, width), width))
@@ -170,7 +170,7 @@ def save_dml_model(model: DMLModel, folder: str | os.PathLike, extra: Optional[d
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {**model.config(), **(extra or {})}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    write_json(folder / CONFIG_NAME, config)
     save_model(model, str(folder / WEIGHTS_NAME))  # handles tensors that share storage (tied weights)
 
 
@@ -182,7 +182,7 @@ def load_dml_model(folder: str | os.PathLike) -> tuple[DMLModel, dict]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise EmbedtrainError(f"{folder}: no {CONFIG_NAME}; this is not a model folder written by embedtrain dml")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path)
     if config.get("format") != FORMAT:
         raise EmbedtrainError(f"{path}: format {config.get('format')!r} is not {FORMAT!r}")
     backbone = build_vit_from_spec(config["backbone"])
@@ -192,3 +192,13 @@ def load_dml_model(folder: str | os.PathLike) -> tuple[DMLModel, dict]:
     model = DMLModel(encoder, proxies)
     load_model(model, str(folder / WEIGHTS_NAME))
     return model, config
+
+
+def load_dml_encoder(folder: str | os.PathLike) -> PromptedViT:
+    """The image encoder of a folder saved by :func:`save_dml_model` (in eval mode): pixels (B, 3, H, W),
+    preprocessed with its backbone's ``image_size``, ``mean`` and ``std``, → L2-normalised embeddings.
+
+    The proxies are training state and are left out; :func:`load_dml_model` gives them and the saved config.
+    """
+    model, _ = load_dml_model(folder)
+    return model.encoder.eval()

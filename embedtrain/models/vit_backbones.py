@@ -16,7 +16,6 @@ original weights file, so a trained model folder is self-contained.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import CLIP_CONFIG_FILE, read_json_object
 
 BACKBONE_KINDS = ("open_clip", "timm", "transformers")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -149,30 +149,27 @@ class OpenClipViT(ViTAdapter):
 def load_open_clip_folder(path: str) -> OpenClipViT:
     """The visual tower of the open_clip model in ``path`` (open_clip_config.json + weights)."""
     folder = Path(path)
-    config_path = folder / "open_clip_config.json"
+    config_path = folder / CLIP_CONFIG_FILE
     if not folder.is_dir():
-        raise EmbedtrainError(f"backbone.name_or_path: folder {folder} does not exist; give an open_clip model folder")
+        raise EmbedtrainError(f"model.backbone.name_or_path: folder {folder} does not exist; give an open_clip model folder")
     if not config_path.is_file():
         raise EmbedtrainError(
-            f"backbone.name_or_path: {folder} has no open_clip_config.json; an open_clip folder holds "
+            f"model.backbone.name_or_path: {folder} has no open_clip_config.json; an open_clip folder holds "
             "open_clip_config.json and open_clip_model.safetensors"
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise EmbedtrainError(f"{config_path}: not valid JSON") from None
+    config = read_json_object(config_path)
     if "model_cfg" not in config:
         raise EmbedtrainError(f"{config_path}: no 'model_cfg' section; this is not an open_clip model config")
     weights = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
     if not weights:
-        raise EmbedtrainError(f"backbone.name_or_path: {folder} has no .safetensors weights (open_clip_model.safetensors)")
+        raise EmbedtrainError(f"model.backbone.name_or_path: {folder} has no .safetensors weights (open_clip_model.safetensors)")
     import open_clip
 
     try:
         model = open_clip.create_model(f"local-dir:{folder}")
     except Exception as err:  # open_clip raises bare RuntimeError/ValueError for bad folders
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise EmbedtrainError(f"backbone.name_or_path: open_clip cannot load {folder} ({type(err).__name__}: {first})") from None
+        raise EmbedtrainError(f"model.backbone.name_or_path: open_clip cannot load {folder} ({type(err).__name__}: {first})") from None
     preprocess = dict(getattr(model.visual, "preprocess_cfg", None) or config.get("preprocess_cfg", {}))
     return OpenClipViT(model.visual, config["model_cfg"], _plain(preprocess))
 
@@ -233,7 +230,7 @@ def load_timm(name: str, pretrained: bool = False, weights: Optional[str] = None
                                   pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise EmbedtrainError(f"backbone.name_or_path: timm cannot build {name!r} ({type(err).__name__}: {first})") from None
+        raise EmbedtrainError(f"model.backbone.name_or_path: timm cannot build {name!r} ({type(err).__name__}: {first})") from None
     return TimmViT(model, name, {**kwargs})
 
 
@@ -319,7 +316,7 @@ def load_transformers(name_or_path: str, revision: Optional[str] = None) -> Tran
             cls = transformers.ViTModel
         else:
             raise EmbedtrainError(
-                f"backbone.name_or_path: {name_or_path} is a {config.model_type!r} model; "
+                f"model.backbone.name_or_path: {name_or_path} is a {config.model_type!r} model; "
                 "visual prompts support ViT and CLIP vision models"
             )
         kwargs = {"add_pooling_layer": False} if cls is transformers.ViTModel else {}
@@ -328,11 +325,11 @@ def load_transformers(name_or_path: str, revision: Optional[str] = None) -> Tran
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise EmbedtrainError(f"backbone.name_or_path: cannot load {name_or_path} ({type(err).__name__}: {first})") from None
+        raise EmbedtrainError(f"model.backbone.name_or_path: cannot load {name_or_path} ({type(err).__name__}: {first})") from None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     processor = Path(name_or_path) / "preprocessor_config.json"
     if processor.is_file():
-        pp = json.loads(processor.read_text(encoding="utf-8"))
+        pp = read_json_object(processor)
         mean, std = tuple(pp.get("image_mean", mean)), tuple(pp.get("image_std", std))
     elif "clip" in config.model_type:
         mean, std = OPENAI_MEAN, OPENAI_STD

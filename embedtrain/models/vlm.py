@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
-from embedtrain.models.encoder import load_failure
+from embedtrain.models.folders import VLM2VEC, load_failure, read_metadata, write_metadata
 from embedtrain.models.images import load_images
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
 
@@ -256,16 +256,9 @@ class VlmEncoder(nn.Module):
         st = SentenceTransformer(modules=modules + ([Normalize()] if self.normalize else []), device="cpu")
         st.similarity_fn_name = "cosine"
         st.save(str(folder), safe_serialization=True)
-        meta = {"kind": "vlm2vec", "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
+        meta = {"kind": VLM2VEC, "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
                 "templates": self.templates, "image_placeholder": self.inputs.placeholder, **(extra or {})}
-        (folder / "embedtrain.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        write_metadata(folder, meta)
 
 
 def load_vlm_encoder(
@@ -310,7 +303,7 @@ def load_vlm_encoder(
                               "give a vision-language model (image-text-to-text)")
     # the decoder and vision tower without the language-model head: embeddings use hidden states only
     backbone = getattr(full, "model", full)
-    saved = _read_json(Path(path) / "embedtrain.json")
+    saved = read_metadata(path)
     templates = templates or saved.get("templates")
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

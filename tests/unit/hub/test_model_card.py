@@ -191,7 +191,7 @@ def test_custom_module_folders_are_loaded_with_trust_remote_code(tmp_path):
     loaded by sentence-transformers without trust_remote_code=True; the card's snippet must say so."""
     import json
 
-    from embedtrain.hub.run_card import _has_custom_modules
+    from embedtrain.hub.folder_card import has_custom_modules
 
     plain = render_model_card(ModelCardData(model_name="m"))
     assert "trust_remote_code" not in plain
@@ -200,7 +200,7 @@ def test_custom_module_folders_are_loaded_with_trust_remote_code(tmp_path):
     assert "pip install -U sentence-transformers embedtrain\n```" in custom
     (tmp_path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}]))
-    assert not _has_custom_modules(tmp_path)
+    assert not has_custom_modules(tmp_path)
     (tmp_path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "embedtrain.models.bidirectional.BidirectionalTransformer"}]))
-    assert _has_custom_modules(tmp_path)
+    assert has_custom_modules(tmp_path)

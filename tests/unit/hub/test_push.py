@@ -167,11 +167,67 @@ def test_missing_folder(tmp_path, hub_env):
         push_model(missing, REPO, token=TOKEN)
 
 
-def test_folder_without_modules_json(tmp_path, hub_env):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(EmbedtrainError, match="not a sentence-transformers model folder \\(no modules.json\\)"):
-        push_model(tmp_path, REPO, token=TOKEN)
+def test_a_folder_that_is_no_model_is_refused(tmp_path, hub_env):
+    (tmp_path / "config.json").write_text("{}")  # a transformers checkpoint is not a trained encoder
+    with FakeHub() as hub, pytest.raises(EmbedtrainError) as info:
+        push_model(tmp_path, REPO, token=TOKEN, endpoint=hub.url)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: not a sentence-transformers model folder (no modules.json), nor an "
+                              "open_clip folder (no open_clip_config.json) or a metric-learning folder")
+    assert "\n" not in message
+    assert hub.requests == []
     assert _snapshot(tmp_path) == {"config.json": b"{}"}
+
+
+def test_a_damaged_folder_is_refused(model_dir, tmp_path, hub_env):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    (folder / "embedtrain.json").write_text("{not json")
+    with FakeHub() as hub, pytest.raises(EmbedtrainError, match="embedtrain.json: not valid JSON .line 1.; the model "
+                                                                "folder is damaged"):
+        push_model(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("kind", ["clip", "dml"])
+def test_push_clip_and_metric_learning_folders(kind, tmp_path, hub_env):
+    """Folders that are not sentence-transformers folders are pushed as they are (no card is made up)."""
+    from tests.unit.saved_models import save_clip_folder, save_dml_folder
+    from vpt_support import build_tiny_open_clip
+
+    folder = tmp_path / "model"
+    if kind == "clip":
+        save_clip_folder(folder)
+        expected = {"open_clip_config.json", "open_clip_model.safetensors", "embedtrain.json"}
+    else:
+        save_dml_folder(folder, build_tiny_open_clip(tmp_path / "tower"))
+        expected = {"dml_config.json", "model.safetensors"}
+    before = _snapshot(folder)
+    with FakeHub() as hub:
+        push_model(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert [c.files for c in hub.commits] == [before]
+    assert set(before) == expected
+    assert _snapshot(folder) == before
+
+
+def test_text_folder_without_a_card_gets_one_from_its_files(model_dir, tmp_path, hub_env):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    (folder / "README.md").unlink()
+    before = _snapshot(folder)
+    with FakeHub() as hub:
+        push_model(folder, REPO, token=TOKEN, endpoint=hub.url)
+    files = hub.commits[0].files
+    assert {k: v for k, v in files.items() if k != "README.md"} == before
+    assert _snapshot(folder) == before  # the card goes to the Hub only
+    card = ModelCard(files["README.md"].decode("utf-8"))
+    assert card.data.library_name == "sentence-transformers" and card.data.get("model-index") is None
+    assert "# tiny-encoder" in card.text and "| Embedding dimension | 32 |" in card.text
+    assert f'SentenceTransformer("{REPO}")' in card.text and "## Evaluation" not in card.text
 
 
 @pytest.mark.parametrize("repo_id", ["tiny-encoder", "a/b/c", "alice/bad name", "alice/x--y", ""])

@@ -1,0 +1,129 @@
+"""Loading a saved model of any kind: :func:`load_model` asks :func:`detect_model_kind` what a folder holds
+and calls that kind's loader.
+
+- ``text``: :func:`~embedtrain.models.encoder.load_sentence_transformers_encoder` → ``TextEncoder``
+- ``moe``: :func:`~embedtrain.models.moe.load_moe_encoder` → ``MoETextEncoder``
+- ``decoder``: :func:`~embedtrain.models.decoder.load_decoder_encoder` → ``DecoderEncoder``
+- ``clip``: :func:`~embedtrain.models.clip.load_clip_encoder` → ``ClipEncoder``
+- ``vlm2vec``: :func:`~embedtrain.models.vlm.load_vlm_encoder` → ``VlmEncoder``
+- ``dml``: :func:`~embedtrain.models.semantic_proxies.load_dml_encoder` → ``PromptedViT`` (images only)
+
+:func:`load_text_encoder` does the same for the three text kinds and also takes what is not a saved folder
+(a Hub id, a plain transformers checkpoint), as the trainer's ``model.name_or_path`` does.
+
+This module is the top of the package: it imports each loader when it is called, and nothing in
+``embedtrain.models`` imports it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Optional, Union
+
+from embedtrain.errors import EmbedtrainError
+from embedtrain.models.folders import (
+    CLIP,
+    DECODER,
+    DML,
+    MODEL_KINDS,
+    MOE,
+    TEXT,
+    VLM2VEC,
+    detect_model_kind,
+    find_model_kind,
+)
+
+__all__ = ["MODEL_KINDS", "detect_model_kind", "find_model_kind", "load_model", "load_text_encoder"]
+
+
+def load_model(path: Union[str, os.PathLike], **options: Any):
+    """The model saved in folder ``path`` (or ``pkg://module/dir``), whatever its kind, ready to encode.
+
+    ``options`` go to the kind's loader (listed in this module's docstring), e.g. ``pooling`` or
+    ``max_length`` for text encoders; an option the loader does not take is an error. A VLM2Vec folder
+    loads without LoRA adapters (``finetune='full'``) unless ``finetune`` is given.
+    """
+    from embedtrain.config import resolve_path
+
+    folder = resolve_path(os.fspath(path))
+    kind = detect_model_kind(folder)
+    loader = _loader(kind)
+    allowed = list(inspect.signature(loader).parameters)[1:]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise EmbedtrainError(
+            f"{folder}: {', '.join(map(repr, unknown))} is not an option for {MODEL_KINDS[kind]}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    if kind == VLM2VEC:
+        options = {"finetune": "full", **options}
+    return loader(folder, **options)
+
+
+def _loader(kind: str) -> Callable:
+    """The function that loads folders of ``kind`` (imported only now: each pulls in its own libraries)."""
+    if kind == TEXT:
+        from embedtrain.models.encoder import load_sentence_transformers_encoder
+
+        return load_sentence_transformers_encoder
+    if kind == MOE:
+        from embedtrain.models.moe import load_moe_encoder
+
+        return load_moe_encoder
+    if kind == DECODER:
+        from embedtrain.models.decoder import load_decoder_encoder
+
+        return load_decoder_encoder
+    if kind == CLIP:
+        from embedtrain.models.clip import load_clip_encoder
+
+        return load_clip_encoder
+    if kind == VLM2VEC:
+        from embedtrain.models.vlm import load_vlm_encoder
+
+        return load_vlm_encoder
+    if kind == DML:
+        from embedtrain.models.semantic_proxies import load_dml_encoder
+
+        return load_dml_encoder
+    raise ValueError(f"no loader for model kind {kind!r}")
+
+
+def load_text_encoder(
+    name_or_path: str,
+    pooling: Optional[str] = None,
+    normalize: Optional[bool] = None,
+    max_length: Optional[int] = None,
+    query_max_length: Optional[int] = None,
+    document_max_length: Optional[int] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    revision: Optional[str] = None,
+    gradient_checkpointing: bool = False,
+):
+    """A text encoder from a saved folder (text, MoE or decoder kind), a transformers folder or a Hub id.
+
+    Returns a :class:`~embedtrain.models.encoder.TextEncoder` (a ``MoETextEncoder`` or ``DecoderEncoder``
+    for those folders). Settings left as None come from the folder (its ``embedtrain.json`` or
+    sentence-transformers config), then from defaults (mean pooling, normalised, 256 tokens). A folder of
+    another kind (CLIP, VLM2Vec, metric learning) is an error: load it with :func:`load_model`.
+    """
+    from embedtrain.config import resolve_path
+
+    path = resolve_path(name_or_path)
+    kind = find_model_kind(path) or TEXT  # not a saved folder: a Hub id or a plain checkpoint
+    settings = dict(
+        pooling=pooling, normalize=normalize, max_length=max_length, query_max_length=query_max_length,
+        document_max_length=document_max_length, query_prompt=query_prompt, document_prompt=document_prompt,
+        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    if kind in (TEXT, MOE, DECODER):
+        return _loader(kind)(name_or_path, **settings)
+    raise EmbedtrainError(
+        f"model '{name_or_path}': {path} holds {MODEL_KINDS[kind]}, not a text encoder; "
+        "load it with embedtrain.load(path)"
+    )
