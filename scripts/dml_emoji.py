@@ -33,12 +33,13 @@ sys.path.insert(0, str(REPO))
 from embedtrain.errors import EmbedtrainError, print_error  # noqa: E402
 
 VARIANTS = {
-    "head": ("frozen backbone + head", ["tuning.train_backbone=frozen", "tuning.prompt_depth=0", "proxies.semantic=false"]),
+    "head": ("frozen backbone + head",
+             ["model.tuning.train_backbone=frozen", "model.tuning.prompt_depth=0", "model.proxies.semantic=false"]),
     # a third of the learning rate: every backbone weight moves, not only new parameters
-    "full": ("full fine-tuning", ["tuning.train_backbone=full", "tuning.prompt_depth=0", "proxies.semantic=false",
-                                  "train.lr=1e-3"]),
-    "vpt": ("VPT (deep prompts) + head", ["tuning.train_backbone=frozen", "proxies.semantic=false"]),
-    "vpt_sp": ("VPT + semantic proxies", ["tuning.train_backbone=frozen", "proxies.semantic=true"]),
+    "full": ("full fine-tuning", ["model.tuning.train_backbone=full", "model.tuning.prompt_depth=0",
+                                  "model.proxies.semantic=false", "train.lr=1e-3"]),
+    "vpt": ("VPT (deep prompts) + head", ["model.tuning.train_backbone=frozen", "model.proxies.semantic=false"]),
+    "vpt_sp": ("VPT + semantic proxies", ["model.tuning.train_backbone=frozen", "model.proxies.semantic=true"]),
 }
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -64,8 +65,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from embedtrain.dml_config import load_dml_recipe
-    from embedtrain.train.dml_loop import train_dml
+    from embedtrain.config import DMLRecipe, load_recipe
+    from embedtrain.train.loop import train as train_dml
 
     started = time.time()
     out = Path(args.output)
@@ -75,10 +76,12 @@ def run(args) -> int:
         label, variant_overrides = VARIANTS[name]
         runs = []
         for seed in args.seeds:
-            overrides = [f"backbone.name_or_path={args.backbone}", f"output.dir={out / f'{name}-seed{seed}'}",
+            overrides = [f"model.backbone.name_or_path={args.backbone}", f"output.dir={out / f'{name}-seed{seed}'}",
                          "output.overwrite=true", "output.plot=false", f"train.seed={seed}",
                          *variant_overrides, *args.overrides]
-            recipe = load_dml_recipe(args.recipe, overrides)
+            recipe = load_recipe(args.recipe, overrides)
+            if not isinstance(recipe, DMLRecipe):
+                raise EmbedtrainError(f"{args.recipe}: kind: {recipe.kind}; this script runs metric-learning recipes (kind: dml)")
             print(f"\n== {label} (seed {seed})", flush=True)
             done = finished_run(recipe) if args.reuse else None
             if done is None:

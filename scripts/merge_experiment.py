@@ -85,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace <output>/merge")
     args = parser.parse_args(argv)
 
-    from embedtrain.merge_config import load_merge_recipe
-    from embedtrain.train.merge_run import render_table, run_merge
+    from embedtrain.config import load_merge_recipe
+    from embedtrain.train.merge_run import merge_methods, render_table, run_merge
 
     out = Path(args.output)
     try:
         task_models = [train_task_model(path, args.retrain) for path in args.train_recipes]
         overrides = [f"output.dir={out / 'merge'}", *args.overrides]
-        recipe = load_merge_recipe(args.merge_recipe, overrides + (["output.overwrite=true"] if args.overwrite else []))
+        recipe = load_merge_recipe(args.merge_recipe, overrides + (["output.overwrite=true"] if args.overwrite else []),
+                                   methods=merge_methods())
         trained = {str(Path(t["model"]).resolve()) for t in task_models}
         for m in recipe.models:
             if str(Path(m.path).resolve()) not in trained:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
-from typing import Optional
 
-from embedtrain.config import Recipe, dataset_name, looks_local, to_dict
+from embedtrain.config import TextRecipe, dataset_name, looks_local, to_dict
+from embedtrain.hub.folder_card import embedding_dim, has_custom_modules, moe_summary
 from embedtrain.hub.model_card import GRADCACHE_CITATION, LOSS_CITATIONS, EvalEntry, ModelCardData
+from embedtrain.models.folders import read_metadata
 
 INFONCE_EQUATION = (
     r"\mathcal{L} = -\frac{1}{N}\sum_i \log \frac{\exp(s(q_i,p_i)/\tau)}{\sum_{d \in D_i} \exp(s(q_i,d)/\tau)}"
@@ -27,7 +27,7 @@ def hardware_description() -> str:
 
 
 def card_for_run(
-    recipe: Recipe,
+    recipe: TextRecipe,
     model_dir: str | Path,
     baseline: dict[str, float],
     final: dict[str, float],
@@ -36,7 +36,7 @@ def card_for_run(
     processes: int = 1,
 ) -> ModelCardData:
     """Card data for ``model_dir``; ``baseline``/``final`` are the trainer's ``<task>/<metric>`` scores."""
-    meta = json.loads((Path(model_dir) / "embedtrain.json").read_text(encoding="utf-8"))
+    meta = read_metadata(model_dir)
     base = recipe.model.name_or_path
     hub_datasets = [d.path for d in recipe.data.train if not looks_local(d.path)]
     local_datasets = [f"{dataset_name(d)} ({d.path})" for d in recipe.data.train if looks_local(d.path)]
@@ -76,7 +76,7 @@ def card_for_run(
     }
     citations = {"GradCache": GRADCACHE_CITATION} if t.gradient_cache_chunk_size else {}
     return ModelCardData(
-        summary=_moe_summary(model_dir),
+        summary=moe_summary(model_dir),
         model_name=Path(recipe.output.dir).name or "embedtrain-model",
         base_model=None if base.startswith("pkg://") else base,
         datasets=hub_datasets,
@@ -87,49 +87,12 @@ def card_for_run(
         hyperparameters={k: v for k, v in hyper.items() if v is not None},
         hardware=hardware_description(),
         training_time_s=seconds,
-        embedding_dim=_embedding_dim(model_dir),
+        embedding_dim=embedding_dim(model_dir),
         max_length=max(meta["query_max_length"], meta["document_max_length"]),
         pooling=meta["pooling"],
         normalize=meta["normalize"],
         prompts={k: v for k, v in meta["prompts"].items() if v},
         eval_results=entries,
         citations=citations,
-        custom_modules=_has_custom_modules(model_dir),
+        custom_modules=has_custom_modules(model_dir),
     )
-
-
-def _has_custom_modules(model_dir: str | Path) -> bool:
-    """Whether modules.json names a module class outside sentence-transformers."""
-    path = Path(model_dir) / "modules.json"
-    if not path.is_file():
-        return False
-    modules = json.loads(path.read_text(encoding="utf-8"))
-    return any(not m.get("type", "").startswith("sentence_transformers.") for m in modules)
-
-
-def _embedding_dim(model_dir: str | Path) -> Optional[int]:
-    pooling = Path(model_dir) / "1_Pooling" / "config.json"
-    if pooling.is_file():
-        cfg = json.loads(pooling.read_text(encoding="utf-8"))
-        return cfg.get("embedding_dimension") or cfg.get("word_embedding_dimension")
-    return None
-
-
-def _moe_summary(model_dir: str | Path) -> Optional[str]:
-    """For a Mixture-of-Experts model: how to load and route it (None otherwise: the default summary)."""
-    from embedtrain.models.moe import is_moe_folder
-
-    if not is_moe_folder(model_dir):
-        return None
-    config = json.loads((Path(model_dir) / "sentence_bert_config.json").read_text(encoding="utf-8"))
-    moe = config.get("moe", {})
-    domains = moe.get("domains", [])
-    return (
-        "A Mixture-of-Experts text embedding model trained with embedtrain: the feed-forward blocks of layers "
-        f"{', '.join(map(str, moe.get('layers', [])))} have one expert per domain ({', '.join(domains)}). "
-        "Its first module is embedtrain's `MoETransformer`, so it loads with "
-        "`SentenceTransformer(path, trust_remote_code=True)` with `embedtrain` installed (the class comes from the "
-        f"installed package, not from this folder). Pass `domain=\"{(domains or ['...'])[0]}\"` to `encode` to choose "
-        "the expert" + ("; without it the model's router picks one." if moe.get("router") else ".")
-    )
-

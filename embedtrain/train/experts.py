@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Optional
 
-from embedtrain.config import Recipe, dataset_name, looks_local, moe_domains, resolve_path
+from embedtrain.config import TextRecipe, dataset_name, looks_local, moe_domains, resolve_path
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.moe import MoETextEncoder, is_moe_folder, upcycle_encoder
 
@@ -19,7 +19,7 @@ from embedtrain.models.moe import MoETextEncoder, is_moe_folder, upcycle_encoder
 _ROUTING_FIELDS = ("routing", "top_k", "router_loss_weight", "load_balancing_weight")
 
 
-def uses_experts(recipe: Recipe) -> bool:
+def uses_experts(recipe: TextRecipe) -> bool:
     """Whether the run trains an MoE model (upcycled now, or loaded as one)."""
     if recipe.model.moe is not None:
         return True
@@ -27,7 +27,7 @@ def uses_experts(recipe: Recipe) -> bool:
     return looks_local(name) and is_moe_folder(Path(resolve_path(name)))
 
 
-def prepare_encoder(encoder, recipe: Recipe, log=print):
+def prepare_encoder(encoder, recipe: TextRecipe, log=print):
     """Upcycle a dense encoder as ``model.moe`` asks; an MoE model is kept (its routing settings taken
     from the recipe, its experts, layers, router and domain tokens as saved)."""
     moe = recipe.model.moe
@@ -56,7 +56,7 @@ def prepare_encoder(encoder, recipe: Recipe, log=print):
     return encoder
 
 
-def learning_rates(recipe: Recipe) -> Optional[dict[str, float]]:
+def learning_rates(recipe: TextRecipe) -> Optional[dict[str, float]]:
     """The router's own learning rate, as :func:`embedtrain.train.optim.build_optimizer` takes it."""
     moe = recipe.model.moe
     if moe is None or moe.router_lr is None:
@@ -64,7 +64,7 @@ def learning_rates(recipe: Recipe) -> Optional[dict[str, float]]:
     return {"moe_router.": moe.router_lr}
 
 
-def dataset_domains(encoder, recipe: Recipe) -> Optional[list[Optional[str]]]:
+def dataset_domains(encoder, recipe: TextRecipe) -> Optional[list[Optional[str]]]:
     """The domain of each training dataset (None: left to the router); None for a dense model."""
     if not isinstance(encoder, MoETextEncoder):
         return None
@@ -80,7 +80,7 @@ def dataset_domains(encoder, recipe: Recipe) -> Optional[list[Optional[str]]]:
     return out
 
 
-def check_eval_tasks(encoder, recipe: Recipe) -> None:
+def check_eval_tasks(encoder, recipe: TextRecipe) -> None:
     """Every evaluation task must be routable: a domain of the model, or a router to decide."""
     moe = isinstance(encoder, MoETextEncoder)
     for i, task in enumerate(recipe.eval.tasks):

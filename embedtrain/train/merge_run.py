@@ -1,6 +1,6 @@
 """``embedtrain merge RECIPE [key=value ...] [--overwrite]``: merge task models and compare them.
 
-Reads a merge recipe (:mod:`embedtrain.merge_config`), loads the base and the task models, runs
+Reads a merge recipe (:mod:`embedtrain.config.merge`), loads the base and the task models, runs
 every merge method (searching Self Positioning's coefficients on the probe data), evaluates the
 base, each task model and each merge on the recipe's retrieval tasks, and writes:
 
@@ -25,23 +25,31 @@ from typing import Callable
 import torch
 import yaml
 
-from embedtrain.config import dataset_name, resolve_path, task_name, to_dict
+from embedtrain.config import (
+    METRICS,
+    MergeRecipe,
+    dataset_name,
+    given_params,
+    load_merge_recipe,
+    method_label,
+    resolve_path,
+    searches,
+    task_model_name,
+    task_name,
+    to_dict,
+)
 from embedtrain.data import read_pairs
 from embedtrain.errors import EmbedtrainError, print_error
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import InfoNCELoss
-from embedtrain.merge import MERGE_METHODS, check_mergeable
-from embedtrain.merge_config import (
-    METRICS,
-    MergeRecipe,
-    given_params,
-    load_merge_recipe,
-    method_label,
-    searches,
-    task_model_name,
-)
+from embedtrain.merge import MERGE_METHODS, check_mergeable, method_params
 from embedtrain.models import load_text_encoder
 from embedtrain.train.self_positioning import build_probe_batches, search_self_positioning
+
+
+def merge_methods() -> dict[str, list[str]]:
+    """Each registered merge method's name and the parameters it takes (the recipe checks need them)."""
+    return {name: method_params(name) for name in MERGE_METHODS.names()}
 
 
 @dataclass
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     try:
-        recipe = load_merge_recipe(args.recipe, overrides)
+        recipe = load_merge_recipe(args.recipe, overrides, methods=merge_methods())
         import transformers
 
         transformers.utils.logging.set_verbosity_error()

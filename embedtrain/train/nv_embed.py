@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from embedtrain.config import DatasetConfig, EvalTaskConfig, Recipe, dataset_name, load_recipe, resolve_path
+from embedtrain.config import DatasetConfig, EvalTaskConfig, TextRecipe, dataset_name, load_recipe, resolve_path
 from embedtrain.data import PairDataset, read_pairs
 from embedtrain.data.example_based import read_labeled
 from embedtrain.errors import EmbedtrainError
@@ -42,7 +42,7 @@ def load_training_dataset(ds: DatasetConfig, index: int, seed: int = 0) -> PairD
     )
 
 
-def load_recipe_decoder(recipe: Recipe, model_source: str, device):
+def load_recipe_decoder(recipe: TextRecipe, model_source: str, device):
     """The recipe's decoder encoder, loaded on ``device`` (bidirectional, checked; LoRA and head as set)."""
     from dataclasses import asdict
 
@@ -68,11 +68,11 @@ def prompt_lengths(encoder, datasets: list[PairDataset]) -> Optional[dict[str, i
     return {p: encoder.prompt_token_count(p) for p in prompts}
 
 
-def stage_output(recipe: Recipe) -> Path:
+def stage_output(recipe: TextRecipe) -> Path:
     return Path(recipe.output.dir) / "model"
 
 
-def previous_stage_model(recipe: Recipe, train_fn: Callable, log=print, chain: tuple[str, ...] = ()) -> str:
+def previous_stage_model(recipe: TextRecipe, train_fn: Callable, log=print, chain: tuple[str, ...] = ()) -> str:
     """The model folder a ``previous_stage`` recipe produced, training that stage first if needed.
 
     ``train_fn(recipe, resume)`` runs a stage (the training loop's ``train``). A stage counts as done
@@ -87,6 +87,9 @@ def previous_stage_model(recipe: Recipe, train_fn: Callable, log=print, chain: t
         previous = load_recipe(resolved)
     except EmbedtrainError as err:
         raise EmbedtrainError(f"model.previous_stage: {path}: {err}") from None
+    if not isinstance(previous, TextRecipe):
+        raise EmbedtrainError(f"model.previous_stage: {path} is a recipe of kind {previous.kind}; "
+                              "a stage before a text recipe must be a text recipe")
     out = Path(previous.output.dir)
     if not (out / RESULTS_FILE).is_file() or not stage_output(previous).is_dir():
         started = out.is_dir() and any(out.iterdir())

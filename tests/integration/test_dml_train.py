@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from embedtrain.cli import main as cli_main
-from embedtrain.dml_config import dml_recipe_from_dict
+from embedtrain.config import DMLRecipe, recipe_from_dict
 from embedtrain.models.semantic_proxies import load_dml_model
-from embedtrain.train.dml_loop import train_dml
+from embedtrain.train.loop import train as train_dml
 
 from vpt_support import build_tiny_open_clip, write_labelled_images
 
@@ -26,17 +26,24 @@ def assets(tmp_path_factory):
 def recipe(assets, out, **sections):
     tower, meta = assets
     data = {
-        "backbone": {"kind": "open_clip", "name_or_path": str(tower)},
-        "tuning": {"prompt_depth": 2, "num_prompts": 2},
-        "proxies": {"semantic": True, "accumulate": "gru", "class_prompt_depth": 1, "class_prompts": 2},
+        "kind": "dml",
+        "model": {
+            "backbone": {"kind": "open_clip", "name_or_path": str(tower)},
+            "tuning": {"prompt_depth": 2, "num_prompts": 2},
+            "proxies": {"semantic": True, "accumulate": "gru", "class_prompt_depth": 1, "class_prompts": 2},
+        },
         "loss": {"metrix": True},
         "data": {"path": str(meta), "samples_per_class": 2, "batch_size": 4, "augment": "crop_flip"},
-        "train": {"max_steps": 8, "log_every": 2, "save_every": 4, "eval_every": 4, "lr": 1e-2},
+        # the metric-learning train defaults from before the shared train section, written out
+        "train": {"max_steps": 8, "log_every": 2, "save_every": 4, "eval_every": 4, "lr": 1e-2,
+                  "weight_decay": 1e-4, "scheduler": "cosine", "warmup_ratio": 0.0, "epochs": 10, "max_grad_norm": 10.0},
         "output": {"dir": str(out), "plot": False},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
-    return dml_recipe_from_dict(data)
+    recipe = recipe_from_dict(data)
+    assert isinstance(recipe, DMLRecipe)
+    return recipe
 
 
 def test_vpt_with_semantic_proxies_trains_saves_and_reloads(assets, tmp_path):
@@ -89,8 +96,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(assets, tmp_path):
 
 def test_cli_reports_recipe_problems_on_one_line(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("# embedtrain dml bad.yaml\nbackbone: {name_or_path: nowhere}\ndata: {path: none.jsonl}\n"
-                    "train: {lr: -1}\n")
+    path.write_text("# embedtrain train bad.yaml\nkind: dml\nmodel: {backbone: {name_or_path: nowhere}}\n"
+                    "data: {path: none.jsonl}\ntrain: {lr: -1}\n")
     assert cli_main(["dml", str(path)]) == 2
     err = capsys.readouterr().err
     assert "error: train.lr: must be positive, got -1" in err
@@ -109,7 +116,7 @@ def test_emoji_comparison_script_reports_every_row(assets, tmp_path):
     args = ["--backbone", str(tower), "--output", str(tmp_path / "runs"), "--seeds", "1",
             "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
             "--set", f"data.path={meta}", "data.label_column=label", "data.samples_per_class=2", "data.batch_size=4",
-            "train.max_steps=2", "proxies.class_prompts=2"]
+            "train.max_steps=2", "model.proxies.class_prompts=2"]
     assert script.main(args) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert list(report["rows"]) == ["head", "full", "vpt", "vpt_sp"]

@@ -5,8 +5,18 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedtrain.config import Recipe, apply_override, load_recipe, recipe_from_dict
-from embedtrain.dml_config import is_dml_recipe
+from embedtrain.config import (
+    KINDS,
+    RECIPE_TYPES,
+    ClipRecipe,
+    DMLRecipe,
+    TextRecipe,
+    Vlm2VecRecipe,
+    apply_override,
+    load_recipe,
+    recipe_from_dict,
+    recipe_kind,
+)
 from embedtrain.errors import ConfigError, EmbedtrainError
 
 from conftest import REPO, tiny_recipe
@@ -19,7 +29,7 @@ def recipe_dict(tiny_bert, pairs_file, beir_dir, tmp_path):
 
 def test_valid_recipe_loads(recipe_dict):
     r = recipe_from_dict(recipe_dict)
-    assert isinstance(r, Recipe)
+    assert isinstance(r, TextRecipe) and r.kind == "text"
     assert r.data.train[0].negative_columns == ["negative"]
     assert r.train.max_steps == 6
     assert r.loss.symmetric is False  # default from the dataclass
@@ -80,16 +90,22 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_every_shipped_recipe_loads():
+    """Every recipe of every kind loads with the one loader (accelerate launcher configs and merge documents
+    have their own formats; merge documents: tests/integration/test_merge_run.py)."""
     recipes = sorted((REPO / "recipes").rglob("*.yaml"))
-    # accelerate launcher configs, merge and DML recipes have their own formats (DML: test_dml_config.py)
-    recipes = [p for p in recipes if "accelerate" not in p.parts and "merge" not in p.parts and not is_dml_recipe(p)]
-    # multimodal recipes (kind: clip | vlm2vec) are loaded by tests/unit/test_multimodal_config.py
-    recipes = [p for p in recipes if "kind" not in (yaml.safe_load(p.read_text()) or {})]
-    assert recipes
+    recipes = [p for p in recipes if "accelerate" not in p.parts and "merge" not in p.parts]
+    kinds = set()
     for path in recipes:
         first = path.read_text().splitlines()[0]
         assert first.startswith("# "), f"{path} must start with a comment giving its command"
-        load_recipe(path)
+        assert f"embedtrain train {path.relative_to(REPO).as_posix()}" in first, (path, first)
+        # GPU recipes name Hub models and data prepared elsewhere: their files are checked when they run
+        recipe = load_recipe(path, check_files=False)
+        assert isinstance(recipe, RECIPE_TYPES[recipe.kind])
+        kinds.add(recipe.kind)
+        if recipe.kind == "text":  # the text recipes' models and data are in the repository or on the Hub
+            load_recipe(path)
+    assert kinds == set(KINDS)
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5))
@@ -114,3 +130,109 @@ def test_override_roundtrip(lr, batch):
     apply_override(data, f"data.batch_size={batch}")
     recipe = recipe_from_dict(data, check_values=False)
     assert recipe.train.lr == lr and recipe.data.batch_size == batch
+
+
+# --------------------------------------------------------------------------------------
+# One schema: kind dispatch and the checks every kind shares
+# --------------------------------------------------------------------------------------
+
+
+def test_kind_picks_the_recipe_type(recipe_dict):
+    assert recipe_kind({}) == "text" and recipe_kind({"model": {}}) == "text"
+    assert isinstance(recipe_from_dict(recipe_dict), TextRecipe)
+    assert isinstance(recipe_from_dict({**recipe_dict, "kind": "text"}), TextRecipe)
+    for kind, cls in (("clip", ClipRecipe), ("vlm2vec", Vlm2VecRecipe), ("dml", DMLRecipe)):
+        assert recipe_kind({"kind": kind}) == kind
+        recipe = recipe_from_dict({"kind": kind}, check_values=False)
+        assert type(recipe) is cls and recipe.kind == kind and RECIPE_TYPES[kind] is cls
+
+
+def test_unknown_kind_suggests_one():
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({"kind": "dlm", "model": {}})
+    assert err.value.problems == ["kind: 'dlm' is not a recipe kind (did you mean 'dml'?); "
+                                  "choose one of: text, clip, vlm2vec, dml (no kind = text)"]
+
+
+@pytest.mark.parametrize("section", ["backbone", "tuning", "proxies"])
+def test_old_metric_learning_form_gives_one_migration_line(section, tmp_path):
+    data = {section: {}, "data": {"path": "x.jsonl"}, "train": {"lr": "fast"}}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    assert err.value.problems == [
+        "kind: missing; a metric-learning recipe starts with kind: dml and puts backbone, tuning and proxies under "
+        "model (see recipes/dml/vpt_proxies_emoji.yaml)"]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="^kind: missing; a metric-learning recipe starts with kind: dml"):
+        load_recipe(path)
+
+
+def _clip_dict(tmp_path) -> dict:
+    data = yaml.safe_load((REPO / "recipes" / "clip" / "emoji_clip.yaml").read_text())
+    data["output"]["dir"] = str(tmp_path / "clip-run")
+    return data
+
+
+def _dml_dict(tmp_path) -> dict:
+    (tmp_path / "meta.jsonl").write_text("")
+    return {"kind": "dml", "model": {"backbone": {"kind": "timm", "name_or_path": "vit_tiny"}},
+            "data": {"path": str(tmp_path / "meta.jsonl")}, "output": {"dir": str(tmp_path / "dml-run")}}
+
+
+def _problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    return err.value.problems
+
+
+def test_negative_weight_decay_and_momentum_refused_for_every_kind(recipe_dict, tmp_path):
+    for data in (recipe_dict, _clip_dict(tmp_path), _dml_dict(tmp_path)):
+        recipe_from_dict(data)  # valid as given
+        data.setdefault("train", {}).update(weight_decay=-0.1, momentum=-1)
+        problems = _problems(data)
+        assert "train.weight_decay: must be 0 or more, got -0.1" in problems, (data.get("kind"), problems)
+        assert "train.momentum: must be 0 or more, got -1.0" in problems, (data.get("kind"), problems)
+
+
+def test_shared_checks_name_the_dotted_path_in_every_kind(recipe_dict, tmp_path):
+    clip = _clip_dict(tmp_path)
+    for data in (recipe_dict, clip):
+        data["data"]["train"].append(dict(data["data"]["train"][0], weight=0, max_rows=0))
+        data["train"]["max_grad_norm"] = 0
+        data["output"]["dir"] = ""
+        problems = "\n".join(_problems(data))
+        for expected in ("data.train[1].name: ", "is used twice", "data.train[1].weight: must be positive, got 0",
+                         "data.train[1].max_rows: must be at least 1, got 0",
+                         "train.max_grad_norm: must be positive or null, got 0", "output.dir: missing"):
+            assert expected in problems, (expected, problems)
+    dml = _dml_dict(tmp_path)
+    dml["train"] = {"max_grad_norm": 0}
+    dml["output"]["dir"] = ""
+    problems = "\n".join(_problems(dml))
+    assert "train.max_grad_norm: must be positive or null, got 0" in problems and "output.dir: missing" in problems
+
+
+def test_settings_a_kind_does_not_use_are_refused(recipe_dict, tmp_path):
+    # the one loop gives every kind the optimizer choice, per-role GradCache chunks, trackers and the Hub push
+    recipe_dict["train"].update(optimizer="sgd", gradient_cache_query_chunk_size=4)
+    assert recipe_from_dict(recipe_dict).train.optimizer == "sgd"
+    dml = _dml_dict(tmp_path)
+    dml["train"] = {"compile": True, "gradient_cache_chunk_size": 4, "optimizer": "sgd"}
+    dml["output"]["push_to_hub"] = "me/model"
+    problems = "\n".join(_problems(dml))
+    for key in ("train.compile", "train.gradient_cache_chunk_size"):
+        assert f"{key}: not used by metric-learning recipes" in problems, key
+    assert "optimizer" not in problems and "push_to_hub" not in problems
+
+
+def test_check_files_false_skips_only_file_checks(recipe_dict, tmp_path):
+    recipe_dict["model"]["name_or_path"] = str(tmp_path / "no-model")
+    recipe_dict["data"]["train"][0]["path"] = str(tmp_path / "no-data.jsonl")
+    recipe_dict["eval"]["tasks"][0]["path"] = str(tmp_path / "no-task")
+    assert len(_problems(recipe_dict)) == 3
+    r = recipe_from_dict(recipe_dict, check_files=False)
+    assert r.model.name_or_path.endswith("no-model")
+    recipe_dict["data"]["batch_size"] = 1
+    with pytest.raises(ConfigError, match="data.batch_size: must be at least 2"):
+        recipe_from_dict(recipe_dict, check_files=False)

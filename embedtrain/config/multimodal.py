@@ -1,37 +1,36 @@
 """Multimodal recipes: CLIP dual encoders (``kind: clip``) and VLM2Vec encoders (``kind: vlm2vec``).
 
-A multimodal recipe is a YAML file whose top-level ``kind`` names one of the recipe types below;
-``embedtrain train`` reads that key and trains it with :mod:`embedtrain.train.multimodal_loop`.
-Text recipes have no ``kind``. Loading reuses the strict machinery of :mod:`embedtrain.config`
-(unknown keys with did-you-mean, wrong types with their dotted path, every problem reported
-together before any model loads). The ``train`` and ``output`` sections are the text recipe's.
-This module does not import torch.
+Both kinds share the training data section (any mix of text and images per role) and the eval
+section (retrieval on BEIR-style folders whose rows may carry images); ``train`` and ``output`` are
+the sections every kind shares. This module does not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from embedtrain.config import (
+from embedtrain.config.common import (
+    DatasetSource,
+    EvalConfig,
     LoraSettings,
     OutputConfig,
     TrainConfig,
-    _build_dataclass,
-    apply_override,
-    check_beir_folder,
-    looks_local,
-    read_yaml,
-    resolve_path,
+    check_datasets,
+    check_eval,
+    check_local_model,
+    check_lora,
+    check_output,
+    check_train,
+    check_unused,
+    task_name,
 )
-from embedtrain.errors import ConfigError, EmbedtrainError, did_you_mean
+from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
+from embedtrain.errors import did_you_mean
 
-KINDS = ("clip", "vlm2vec")
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -41,11 +40,7 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
-class ClipLoraSettings:
-    r: int = 16
-    """LoRA rank."""
-    alpha: float = 32.0
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+class ClipLoraSettings(LoraSettings):
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=list)
@@ -53,13 +48,7 @@ class ClipLoraSettings:
 
 
 @dataclass
-class MultimodalDatasetConfig:
-    path: str = ""
-    """A local .jsonl/.json/.csv/.parquet file, or a Hub dataset id."""
-    name: Optional[str] = None
-    """Short name used in logs and for task-homogeneous batching (defaults to the file stem)."""
-    split: str = "train"
-    """Split to read from a Hub dataset."""
+class MultimodalDatasetConfig(DatasetSource):
     image_root: Optional[str] = None
     """Folder that relative image paths are read from (defaults to the data file's folder)."""
     query_text_column: Optional[str] = None
@@ -78,10 +67,6 @@ class MultimodalDatasetConfig:
     """A query as the model's text: {text} is its text, {image} the image token(s); data.train[0]'s are saved with the model."""
     document_template: str = "{image}{text}"
     """The same for positives and negatives (CLIP: {image} stands for nothing; images go to the image tower)."""
-    weight: float = 1.0
-    """Relative sampling weight when mixing is 'proportional' (scales the dataset's share)."""
-    max_rows: Optional[int] = None
-    """Use only the first N rows (handy for quick runs)."""
 
 
 @dataclass
@@ -117,23 +102,11 @@ class MultimodalEvalTaskConfig:
 
 
 @dataclass
-class MultimodalEvalConfig:
+class MultimodalEvalConfig(EvalConfig):
     tasks: list[MultimodalEvalTaskConfig] = field(default_factory=list)
     """Local retrieval tasks evaluated during and after training."""
-    before_training: bool = True
-    """Also evaluate the model before the first step (the baseline)."""
-    batch_size: int = 128
-    """Items per forward pass when encoding."""
     metric: Literal["recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10"] = "recall@10"
     """Metric that selects the best checkpoint (mean over tasks and directions)."""
-
-
-@dataclass
-class MultimodalTrainConfig(TrainConfig):
-    gradient_cache_query_chunk_size: Optional[int] = None
-    """GradCache chunk for queries (null = gradient_cache_chunk_size)."""
-    gradient_cache_document_chunk_size: Optional[int] = None
-    """GradCache chunk for positives and negatives (null = gradient_cache_chunk_size); images run out of memory first."""
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +180,7 @@ class ClipRecipe:
     """Training data: each row pairs a text with an image."""
     loss: ClipLossConfig = field(default_factory=ClipLossConfig)
     """The objective."""
-    train: MultimodalTrainConfig = field(default_factory=MultimodalTrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization."""
     eval: MultimodalEvalConfig = field(default_factory=MultimodalEvalConfig)
     """Evaluation."""
@@ -276,7 +249,7 @@ class Vlm2VecRecipe:
     """Training data: any mix of text and images per role."""
     loss: VlmLossConfig = field(default_factory=VlmLossConfig)
     """The objective."""
-    train: MultimodalTrainConfig = field(default_factory=MultimodalTrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization."""
     eval: MultimodalEvalConfig = field(default_factory=MultimodalEvalConfig)
     """Evaluation."""
@@ -285,7 +258,6 @@ class Vlm2VecRecipe:
 
 
 MultimodalRecipe = Union[ClipRecipe, Vlm2VecRecipe]
-RECIPE_TYPES = {"clip": ClipRecipe, "vlm2vec": Vlm2VecRecipe}
 
 
 # --------------------------------------------------------------------------------------
@@ -300,11 +272,7 @@ def mm_dataset_name(ds: MultimodalDatasetConfig) -> str:
     return p.parent.name if p.stem in {"train", "data", "metadata"} and p.parent.name else p.stem or ds.path
 
 
-def mm_task_name(task: MultimodalEvalTaskConfig) -> str:
-    if task.name:
-        return task.name
-    p = Path(task.path.rstrip("/"))
-    return f"{p.parent.name}-{p.name}" if p.name in {"eval", "test", "dev"} and p.parent.name else p.name
+mm_task_name = task_name  # the same rule as text tasks: the folder's name (split folders get their parent's)
 
 
 def role_columns(ds: MultimodalDatasetConfig) -> dict[str, tuple[Optional[str], Optional[str]]]:
@@ -319,17 +287,6 @@ def role_columns(ds: MultimodalDatasetConfig) -> dict[str, tuple[Optional[str], 
         image = ds.negative_image_columns[j] if j < len(ds.negative_image_columns) else None
         roles[f"negative_{j}"] = (text, image)
     return roles
-
-
-def all_field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings of ``cls`` and of the dataclasses it extends."""
-    from embedtrain.config import field_docs
-
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass) and klass is not object:
-            docs.update(field_docs(klass))
-    return docs
 
 
 # --------------------------------------------------------------------------------------
@@ -351,28 +308,12 @@ def _check_datasets(recipe: MultimodalRecipe, problems: list[str], files: bool) 
     clip = recipe.kind == "clip"
     if not d.train:
         problems.append("data.train: no datasets; add at least one {path: ...}")
-    names: set[str] = set()
+    check_datasets(d.train, "data.train", mm_dataset_name, problems, files)
     placeholders = ("image", "text")
     for i, ds in enumerate(d.train):
         where = f"data.train[{i}]"
-        if not ds.path:
-            problems.append(f"{where}.path: missing; give a local file or a Hub dataset id")
-        elif files and looks_local(ds.path):
-            p = resolve_path(ds.path)
-            if not os.path.isfile(p):
-                problems.append(f"{where}.path: file {p} does not exist; check the path")
-            elif Path(p).suffix not in DATA_SUFFIXES:
-                problems.append(f"{where}.path: {p} has an unsupported format; use .jsonl, .json, .csv or .parquet")
         if files and ds.image_root is not None and not os.path.isdir(resolve_path(ds.image_root)):
             problems.append(f"{where}.image_root: folder {resolve_path(ds.image_root)} does not exist; check the path")
-        name = mm_dataset_name(ds)
-        if name in names:
-            problems.append(f"{where}.name: '{name}' is used twice; give each dataset its own name")
-        names.add(name)
-        if ds.weight <= 0:
-            problems.append(f"{where}.weight: must be positive, got {ds.weight}")
-        if ds.max_rows is not None and ds.max_rows < 1:
-            problems.append(f"{where}.max_rows: must be at least 1, got {ds.max_rows}")
         if ds.negative_text_columns and ds.negative_image_columns and \
                 len(ds.negative_text_columns) != len(ds.negative_image_columns):
             problems.append(
@@ -413,32 +354,8 @@ def _check_datasets(recipe: MultimodalRecipe, problems: list[str], files: bool) 
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
 
 
-def _check_train(t: MultimodalTrainConfig, problems: list[str]) -> None:
-    if t.lr <= 0:
-        problems.append(f"train.lr: must be positive, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.max_steps is not None and t.max_steps < 1:
-        problems.append(f"train.max_steps: must be at least 1, got {t.max_steps}")
-    if t.epochs < 1:
-        problems.append(f"train.epochs: must be at least 1, got {t.epochs}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        problems.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm}")
-    for name in ("gradient_cache_chunk_size", "gradient_cache_query_chunk_size", "gradient_cache_document_chunk_size",
-                 "log_every", "eval_every", "save_every", "max_consecutive_nonfinite", "torch_threads"):
-        v = getattr(t, name)
-        if v is not None and v < 1:
-            problems.append(f"train.{name}: must be at least 1 or null, got {v}")
-    if t.keep_last < 0:
-        problems.append(f"train.keep_last: must be at least 0, got {t.keep_last}")
-    if t.compile:
-        problems.append("train.compile: not supported for multimodal recipes yet; set it to false")
-
-
-def _check_eval_output(recipe: MultimodalRecipe, problems: list[str], files: bool) -> None:
-    e, o = recipe.eval, recipe.output
-    if e.batch_size < 1:
-        problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+def _check_eval(e: MultimodalEvalConfig, problems: list[str], files: bool) -> None:
+    check_eval(e, problems)
     placeholders = ("image", "text")
     names: set[str] = set()
     for i, task in enumerate(e.tasks):
@@ -448,19 +365,6 @@ def _check_eval_output(recipe: MultimodalRecipe, problems: list[str], files: boo
         names.add(mm_task_name(task))
         for key in ("query_template", "document_template"):
             _check_template(getattr(task, key), f"eval.tasks[{i}].{key}", placeholders, problems)
-    if not o.dir:
-        problems.append("output.dir: missing; give a run directory, e.g. output.dir=runs/my-run")
-    if o.push_to_hub is not None and o.push_to_hub.count("/") != 1:
-        problems.append(f"output.push_to_hub: {o.push_to_hub!r} is not a repo id; use user/name")
-
-
-def _check_lora(lora: Union[LoraSettings, ClipLoraSettings], problems: list[str]) -> None:
-    if lora.r < 1:
-        problems.append(f"model.lora.r: must be at least 1, got {lora.r}")
-    if lora.alpha <= 0:
-        problems.append(f"model.lora.alpha: must be positive, got {lora.alpha}")
-    if not 0 <= lora.dropout < 1:
-        problems.append(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
 
 
 def _check_clip(recipe: ClipRecipe, problems: list[str], files: bool) -> None:
@@ -487,28 +391,20 @@ def _check_clip(recipe: ClipRecipe, problems: list[str], files: bool) -> None:
     if m.image_tower == "frozen" and m.text_tower == "frozen":
         problems.append("model: both towers are frozen; set image_tower or text_tower to train or lora")
     if "lora" in (m.image_tower, m.text_tower):
-        _check_lora(m.lora, problems)
+        check_lora(m.lora, problems, targets_required=False)  # empty = attention and MLP layers
     if lo.temperature <= 0:
         problems.append(f"loss.temperature: must be positive, got {lo.temperature}")
 
 
 def _check_vlm(recipe: Vlm2VecRecipe, problems: list[str], files: bool) -> None:
     m, lo = recipe.model, recipe.loss
-    if not m.name_or_path:
-        problems.append("model.name_or_path: missing; give a Hub id or a local model folder")
-    elif files and looks_local(m.name_or_path):
-        try:
-            p = resolve_path(m.name_or_path)
-            if not os.path.isdir(p):
-                problems.append(f"model.name_or_path: folder {p} does not exist; check the path")
-        except EmbedtrainError as err:
-            problems.append(f"model.name_or_path: {err}")
+    check_local_model(m.name_or_path, "model.name_or_path", problems, files)
     if m.max_length < 1:
         problems.append(f"model.max_length: must be at least 1, got {m.max_length}")
     if m.image_max_pixels is not None and m.image_max_pixels < 1:
         problems.append(f"model.image_max_pixels: must be at least 1, got {m.image_max_pixels}")
     if m.finetune == "lora":
-        _check_lora(m.lora, problems)
+        check_lora(m.lora, problems)
     if m.train_vision and m.finetune != "full":
         problems.append("model.train_vision: needs model.finetune: full (LoRA adapts the language model)")
     if lo.temperature <= 0:
@@ -526,56 +422,8 @@ def _check_values(recipe: MultimodalRecipe, problems: list[str], files: bool = T
     else:
         _check_vlm(recipe, problems, files)
     _check_datasets(recipe, problems, files)
-    _check_train(recipe.train, problems)
-    _check_eval_output(recipe, problems, files)
-
-
-# --------------------------------------------------------------------------------------
-# Entry points
-# --------------------------------------------------------------------------------------
-
-
-def recipe_kind(data: dict) -> Optional[str]:
-    """The ``kind`` of a recipe's plain data: 'clip', 'vlm2vec', or None for a text recipe.
-
-    An unknown kind is a :class:`ConfigError` (with a did-you-mean suggestion).
-    """
-    if "kind" not in data:
-        return None
-    kind = data["kind"]
-    if kind not in KINDS:
-        raise ConfigError([f"kind: {kind!r} is not a recipe kind{did_you_mean(str(kind), KINDS)}; choose one of: "
-                           f"{', '.join(KINDS)} (text recipes have no kind)"])
-    return kind
-
-
-def multimodal_recipe_from_dict(data: dict, check_values: bool = True, check_files: bool = True) -> MultimodalRecipe:
-    """Build a :class:`ClipRecipe` or :class:`Vlm2VecRecipe` from plain data (by its ``kind``),
-    raising one ConfigError with every problem."""
-    kind = recipe_kind(data)
-    if kind is None:
-        raise ConfigError([f"kind: missing; a multimodal recipe starts with kind: {' or kind: '.join(KINDS)}"])
-    problems: list[str] = []
-    recipe = _build_dataclass(RECIPE_TYPES[kind], data, "", problems)
-    if check_values:
-        extra: list[str] = []
-        _check_values(recipe, extra, check_files)
-        bad_paths = {p.split(":")[0].split("[")[0] for p in problems}
-        problems += [p for p in extra if p.split(":")[0].split("[")[0] not in bad_paths]
-    if problems:
-        raise ConfigError(problems)
-    return recipe
-
-
-def load_multimodal_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
-                           check_files: bool = True) -> MultimodalRecipe:
-    """Load a YAML multimodal recipe, apply ``key=value`` overrides, validate everything."""
-    data = read_yaml(path)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return multimodal_recipe_from_dict(data, check_files=check_files)
-
-
-def is_multimodal_recipe(path: str | os.PathLike) -> bool:
-    """True when the YAML file at ``path`` declares a multimodal ``kind`` (errors for an unknown one)."""
-    return recipe_kind(read_yaml(path)) is not None
+    check_train(recipe.train, problems)
+    if recipe.train.compile:
+        problems.append("train.compile: not supported for multimodal recipes yet; set it to false")
+    _check_eval(recipe.eval, problems, files)
+    check_output(recipe.output, problems)

@@ -1,10 +1,10 @@
-"""Merge recipes: one dataclass per section, loaded as strictly as training recipes.
+"""Merge recipes (``embedtrain merge RECIPE``): a document of their own, loaded as strictly as training recipes.
 
-A merge recipe (``embedtrain merge RECIPE``) names a base model, the task models fine-tuned from
-it, the merge methods to run, the probe data and search settings of Self Positioning, the
-evaluation tasks and the output folder. Loading reuses the strict machinery of
-:mod:`embedtrain.config` (unknown keys with did-you-mean, wrong types with their dotted path, every
-problem reported together before any model loads). Merge recipes live in ``recipes/merge/``.
+A merge recipe names a base model, the task models fine-tuned from it, the merge methods to run,
+the probe data and search settings of Self Positioning, the evaluation tasks and the output folder.
+It reuses the text recipe's dataset and task entries and the shared builder and checks. Merge
+recipes live in ``recipes/merge/``. This module does not import torch, so it does not know the
+merge methods: the caller passes their parameters (``methods``) for the checks that need them.
 """
 
 from __future__ import annotations
@@ -13,23 +13,21 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional, Sequence
 
-from embedtrain.config import (
-    DatasetConfig,
-    check_beir_folder,
-    EvalTaskConfig,
-    _build_dataclass,
-    apply_override,
-    dataset_name,
-    looks_local,
-    read_yaml,
-    resolve_path,
+from embedtrain.config.common import (
+    OutputFolderConfig,
+    check_datasets,
+    check_eval,
+    check_local_model,
+    check_output,
     task_name,
 )
-from embedtrain.errors import ConfigError, EmbedtrainError, did_you_mean
+from embedtrain.config.schema import build_checked, check_beir_folder, read_overridden
+from embedtrain.config.text import RETRIEVAL_METRICS, DatasetConfig, EvalTaskConfig, dataset_name
+from embedtrain.errors import did_you_mean
 
-METRICS = ("ndcg@10", "mrr@10", "recall@10")
+METRICS = RETRIEVAL_METRICS
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -132,13 +130,9 @@ class MergeEvalConfig:
 
 
 @dataclass
-class MergeOutputConfig:
-    dir: str = ""
-    """Output folder: report.json, report.md, merge_recipe.yaml and models/<label>/."""
-    overwrite: bool = False
-    """Replace an existing output folder (otherwise it is an error)."""
+class MergeOutputConfig(OutputFolderConfig):
     save_models: bool = True
-    """Write every merged model as a sentence-transformers folder."""
+    """Write every merged model as a sentence-transformers folder in <dir>/models/<label>/ (report.json, report.md and merge_recipe.yaml are always written)."""
 
 
 @dataclass
@@ -191,38 +185,23 @@ def searches(cfg: MergeMethodConfig) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _check_local_model(path: str, where: str, problems: list[str], files: bool) -> None:
-    if not path:
-        problems.append(f"{where}: missing; give a model folder")
-    elif files and looks_local(path):
-        try:
-            p = resolve_path(path)
-        except EmbedtrainError as err:
-            problems.append(f"{where}: {err}")
-            return
-        if not os.path.isdir(p):
-            problems.append(f"{where}: folder {p} does not exist; check the path (train the model first?)")
 
 
-def _check_methods(recipe: MergeRecipe, problems: list[str]) -> None:
-    from embedtrain.merge import MERGE_METHODS, method_params
-
+def _check_methods(recipe: MergeRecipe, methods: Optional[Mapping[str, Sequence[str]]], problems: list[str]) -> None:
     n = len(recipe.models)
     if not recipe.methods:
         problems.append("methods: none; add at least one {name: ...}, e.g. {name: self_positioning}")
     for i, m in enumerate(recipe.methods):
         where = f"methods[{i}]"
-        if m.name not in MERGE_METHODS:
-            problems.append(
-                f"{where}.name: {m.name!r} is not a merge method{did_you_mean(m.name, MERGE_METHODS.names())}; "
-                f"choose one of: {', '.join(MERGE_METHODS.names())}"
-            )
-            continue
         params = given_params(m.params)
-        accepted = method_params(m.name)
-        for key in params:
-            if key not in accepted:
-                problems.append(f"{where}.params.{key}: not used by {m.name} (it takes: {', '.join(accepted)})")
+        if methods is not None:
+            if m.name not in methods:
+                problems.append(f"{where}.name: {m.name!r} is not a merge method{did_you_mean(m.name, methods)}; "
+                                f"choose one of: {', '.join(methods)}")
+                continue
+            for key in params:
+                if key not in methods[m.name]:
+                    problems.append(f"{where}.params.{key}: not used by {m.name} (it takes: {', '.join(methods[m.name])})")
         for key in ("weights", "alphas"):
             if key in params and n and len(params[key]) != n:
                 problems.append(f"{where}.params.{key}: {len(params[key])} values for {n} task models; give one per model")
@@ -244,15 +223,16 @@ def _check_methods(recipe: MergeRecipe, problems: list[str]) -> None:
             problems.append(f"{where}.params.alphas: must be non-negative with a positive sum, got {params['alphas']}")
 
 
-def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True) -> None:
-    b, s, pr, e, o = recipe.base, recipe.search, recipe.probe, recipe.eval, recipe.output
-    _check_local_model(b.name_or_path, "base.name_or_path", problems, files)
+def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True,
+                  methods: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+    b, s, pr, e = recipe.base, recipe.search, recipe.probe, recipe.eval
+    check_local_model(b.name_or_path, "base.name_or_path", problems, files, missing="give a model folder")
     if b.max_length is not None and b.max_length < 1:
         problems.append(f"base.max_length: must be at least 1, got {b.max_length}")
     if not recipe.models:
         problems.append("models: none; list the task models fine-tuned from the base, e.g. [{path: runs/x/model}]")
     for i, m in enumerate(recipe.models):
-        _check_local_model(m.path, f"models[{i}].path", problems, files)
+        check_local_model(m.path, f"models[{i}].path", problems, files, missing="give a model folder")
     rows = [("base.name", b.name)] + [(f"models[{i}]", task_model_name(m)) for i, m in enumerate(recipe.models)]
     rows += [(f"methods[{i}]", method_label(m)) for i, m in enumerate(recipe.methods)]
     seen: dict[str, str] = {}
@@ -264,44 +244,21 @@ def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True) 
     for i, m in enumerate(recipe.methods):
         if m.label is not None and not LABEL.match(m.label):
             problems.append(f"methods[{i}].label: {m.label!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
-    _check_methods(recipe, problems)
+    _check_methods(recipe, methods, problems)
 
     if any(searches(m) for m in recipe.methods) and not pr.datasets:
         problems.append("probe.datasets: none, but self_positioning searches its coefficients on probe data; "
                         "add {path: ...} entries or give params alphas and lam")
-    names = set()
-    for i, ds in enumerate(pr.datasets):
-        where = f"probe.datasets[{i}]"
-        if not ds.path:
-            problems.append(f"{where}.path: missing; give a local file or a Hub dataset id")
-        elif files and looks_local(ds.path):
-            p = resolve_path(ds.path)
-            if not os.path.isfile(p):
-                problems.append(f"{where}.path: file {p} does not exist; check the path")
-            elif Path(p).suffix not in {".jsonl", ".json", ".csv", ".parquet"}:
-                problems.append(f"{where}.path: {p} has an unsupported format; use .jsonl, .json, .csv or .parquet")
-        if dataset_name(ds) in names:
-            problems.append(f"{where}.name: '{dataset_name(ds)}' is used twice; give each dataset its own name")
-        names.add(dataset_name(ds))
-        if ds.max_rows is not None and ds.max_rows < 1:
-            problems.append(f"{where}.max_rows: must be at least 1, got {ds.max_rows}")
-        if ds.weight <= 0:
-            problems.append(f"{where}.weight: must be positive, got {ds.weight}")
+    check_datasets(pr.datasets, "probe.datasets", dataset_name, problems, files)
     if pr.batch_size < 2:
         problems.append(f"probe.batch_size: must be at least 2 for in-batch contrast, got {pr.batch_size}")
 
-    if s.steps < 0:
-        problems.append(f"search.steps: must be 0 or more, got {s.steps}")
-    if s.lr <= 0:
-        problems.append(f"search.lr: must be positive, got {s.lr}")
-    if s.mu < 0:
-        problems.append(f"search.mu: must be 0 or more, got {s.mu}")
-    if s.momentum < 0:
-        problems.append(f"search.momentum: must be 0 or more, got {s.momentum}")
-    if s.init_lambda < 0:
-        problems.append(f"search.init_lambda: must be 0 or more, got {s.init_lambda}")
-    if s.temperature <= 0:
-        problems.append(f"search.temperature: must be positive, got {s.temperature}")
+    for name in ("steps", "mu", "momentum", "init_lambda"):
+        if getattr(s, name) < 0:
+            problems.append(f"search.{name}: must be 0 or more, got {getattr(s, name)}")
+    for name in ("lr", "temperature"):
+        if getattr(s, name) <= 0:
+            problems.append(f"search.{name}: must be positive, got {getattr(s, name)}")
     for name in ("chunk_size", "log_every", "torch_threads"):
         v = getattr(s, name)
         if v is not None and v < 1:
@@ -309,16 +266,14 @@ def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True) 
     if s.max_grad_norm is not None and s.max_grad_norm <= 0:
         problems.append(f"search.max_grad_norm: must be positive or null, got {s.max_grad_norm}")
 
-    if e.batch_size < 1:
-        problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+    check_eval(e, problems)
     task_names: set[str] = set()
     for i, task in enumerate(e.tasks):
         if task_name(task) in task_names:
             problems.append(f"eval.tasks[{i}].name: '{task_name(task)}' is used twice; give each task its own name")
         task_names.add(task_name(task))
         check_beir_folder(task.path, f"eval.tasks[{i}].path", problems, files)
-    if not o.dir:
-        problems.append("output.dir: missing; give an output folder, e.g. output.dir=runs/my-merge")
+    check_output(recipe.output, problems)
 
 
 # --------------------------------------------------------------------------------------
@@ -326,30 +281,20 @@ def _check_values(recipe: MergeRecipe, problems: list[str], files: bool = True) 
 # --------------------------------------------------------------------------------------
 
 
-def merge_recipe_from_dict(data: dict, check_values: bool = True, check_files: bool = True) -> MergeRecipe:
+def merge_recipe_from_dict(data: dict, check_values: bool = True, check_files: bool = True,
+                           methods: Optional[Mapping[str, Sequence[str]]] = None) -> MergeRecipe:
     """Build a :class:`MergeRecipe` from plain data, raising one ConfigError with every problem.
 
     ``check_files=False`` skips only the checks that models, data files and task folders exist (for
-    checking a recipe whose task models are not trained yet).
+    checking a recipe whose task models are not trained yet). ``methods`` maps each merge method's
+    name to the parameters it takes (``embedtrain.train.merge_run.merge_methods()``); without it,
+    method names and parameter names are not checked.
     """
-    problems: list[str] = []
-    recipe = _build_dataclass(MergeRecipe, data, "", problems)
-    if check_values:
-        extra: list[str] = []
-        _check_values(recipe, extra, check_files)
-        # a field that failed to convert holds a placeholder: do not report it twice
-        bad_paths = {p.split(":")[0].split("[")[0] for p in problems}
-        problems += [p for p in extra if p.split(":")[0].split("[")[0] not in bad_paths]
-    if problems:
-        raise ConfigError(problems)
-    return recipe
+    check = (lambda r, problems: _check_values(r, problems, check_files, methods)) if check_values else None
+    return build_checked(MergeRecipe, data, check)
 
 
-def load_merge_recipe(
-    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True
-) -> MergeRecipe:
+def load_merge_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True,
+                      methods: Optional[Mapping[str, Sequence[str]]] = None) -> MergeRecipe:
     """Load a YAML merge recipe, apply ``key=value`` overrides, validate everything (see merge_recipe_from_dict)."""
-    data = read_yaml(path)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return merge_recipe_from_dict(data, check_files=check_files)
+    return merge_recipe_from_dict(read_overridden(path, overrides), check_files=check_files, methods=methods)

@@ -1,23 +1,24 @@
-"""Metric-learning recipes (``embedtrain dml RECIPE``): visual prompts and proxies on a ViT.
+"""Metric-learning recipes (``kind: dml``): visual prompts and proxies on a ViT.
 
-A DML recipe trains an image embedding on some classes of a labelled image set and evaluates it
-zero-shot on the others. Its sections: the ViT ``backbone``, what is ``tuned`` (prompts, biases,
-the whole backbone; the head always), the ``proxies`` (learnable, optionally semantic), the
-``loss``, the ``data`` and its class split, ``train``, ``eval`` and ``output``. Loading reuses the
-strict machinery of :mod:`embedtrain.config` (unknown keys with did-you-mean, wrong types with their
-dotted path, every problem reported together before anything loads). A DML recipe's first line is
-a comment naming the ``embedtrain dml`` command that runs it.
+A metric-learning recipe trains an image embedding on some classes of a labelled image set and
+evaluates it zero-shot on the others. ``model`` holds the ViT ``backbone``, what is ``tuning`` (prompts,
+biases, the whole backbone; the head always) and the class ``proxies`` (learnable, optionally
+semantic); then the ``data`` and its class split, the ``loss``, and the sections every kind shares
+(``train``, ``output``). This module does not import torch.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from embedtrain.config import _build_dataclass, apply_override, read_yaml, resolve_path
-from embedtrain.errors import ConfigError
+from embedtrain.config.common import EvalConfig, OutputConfig, TrainConfig, check_eval, check_output, check_train, check_unused
+from embedtrain.config.schema import resolve_path
+from embedtrain.errors import did_you_mean
+
+RECALL = re.compile(r"^recall@(\d+)$")
 
 
 @dataclass
@@ -117,81 +118,41 @@ class DMLDataConfig:
 
 
 @dataclass
-class DMLTrainConfig:
-    lr: float = 1e-3
-    """Learning rate of prompts, head, biases / backbone and the semantic-proxy modules."""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """AdamW, or SGD with momentum."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 1e-4
-    """Weight decay (not applied to biases, norms, prompts and proxies)."""
-    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
-    """Decay after warmup."""
-    warmup_ratio: float = 0.0
-    """Fraction of the steps spent warming up linearly from 0."""
-    max_steps: Optional[int] = None
-    """Number of optimizer steps; if unset, epochs x batches per epoch."""
-    epochs: int = 10
-    """Passes over the training images when max_steps is unset."""
-    max_grad_norm: Optional[float] = 10.0
-    """Clip the global gradient norm to this value (null = no clipping)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision through accelerate."""
-    seed: int = 42
-    """Seed for new weights, batches and augmentation."""
-    log_every: int = 10
-    """Steps between metric lines."""
-    eval_every: Optional[int] = None
-    """Steps between evaluations (null = only at the end)."""
-    save_every: Optional[int] = None
-    """Steps between checkpoints (null = only the final model)."""
-    keep_last: int = 2
-    """Checkpoints kept besides the best one."""
-    max_consecutive_nonfinite: int = 5
-    """Stop after this many steps in a row with a non-finite loss or gradient."""
-    torch_threads: Optional[int] = None
-    """Intra-op CPU threads (null = torch's default)."""
-
-
-@dataclass
-class DMLEvalConfig:
-    batch_size: int = 256
-    """Images per forward pass when embedding the test classes."""
-    before_training: bool = True
-    """Also evaluate before the first step (the backbone's own embedding through the initial head)."""
-    recall_at: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    """K values of Recall@K."""
-
-
-@dataclass
-class DMLOutputConfig:
-    dir: str = ""
-    """Run directory: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."""
-    overwrite: bool = False
-    """Replace an existing run directory (otherwise it is an error)."""
-    plot: bool = True
-    """Write the loss and evaluation curves as PNG."""
-
-
-@dataclass
-class DMLRecipe:
+class DMLModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The ViT."""
     tuning: TuningConfig = field(default_factory=TuningConfig)
     """What is trained besides the head."""
     proxies: ProxyConfig = field(default_factory=ProxyConfig)
     """Class proxies."""
-    loss: DMLLossConfig = field(default_factory=DMLLossConfig)
-    """The objective."""
+
+
+@dataclass
+class DMLEvalConfig(EvalConfig):
+    batch_size: int = 256
+    """Images per forward pass when embedding the test classes."""
+    recall_at: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """K values of Recall@K."""
+    metric: str = "recall@1"
+    """Metric that selects the best checkpoint: recall@K for a K of recall_at, or map@r."""
+
+
+@dataclass
+class DMLRecipe:
+    kind: Literal["dml"] = "dml"
+    """Recipe type: an image embedding trained by metric learning, evaluated on unseen classes."""
+    model: DMLModelConfig = field(default_factory=DMLModelConfig)
+    """The ViT, what is tuned, and the class proxies."""
     data: DMLDataConfig = field(default_factory=DMLDataConfig)
     """Labelled images and the class split."""
-    train: DMLTrainConfig = field(default_factory=DMLTrainConfig)
+    loss: DMLLossConfig = field(default_factory=DMLLossConfig)
+    """The objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization."""
     eval: DMLEvalConfig = field(default_factory=DMLEvalConfig)
     """Zero-shot evaluation on the test classes."""
-    output: DMLOutputConfig = field(default_factory=DMLOutputConfig)
-    """Where results go."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results go: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."""
 
 
 # --------------------------------------------------------------------------------------
@@ -199,39 +160,40 @@ class DMLRecipe:
 # --------------------------------------------------------------------------------------
 
 
-def _check_values(r: DMLRecipe, problems: list[str], files: bool) -> None:
-    b, tu, pr, lo, d, t, e, o = r.backbone, r.tuning, r.proxies, r.loss, r.data, r.train, r.eval, r.output
+def _check_values(r: DMLRecipe, problems: list[str], files: bool = True) -> None:
+    b, tu, pr = r.model.backbone, r.model.tuning, r.model.proxies
+    lo, d, e = r.loss, r.data, r.eval
     if not b.name_or_path:
-        problems.append("backbone.name_or_path: missing; give an open_clip folder, a timm model name or a transformers model")
+        problems.append("model.backbone.name_or_path: missing; give an open_clip folder, a timm model name or a transformers model")
     elif files and b.kind == "open_clip":
         p = Path(resolve_path(b.name_or_path))
         if not p.is_dir():
-            problems.append(f"backbone.name_or_path: folder {p} does not exist; give an open_clip model folder "
+            problems.append(f"model.backbone.name_or_path: folder {p} does not exist; give an open_clip model folder "
                             "(open_clip_config.json + open_clip_model.safetensors)")
         elif not (p / "open_clip_config.json").is_file():
-            problems.append(f"backbone.name_or_path: {p} has no open_clip_config.json; it is not an open_clip model folder")
+            problems.append(f"model.backbone.name_or_path: {p} has no open_clip_config.json; it is not an open_clip model folder")
     if files and b.weights and not Path(resolve_path(b.weights)).is_file():
-        problems.append(f"backbone.weights: file {b.weights} does not exist")
+        problems.append(f"model.backbone.weights: file {b.weights} does not exist")
     if b.weights and b.kind != "timm":
-        problems.append("backbone.weights: only used with backbone.kind: timm")
+        problems.append("model.backbone.weights: only used with model.backbone.kind: timm")
     if tu.prompt_depth < 0:
-        problems.append(f"tuning.prompt_depth: must be 0 or more, got {tu.prompt_depth}")
+        problems.append(f"model.tuning.prompt_depth: must be 0 or more, got {tu.prompt_depth}")
     if tu.num_prompts < 1:
-        problems.append(f"tuning.num_prompts: must be at least 1, got {tu.num_prompts}")
+        problems.append(f"model.tuning.num_prompts: must be at least 1, got {tu.num_prompts}")
     if tu.prompts_per_layer is not None and any(n < 0 for n in tu.prompts_per_layer):
-        problems.append(f"tuning.prompts_per_layer: counts must be 0 or more, got {tu.prompts_per_layer}")
+        problems.append(f"model.tuning.prompts_per_layer: counts must be 0 or more, got {tu.prompts_per_layer}")
     if tu.embed_dim is not None and tu.embed_dim < 1:
-        problems.append(f"tuning.embed_dim: must be at least 1, got {tu.embed_dim}")
+        problems.append(f"model.tuning.embed_dim: must be at least 1, got {tu.embed_dim}")
     if pr.lr <= 0:
-        problems.append(f"proxies.lr: must be positive, got {pr.lr}")
+        problems.append(f"model.proxies.lr: must be positive, got {pr.lr}")
     if not 0 <= pr.alpha <= 1:
-        problems.append(f"proxies.alpha: must be in [0, 1], got {pr.alpha}")
+        problems.append(f"model.proxies.alpha: must be in [0, 1], got {pr.alpha}")
     if not 0 <= pr.momentum < 1:
-        problems.append(f"proxies.momentum: must be in [0, 1), got {pr.momentum}")
+        problems.append(f"model.proxies.momentum: must be in [0, 1), got {pr.momentum}")
     if pr.class_prompt_depth < 1:
-        problems.append(f"proxies.class_prompt_depth: must be at least 1, got {pr.class_prompt_depth}")
+        problems.append(f"model.proxies.class_prompt_depth: must be at least 1, got {pr.class_prompt_depth}")
     if pr.class_prompts < 1:
-        problems.append(f"proxies.class_prompts: must be at least 1, got {pr.class_prompts}")
+        problems.append(f"model.proxies.class_prompts: must be at least 1, got {pr.class_prompts}")
     if lo.scale <= 0:
         problems.append(f"loss.scale: must be positive, got {lo.scale}")
     if lo.margin < 0:
@@ -263,71 +225,17 @@ def _check_values(r: DMLRecipe, problems: list[str], files: bool) -> None:
         problems.append(f"data.resize: must be at least 1, got {d.resize}")
     if d.num_workers < 0:
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
-    if t.lr <= 0:
-        problems.append(f"train.lr: must be positive, got {t.lr}")
-    if t.momentum < 0:
-        problems.append(f"train.momentum: must be 0 or more, got {t.momentum}")
-    if t.weight_decay < 0:
-        problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.max_steps is not None and t.max_steps < 1:
-        problems.append(f"train.max_steps: must be at least 1, got {t.max_steps}")
-    if t.epochs < 1:
-        problems.append(f"train.epochs: must be at least 1, got {t.epochs}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        problems.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm}")
-    for name in ("log_every", "eval_every", "save_every", "keep_last", "max_consecutive_nonfinite", "torch_threads"):
-        v = getattr(t, name)
-        low = 0 if name == "keep_last" else 1
-        if v is not None and v < low:
-            problems.append(f"train.{name}: must be at least {low}, got {v}")
-    if e.batch_size < 1:
-        problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+    check_train(r.train, problems)
+    check_unused(r.train, "train", ("compile", "gradient_cache_chunk_size", "gradient_cache_query_chunk_size",
+                                    "gradient_cache_document_chunk_size", "gather_across_processes"),
+                 "metric-learning", problems)
+    check_eval(e, problems)
     if not e.recall_at or any(k < 1 for k in e.recall_at):
         problems.append(f"eval.recall_at: give one or more K of at least 1, got {e.recall_at}")
-    if not o.dir:
-        problems.append("output.dir: missing; give a run directory, e.g. output.dir=runs/my-dml-run")
-
-
-# --------------------------------------------------------------------------------------
-# Entry points
-# --------------------------------------------------------------------------------------
-
-
-def dml_recipe_from_dict(data: dict, check_values: bool = True, check_files: bool = True) -> DMLRecipe:
-    """Build a :class:`DMLRecipe` from plain data, raising one ConfigError with every problem.
-
-    ``check_files=False`` skips only the checks that the backbone folder and the data exist (for
-    recipes meant for another machine, such as the CUB-200 GPU recipe).
-    """
-    problems: list[str] = []
-    recipe = _build_dataclass(DMLRecipe, data, "", problems)
-    if check_values:
-        extra: list[str] = []
-        _check_values(recipe, extra, check_files)
-        bad_paths = {p.split(":")[0].split("[")[0] for p in problems}
-        problems += [p for p in extra if p.split(":")[0].split("[")[0] not in bad_paths]
-    if problems:
-        raise ConfigError(problems)
-    return recipe
-
-
-def load_dml_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
-                    check_files: bool = True) -> DMLRecipe:
-    """Load a YAML DML recipe, apply ``key=value`` overrides, validate everything."""
-    data = read_yaml(path)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return dml_recipe_from_dict(data, check_files=check_files)
-
-
-def is_dml_recipe(path: str | os.PathLike) -> bool:
-    """True when the recipe's first line names the ``embedtrain dml`` command."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-    except OSError:
-        return False
-    return first.startswith("#") and "embedtrain dml " in first
-
+    metrics = [f"recall@{k}" for k in e.recall_at] + ["map@r"]
+    if e.metric not in metrics:
+        match = RECALL.match(e.metric)
+        hint = f"; add {match.group(1)} to eval.recall_at or " if match else "; "
+        problems.append(f"eval.metric: {e.metric!r} is not measured{did_you_mean(e.metric, metrics)}{hint}"
+                        f"choose one of: {', '.join(metrics)}")
+    check_output(r.output, problems)

@@ -1,0 +1,235 @@
+"""Sections every recipe kind shares, and their value checks (each written once).
+
+``train`` and ``output`` are the same section in every kind; each kind's ``eval`` extends
+:class:`EvalConfig`; the datasets of text and multimodal recipes (and the probe data of merges)
+extend :class:`DatasetSource`. A check appends ``'<dotted path>: ...'`` problems to a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+from embedtrain.config.schema import DATA_SUFFIXES, looks_local, resolve_path
+from embedtrain.errors import EmbedtrainError
+
+
+@dataclass
+class DatasetSource:
+    path: str = ""
+    """A local .jsonl/.json/.csv/.parquet file, or a Hub dataset id."""
+    name: Optional[str] = None
+    """Short name used in logs and for task-homogeneous batching (defaults to the file stem)."""
+    split: str = "train"
+    """Split to read from a Hub dataset."""
+    weight: float = 1.0
+    """Relative sampling weight when mixing is 'proportional' (scales the dataset's share)."""
+    max_rows: Optional[int] = None
+    """Use only the first N rows (handy for quick runs)."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Names of the decoder's linear layers that get adapters (Mistral, Llama, Qwen and Gemma share these)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    """Peak learning rate of the optimizer (metric learning: of everything but the proxies, see model.proxies.lr)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW, or SGD with `momentum` (SGD: metric-learning recipes only, for now)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.01
+    """Weight decay (not applied to biases and norms, nor to prompts and proxies)."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent warming up linearly from 0."""
+    max_steps: Optional[int] = None
+    """Number of optimizer steps; if unset, epochs x batches per epoch."""
+    epochs: int = 1
+    """Passes over the data when max_steps is unset."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (null = no clipping)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision through accelerate (bf16 needs hardware support)."""
+    gradient_cache_chunk_size: Optional[int] = None
+    """Embed in chunks of this many inputs without keeping graphs (GradCache); null = off."""
+    gradient_cache_query_chunk_size: Optional[int] = None
+    """Multimodal recipes: GradCache chunk for queries (null = gradient_cache_chunk_size)."""
+    gradient_cache_document_chunk_size: Optional[int] = None
+    """Multimodal recipes: GradCache chunk for positives and negatives (null = gradient_cache_chunk_size); images run out of memory first."""
+    gather_across_processes: bool = True
+    """Use every process's embeddings as negatives (global batch)."""
+    seed: int = 42
+    """Seed for weights of new layers, data order, augmentation and dropout."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    eval_every: Optional[int] = None
+    """Steps between evaluations (null = only at the end)."""
+    save_every: Optional[int] = None
+    """Steps between checkpoints (null = only the final model)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    max_consecutive_nonfinite: int = 5
+    """Stop after this many steps in a row with a non-finite loss or gradient."""
+    torch_threads: Optional[int] = None
+    """Intra-op CPU threads (null = torch's default)."""
+    compile: bool = False
+    """torch.compile the backbone (text recipes only, for now)."""
+
+
+@dataclass
+class EvalConfig:
+    before_training: bool = True
+    """Also evaluate the model before the first step (the baseline)."""
+    batch_size: int = 128
+    """Inputs per forward pass when encoding."""
+
+
+@dataclass
+class OutputFolderConfig:
+    dir: str = ""
+    """Output folder: everything the run writes (a training run's final model is <dir>/model)."""
+    overwrite: bool = False
+    """Replace an existing output folder (otherwise it is an error)."""
+
+
+@dataclass
+class OutputConfig(OutputFolderConfig):
+    push_to_hub: Optional[str] = None
+    """Hub repo id (user/name) to push the final model to."""
+    hub_private: bool = True
+    """Create the Hub repo as private."""
+    plot: bool = True
+    """Write loss and evaluation curves as PNG."""
+    report_to: list[str] = field(default_factory=list)
+    """accelerate trackers to log to, e.g. [tensorboard]."""
+
+
+def task_name(task) -> str:
+    """An evaluation task's name: its ``name``, else its folder's (``x/test`` -> ``x-test``)."""
+    if task.name:
+        return task.name
+    p = Path(task.path.rstrip("/"))
+    return f"{p.parent.name}-{p.name}" if p.name in {"eval", "test", "dev"} and p.parent.name else p.name
+
+
+# --------------------------------------------------------------------------------------
+# Shared value checks
+# --------------------------------------------------------------------------------------
+
+
+def check_train(t: TrainConfig, problems: list[str]) -> None:
+    if t.lr <= 0:
+        problems.append(f"train.lr: must be positive, got {t.lr}")
+    for name in ("weight_decay", "momentum"):
+        if getattr(t, name) < 0:
+            problems.append(f"train.{name}: must be 0 or more, got {getattr(t, name)}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if t.epochs < 1:
+        problems.append(f"train.epochs: must be at least 1, got {t.epochs}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm}")
+    for name in ("gradient_cache_chunk_size", "gradient_cache_query_chunk_size", "gradient_cache_document_chunk_size",
+                 "eval_every", "save_every", "torch_threads"):
+        v = getattr(t, name)
+        if v is not None and v < 1:
+            problems.append(f"train.{name}: must be at least 1 or null, got {v}")
+    for name, low in (("log_every", 1), ("max_consecutive_nonfinite", 1), ("keep_last", 0)):
+        if getattr(t, name) < low:
+            problems.append(f"train.{name}: must be at least {low}, got {getattr(t, name)}")
+
+
+def check_unused(section: object, where: str, names: Sequence[str], kind: str, problems: list[str]) -> None:
+    """Refuse settings of a shared section that this kind's trainer does not use (set away from their default)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(section)}  # type: ignore[arg-type]
+    for name in names:
+        value = getattr(section, name)
+        if value != defaults[name]:
+            problems.append(f"{where}.{name}: not used by {kind} recipes yet (got {value!r}); "
+                            f"remove it or set it back to {defaults[name]!r}")
+
+
+def check_output(o: OutputFolderConfig, problems: list[str]) -> None:
+    if not o.dir:
+        problems.append("output.dir: missing; give an output folder, e.g. output.dir=runs/my-run")
+    push = getattr(o, "push_to_hub", None)
+    if push is not None and push.count("/") != 1:
+        problems.append(f"output.push_to_hub: {push!r} is not a repo id; use user/name")
+
+
+def check_eval(e: EvalConfig, problems: list[str]) -> None:
+    if e.batch_size < 1:
+        problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+
+
+def check_lora(lora: LoraSettings, problems: list[str], where: str = "model.lora", targets_required: bool = True) -> None:
+    """``targets_required=False`` where an empty target_modules means the model's default layers (CLIP)."""
+    if lora.r < 1:
+        problems.append(f"{where}.r: must be at least 1, got {lora.r}")
+    if lora.alpha <= 0:
+        problems.append(f"{where}.alpha: must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"{where}.dropout: must be in [0, 1), got {lora.dropout}")
+    if targets_required and not lora.target_modules:
+        problems.append(f"{where}.target_modules: empty; name the linear layers to adapt, e.g. [q_proj, v_proj]")
+
+
+def check_datasets(entries: Sequence[DatasetSource], where: str, name_of: Callable[[DatasetSource], str],
+                   problems: list[str], files: bool = True) -> None:
+    """The fields every dataset entry shares: a path (an existing file of a supported format when local),
+    a name no other entry has, a positive weight, max_rows of at least 1. ``files=False`` skips file checks."""
+    seen: set[str] = set()
+    for i, ds in enumerate(entries):
+        at = f"{where}[{i}]"
+        if not ds.path:
+            problems.append(f"{at}.path: missing; give a local file or a Hub dataset id")
+        elif files and looks_local(ds.path):
+            p = resolve_path(ds.path)
+            if not os.path.isfile(p):
+                problems.append(f"{at}.path: file {p} does not exist; check the path")
+            elif Path(p).suffix not in DATA_SUFFIXES:
+                problems.append(f"{at}.path: {p} has an unsupported format; use .jsonl, .json, .csv or .parquet")
+        name = name_of(ds)
+        if name in seen:
+            problems.append(f"{at}.name: '{name}' is used twice; give each dataset its own name")
+        seen.add(name)
+        if ds.weight <= 0:
+            problems.append(f"{at}.weight: must be positive, got {ds.weight}")
+        if ds.max_rows is not None and ds.max_rows < 1:
+            problems.append(f"{at}.max_rows: must be at least 1, got {ds.max_rows}")
+
+
+def check_local_model(path: str, where: str, problems: list[str], files: bool = True, missing: str = "") -> None:
+    """A model folder or Hub id: present, and an existing folder when it is local (``files``)."""
+    if not path:
+        problems.append(f"{where}: missing; {missing or 'give a Hub id or a local model folder'}")
+        return
+    if not (files and looks_local(path)):
+        return
+    try:
+        p = resolve_path(path)
+    except EmbedtrainError as err:
+        problems.append(f"{where}: {err}")
+        return
+    if not os.path.isdir(p):
+        problems.append(f"{where}: folder {p} does not exist; check the path")
