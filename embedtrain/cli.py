@@ -20,14 +20,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe of any kind (text, clip, vlm2vec, dml)."""
     from embedtrain.config import load_recipe
-    from embedtrain.multimodal_config import is_multimodal_recipe
 
-    if is_multimodal_recipe(args.recipe):  # kind: clip | vlm2vec
-        return cmd_train_multimodal(args)
-    overrides = list(args.overrides)
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
     recipe = load_recipe(args.recipe, overrides)  # every recipe problem, before anything loads
     _quiet_libraries()
     from embedtrain.train.loop import train
@@ -41,52 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
               + " ".join(args.overrides))
         return 0
-    from embedtrain.hub.model_card import write_model_card
-    from embedtrain.hub.run_card import card_for_run
-
-    card = card_for_run(recipe, result.model_dir, result.baseline, result.final, result.seconds, result.steps,
-                        PartialState().num_processes)
-    write_model_card(result.model_dir, card)
-    metric = recipe.eval.metric
-    names = sorted({k.split("/")[0] for k in {**result.baseline, **result.final} if k.endswith(metric) and not k.startswith("mean/")})
-    for name in names:
-        before = result.baseline.get(f"{name}/{metric}")
-        after = result.final.get(f"{name}/{metric}")
-        line = f"{name} {metric}: "
-        line += f"before {100 * before:.2f} -> " if before is not None else ""
-        line += f"after {100 * after:.2f}" if after is not None else ""
+    for line in result.summary:
         print(line)
-    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
-    if recipe.output.push_to_hub:
-        from embedtrain.hub.push import push_model
-
-        url = push_model(result.model_dir, recipe.output.push_to_hub, private=recipe.output.hub_private)
-        print(f"pushed to {url}")
-    return 0
-
-
-def cmd_train_multimodal(args: argparse.Namespace) -> int:
-    from embedtrain.multimodal_config import load_multimodal_recipe
-
-    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
-    recipe = load_multimodal_recipe(args.recipe, overrides)
-    _quiet_libraries()
-    from embedtrain.train.multimodal_loop import train_multimodal
-
-    result = train_multimodal(recipe, resume=args.resume)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return 0
-    if result.stopped:
-        print(f"stopped at step {result.steps}; resume with: embedtrain train {args.recipe} --resume auto "
-              + " ".join(args.overrides))
-        return 0
-    metric = recipe.eval.metric
-    for key in sorted(k for k in {**result.baseline, **result.final} if k.endswith(f"/{metric}") and not k.startswith("mean/")):
-        before, after = result.baseline.get(key), result.final.get(key)
-        line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
-        print(line + (f"after {100 * after:.2f}" if after is not None else ""))
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
     return 0
 
@@ -124,29 +76,6 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0 if report.rows_out else 2
 
 
-def cmd_dml(args: argparse.Namespace) -> int:
-    from embedtrain.dml_config import load_dml_recipe
-
-    overrides = list(args.overrides)
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
-    recipe = load_dml_recipe(args.recipe, overrides)  # every recipe problem, before anything loads
-    _quiet_libraries()
-    from embedtrain.train.dml_loop import train_dml
-
-    result = train_dml(recipe, resume=args.resume)
-    if result.stopped:
-        print(f"stopped at step {result.steps}; resume with: embedtrain dml {args.recipe} --resume auto "
-              + " ".join(args.overrides))
-        return 0
-    for key in [k for k in result.final if k.startswith("recall@") or k == "map@r"]:
-        before = result.baseline.get(key)
-        print(f"unseen classes {key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
-              + f"after {100 * result.final[key]:.2f}")
-    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
-    return 0
-
-
 def cmd_push(args: argparse.Namespace) -> int:
     from embedtrain.hub.push import push_model
 
@@ -157,64 +86,55 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
+    import typing
 
-    from embedtrain import config
+    from embedtrain.config import RECIPE_TYPES, field_docs
     from embedtrain.losses import LOSSES
     from embedtrain.models.pooling import POOLERS
 
-    if getattr(args, "kind", None):  # a multimodal recipe type
-        from embedtrain.multimodal_config import RECIPE_TYPES, all_field_docs
+    kind = getattr(args, "kind", None) or "text"
+    if kind == "text":
+        print(f"losses: {', '.join(LOSSES.names())}")
+        print(f"pooling: {', '.join(POOLERS.names())}")
 
-        for section in dataclasses.fields(RECIPE_TYPES[args.kind]):
-            if section.name == "kind":
-                continue
-            cls = section.default_factory().__class__  # type: ignore[misc]
-            docs = all_field_docs(cls)
-            print(f"\n{section.name}:")
-            for f in dataclasses.fields(cls):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
-        return 0
-    print(f"losses: {', '.join(LOSSES.names())}")
-    print(f"pooling: {', '.join(POOLERS.names())}")
-    import typing
-
-    nested = []  # optional sub-sections such as model.moe, listed after the sections
-    for section in dataclasses.fields(config.Recipe):
-        cls = section.default_factory().__class__  # type: ignore[misc]
-        docs = config.field_docs(cls)
-        print(f"\n{section.name}:")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
-            each = "[*]" if typing.get_origin(hints[f.name]) is list else ""  # a list of entries, or one optional
-            nested += [(f"{section.name}.{f.name}{each}", t) for t in typing.get_args(hints[f.name])
-                       if dataclasses.is_dataclass(t)]
-    for title, cls in nested:
-        docs = config.field_docs(cls)
+    def show(title: str, cls: type, queue: list) -> None:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
         print(f"\n{title}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+            nested = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(t)]
+            if nested:  # a sub-section (or a list of entries, or an optional one), listed after this one
+                each = "[*]" if typing.get_origin(hints[f.name]) is list else ""
+                queue += [(f"{title}.{f.name}{each}", t) for t in nested]
+                print(f"  {f.name}: see {title}.{f.name}{each}  # {docs.get(f.name, '')}")
+            else:
+                print(f"  {f.name} = {default!r}  # {docs.get(f.name, '')}")
+
+    print(f"recipe kind: {kind} (kinds: {', '.join(RECIPE_TYPES)}; embedtrain info --kind KIND)")
+    hints = typing.get_type_hints(RECIPE_TYPES[kind])
+    for section in dataclasses.fields(RECIPE_TYPES[kind]):
+        if section.name == "kind":
+            continue
+        queue: list = []
+        show(section.name, hints[section.name], queue)
+        while queue:
+            title, cls = queue.pop(0)
+            show(title, cls, queue)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedtrain", description="Train embedding models from YAML recipes.")
+    parser = argparse.ArgumentParser(prog="embedtrain", description="Train embedding models from YAML recipes.",
+                                     epilog="--debug (any command): print the full traceback behind a one-line error")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a recipe: embedtrain train RECIPE [key=value ...]")
-    p.add_argument("recipe", help="YAML recipe")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-5 output.dir=runs/x")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
-    p = sub.add_parser("dml", help="metric learning on labelled images (visual prompts, proxies): embedtrain dml RECIPE")
-    p.add_argument("recipe", help="YAML DML recipe")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 output.dir=runs/x")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    for name, what in (("train", "train a recipe of any kind (text, clip, vlm2vec, dml): embedtrain train RECIPE"),
+                       ("dml", "the same as train (kept for metric-learning recipes)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("recipe", help="YAML recipe")
+        p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-5 output.dir=runs/x")
+        p.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
     sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)
     p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware, NV-Embed)")
@@ -243,12 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p = sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
-    p.add_argument("--kind", choices=["clip", "vlm2vec"], help="the fields of a multimodal recipe type instead")
+    p.add_argument("--kind", choices=["text", "clip", "vlm2vec", "dml"], default="text",
+                   help="the recipe kind whose fields to list (default: text)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug (anywhere on the line, or EMBEDTRAIN_DEBUG=1): the full traceback behind a one-line error
+    debug = "--debug" in argv or os.environ.get("EMBEDTRAIN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         if argv and argv[0] == "eval":
@@ -256,9 +180,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "merge":
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
-        commands = {"train": cmd_train, "dml": cmd_dml, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
+        commands = {"train": cmd_train, "dml": cmd_train, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
         return commands[args.command](args)
     except EmbedtrainError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         return print_error(err)
 
 

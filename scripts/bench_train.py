@@ -137,99 +137,50 @@ def _evaluate_saved(model_dir: Path, cfg: dict) -> dict[str, Any]:
 
 
 def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
-    """Drive embedtrain.train.loop.train on one recipe; observe it through module-level names it
-    looks up at call time (nothing in the library is changed):
+    """Drive embedtrain.train on one recipe and observe it through the trainer's callbacks:
 
-    - ``load_text_encoder`` returns -> RSS baseline after the model load;
-    - ``_to_device`` is the first thing of every step -> step begin (and the step-window baseline);
-    - the 'training' progress bar's ``update(1)`` follows the optimizer step -> step end;
-    - ``BatchCollator`` -> time spent collating and the padded shapes;
-    - ``build_optimizer`` -> which AdamW implementation ran (fused / foreach / for-loop);
-    - the last step's end closes the memory windows (saving is not measured; ``checkpoint.save_checkpoint``
-      closes them too, should the bar not be reached).
+    - ``on_train_begin`` (model loaded and prepared) -> RSS baseline after the load; the optimizer's kind
+      (fused / foreach / for-loop AdamW);
+    - ``on_step_begin`` (the batch is on the device) -> step begin, the step-window baseline, the padded
+      shapes of the batch and the time the loader took to deliver it (``trainer.data_seconds``);
+    - ``on_step_end`` (after the optimizer step) -> step end; the last one closes the memory windows
+      (saving is not measured).
     """
-    import tqdm.auto
-
-    import embedtrain.train.checkpoint as ckpt
-    import embedtrain.train.loop as loop
+    import embedtrain
     from embedtrain.config import recipe_from_dict
+    from embedtrain.train.loop import Callback
 
     total = cfg["total_steps"]
     begins: list[float] = []
     ends: list[float] = []
     data_seconds: list[float] = []
     tokens: list[dict] = []
+    optimizer_kind: dict[str, Any] = {}
     out_dir = workdir / "run"
 
-    with MemoryMonitor() as mon, contextlib.ExitStack() as undo:
-        def patch(obj, name, value):
-            if hasattr(obj, name):
-                old = getattr(obj, name)
-                setattr(obj, name, value)
-                undo.callback(setattr, obj, name, old)
+    with MemoryMonitor() as mon:
+        class Observe(Callback):
+            def on_train_begin(self, trainer):
+                mon.open("load")
+                opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+                optimizer_kind.update(name=type(opt).__name__, fused=opt.defaults.get("fused"),
+                                      foreach=opt.defaults.get("foreach"))
 
-        original_load = loop.load_text_encoder
-
-        def load_and_mark(*a, **k):
-            encoder = original_load(*a, **k)
-            mon.open("load")
-            return encoder
-
-        original_to_device = loop._to_device
-
-        def to_device(batch, device):
-            if not begins:
-                mon.open("steps")
-            sync()
-            begins.append(time.perf_counter())
-            return original_to_device(batch, device)
-
-        class TimedCollator(loop.BatchCollator):
-            def __call__(self, planned, rows):
-                start = time.perf_counter()
-                batch = super().__call__(planned, rows)
-                data_seconds.append(time.perf_counter() - start)
+            def on_step_begin(self, trainer, batch):
+                if not begins:
+                    mon.open("steps")
+                sync()
+                begins.append(time.perf_counter())
+                data_seconds.append(trainer.data_seconds)
                 tokens.append(_token_stats({r: (batch[r] or {}).get("attention_mask")
                                             for r in ("query", "positive", "negative")}))
-                return batch
 
-        class StepBar(tqdm.auto.tqdm):
-            def __init__(self, *a, **k):
-                self._bench_training = k.get("desc") == "training"
-                k["disable"] = True
-                super().__init__(*a, **k)
-
-            def update(self, n=1):
-                if self._bench_training:
-                    sync()
-                    ends.append(time.perf_counter())
-                    if len(ends) >= total:  # the last step: close the memory windows before saving
-                        mon.close("steps")
-                        mon.close("load")
-                return super().update(n)
-
-        optimizer_kind: dict[str, Any] = {}
-        original_build_optimizer = loop.build_optimizer
-
-        def build_optimizer(*a, **k):
-            opt = original_build_optimizer(*a, **k)
-            optimizer_kind.update(name=type(opt).__name__, fused=opt.defaults.get("fused"),
-                                  foreach=opt.defaults.get("foreach"))
-            return opt
-
-        original_save = ckpt.save_checkpoint
-
-        def save_checkpoint(*a, **k):
-            mon.close("steps")
-            mon.close("load")
-            return original_save(*a, **k)
-
-        patch(loop, "load_text_encoder", load_and_mark)
-        patch(loop, "build_optimizer", build_optimizer)
-        patch(loop, "_to_device", to_device)
-        patch(loop, "BatchCollator", TimedCollator)
-        patch(tqdm.auto, "tqdm", StepBar)
-        patch(ckpt, "save_checkpoint", save_checkpoint)
+            def on_step_end(self, trainer, figures):
+                sync()
+                ends.append(time.perf_counter())
+                if len(ends) >= total:  # the last step: close the memory windows before saving
+                    mon.close("steps")
+                    mon.close("load")
 
         recipe = recipe_from_dict({
             "model": {"name_or_path": cfg["model"], "max_length": cfg["max_length"], "pooling": "mean",
@@ -250,7 +201,7 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
             "output": {"dir": str(out_dir), "plot": False, "overwrite": True},
         })
         loop_start = time.perf_counter()
-        result = loop.train(recipe, log=lambda *a: eprint(*a))
+        result = embedtrain.train(recipe, log=lambda *a: eprint(*a), callbacks=[Observe()])
         mon.close("steps")
         mon.close("load")
         seconds = time.perf_counter() - loop_start

@@ -312,7 +312,8 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_step: Opt
     """Delete all but the newest ``keep_last`` complete checkpoints and the one of ``keep_step``,
     and any partial folder."""
     found = list_checkpoints(run_dir)
-    keep = {p for _, p in found[len(found) - keep_last :]} if keep_last > 0 else set()
+    # the newest keep_last (all of them while there are fewer)
+    keep = {p for _, p in found[max(0, len(found) - keep_last) :]} if keep_last > 0 else set()
     for step, path in found:
         if path not in keep and step != keep_step:
             shutil.rmtree(path, ignore_errors=True)
@@ -356,3 +357,62 @@ def _fsync_tree(path: Path) -> None:
         if child.is_file():
             _fsync_file(child)
     _fsync_dir(path)
+
+
+# -- resume bookkeeping -----------------------------------------------------------------------
+
+
+def last_good(run_dir: str | os.PathLike) -> str:
+    """Words naming the newest complete checkpoint, for error messages that stop a run."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {found[-1][1]} is kept"
+
+
+def truncate_metrics(path: Path, step: int, lines: Optional[int]) -> int:
+    """Drop metric lines written after the checkpoint we resume from; returns the lines kept.
+
+    ``lines`` is the count the checkpoint recorded (None for checkpoints that predate it: then lines
+    up to ``step`` are kept). A line cut short by a kill is dropped too.
+    """
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if lines is not None and len(kept) >= lines:
+            break
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and (lines is not None or entry.get("step", 0) <= step):
+            kept.append(line)
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
+    return len(kept)
+
+
+def recipe_changes(saved: Path, current: dict) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's recipe and ``current`` (output.* aside)."""
+    import yaml
+
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    a, b = flatten(old), flatten(current)
+    return sorted(k for k in set(a) | set(b) if not k.startswith("output.") and a.get(k) != b.get(k))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"a.b.c": value}`` (values other than numbers, strings and booleans as text)."""
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat

@@ -1,35 +1,49 @@
-"""AdamW with decoupled weight decay, and warmup + decay schedules from transformers."""
+"""Parameter groups, AdamW (or SGD) and warmup + decay schedules from transformers."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, loss_fn: nn.Module, lr: float, weight_decay: float,
-                    lr_for: Optional[dict[str, float]] = None) -> torch.optim.AdamW:
-    """AdamW; biases, norms and the loss's own parameters get no weight decay.
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases, norms and prompt tokens are not decayed (decay would pull them to zero)."""
+    last = name.split(".")[-1]
+    return p.ndim < 2 or "norm" in name.lower() or "prompts" in last or ".prompts." in name
 
-    ``lr_for`` maps a fragment of parameter names to a learning rate of their own (the MoE router's,
-    ``{"moe_router.": 1e-3}``); the schedule scales it as it scales ``lr``.
-    """
+
+def parameter_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                     lr_for: Optional[dict[str, float]] = None,
+                     plain: Callable[[str, nn.Parameter], bool] = no_weight_decay) -> list[dict]:
+    """Optimizer groups of the trainable parameters: with decay, without (``plain``), and for each
+    name fragment of ``lr_for`` (the MoE router's ``{"moe_router.": 1e-3}``) the same two with that
+    learning rate, which the schedule scales as it scales the main one. Empty groups are left out."""
     own = {fragment: ([], []) for fragment in (lr_for or {})}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         if not p.requires_grad:
             continue
         pair = next((own[f] for f in own if f in name), (decay, no_decay))
-        (pair[1] if p.ndim < 2 or "norm" in name.lower() else pair[0]).append(p)
+        (pair[1] if plain(name, p) else pair[0]).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     for fragment, (own_decay, own_no_decay) in own.items():
         groups += [{"params": own_decay, "weight_decay": weight_decay, "lr": lr_for[fragment]},
                    {"params": own_no_decay, "weight_decay": 0.0, "lr": lr_for[fragment]}]
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if loss_params:
-        groups.append({"params": loss_params, "weight_decay": 0.0})
-    groups = [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"]]
+
+
+def loss_group(loss_fn: nn.Module) -> list[dict]:
+    """The loss's own parameters (a learnable temperature or bias), never decayed."""
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    return [{"params": params, "weight_decay": 0.0}] if params else []
+
+
+def build_optimizer(groups: list[dict], lr: float, kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or SGD with momentum over ``groups``."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     # The default AdamW steps one tensor at a time; the fused kernel (CPU and GPU) is ~10x faster here.
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)

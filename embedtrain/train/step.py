@@ -15,11 +15,36 @@ alive:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from embedtrain.errors import EmbedtrainError
+
 ROLES = ("query", "positive", "negative")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of a collated batch (and of its per-role dicts) on ``device``; other values as they are."""
+    moved = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            moved[k] = {kk: vv.to(device, non_blocking=True) for kk, vv in v.items()}
+        elif isinstance(v, torch.Tensor):
+            moved[k] = v.to(device, non_blocking=True)
+        else:
+            moved[k] = v
+    return moved
+
+
+def chunk_sizes(train) -> Optional[dict[str, int]]:
+    """GradCache chunk per role from a recipe's ``train`` section, or None when GradCache is off."""
+    query = train.gradient_cache_query_chunk_size or train.gradient_cache_chunk_size
+    document = train.gradient_cache_document_chunk_size or train.gradient_cache_chunk_size
+    if query is None and document is None:
+        return None
+    big = 1 << 30  # a role without a chunk size is embedded in one piece
+    return {"query": query or big, "positive": document or big, "negative": document or big}
 
 
 def _loss_inputs(batch: dict, emb: dict[str, Optional[torch.Tensor]]) -> dict:
@@ -117,3 +142,48 @@ def grad_cache_step(
             emb = model(**chunk)
             backward(torch.dot(emb.float().flatten(), grad.flatten()))
     return {k: v.detach() for k, v in out.items()}
+
+
+# -- the update after backward ------------------------------------------------------------------
+
+
+def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: list, loss_params: list,
+                 max_grad_norm: Optional[float], state, max_consecutive_nonfinite: int, step: int,
+                 last_good: str, log) -> tuple[bool, Any, torch.Tensor]:
+    """Finish one step after backward: average the loss's own gradients, clip, and step the optimizer and
+    scheduler unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
+
+    ``state`` carries ``consecutive_nonfinite``. A non-finite step leaves weights and optimizer state
+    those of the last good step; too many in a row stop training with an error naming ``last_good``.
+    """
+    # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
+    if accelerator.num_processes > 1:
+        for p in loss_params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else grad_norm_of(params)
+    if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
+        grad_norm = grad_norm_of(params)
+    loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
+    finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        state.consecutive_nonfinite = 0
+    else:
+        state.consecutive_nonfinite += 1
+        log(f"step {step + 1}: non-finite loss or gradient; step skipped "
+            f"({state.consecutive_nonfinite} in a row, limit {max_consecutive_nonfinite})")
+        if state.consecutive_nonfinite >= max_consecutive_nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            first = step + 2 - state.consecutive_nonfinite
+            raise EmbedtrainError(
+                f"training stopped: {state.consecutive_nonfinite} steps in a row had a non-finite loss "
+                f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {last_good}"
+            )
+    return finite, grad_norm, loss_value
+
+
+def grad_norm_of(params) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.tensor(0.0)

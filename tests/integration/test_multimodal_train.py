@@ -69,11 +69,11 @@ def test_siglip_with_a_lora_image_tower_and_a_frozen_text_tower(tmp_path):
     torch.manual_seed(0)
     from accelerate.utils import set_seed
 
-    from embedtrain.multimodal_config import load_multimodal_recipe
-    from embedtrain.train.multimodal_loop import build_encoder
+    from embedtrain.config import load_recipe
+    from embedtrain.train.tasks.multimodal import build_encoder
 
     set_seed(0)
-    initial = build_encoder(load_multimodal_recipe(CLIP_TINY, [f"output.dir={tmp_path / 'x'}", "loss.name=siglip"]))
+    initial = build_encoder(load_recipe(CLIP_TINY, [f"output.dir={tmp_path / 'x'}", "loss.name=siglip"]))
     start = initial._base().state_dict()
     assert torch.equal(saved["text_projection"], start["text_projection"])
     assert torch.equal(saved["transformer.resblocks.0.mlp.c_fc.weight"], start["transformer.resblocks.0.mlp.c_fc.weight"])

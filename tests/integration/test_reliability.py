@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from embedtrain.cli import main
 from embedtrain.config import recipe_from_dict
 from embedtrain.train import checkpoint as ckpt
-from embedtrain.train import loop
+from embedtrain.train import signals
+from embedtrain.train.tasks import text as text_task
 from embedtrain.train.loop import train
 
 from conftest import REPO, WORDS, tiny_recipe, write_beir, write_pairs
@@ -250,7 +251,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_matches(tiny_bert, pairs_file, t
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Make the loss (and so every gradient) NaN at the given 1-based steps."""
     calls = {"n": 0}
-    real = loop.plain_step
+    real = text_task.plain_step
 
     def step(model, loss_fn, batch, backward):
         calls["n"] += 1
@@ -263,7 +264,7 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
 
         return real(model, poisoned, batch, backward)
 
-    monkeypatch.setattr(loop, "plain_step", step)
+    monkeypatch.setattr(text_task, "plain_step", step)
 
 
 def test_single_nonfinite_step_is_skipped_and_training_continues(tiny_bert, pairs_file, tmp_path, monkeypatch):
@@ -375,8 +376,8 @@ def test_disk_full_during_writes_then_resume(tiny_bert, pairs_file, tmp_path, mo
 
 def test_stop_request_counts_a_quick_repeat_once(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
-    stop = loop._StopRequest()
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    stop = signals.StopRequest()
     stop._handle(signal.SIGTERM, None)
     clock[0] += 0.5
     stop._handle(signal.SIGTERM, None)  # e.g. forwarded by the launcher: the same request
@@ -390,11 +391,11 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + [json.dumps({"step": 3, "eval/x": 0.5})]
     path.write_text("\n".join(lines) + "\n" + '{"step": 4, "lo')  # the last line was cut by a kill
-    assert loop._truncate_metrics(path, 3, 4) == 4
+    assert ckpt.truncate_metrics(path, 3, 4) == 4
     assert path.read_text().splitlines() == lines
-    assert loop._truncate_metrics(path, 2, None) == 2  # a checkpoint without a line count: by step
+    assert ckpt.truncate_metrics(path, 2, None) == 2  # a checkpoint without a line count: by step
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
-    assert loop._truncate_metrics(path, 0, 0) == 0 and path.read_text() == ""
+    assert ckpt.truncate_metrics(path, 0, 0) == 0 and path.read_text() == ""
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -659,7 +660,7 @@ texts = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)  
 def test_recipe_round_trips_through_yaml_and_overrides(tmp_path_factory, lr, steps, prompt, out_dir, symmetric,
                                                        pooling):
     """save_recipe -> load -> the same recipe; and `key=<JSON of a value>` overrides set exactly that value."""
-    from embedtrain.config import Recipe, apply_override, read_yaml, save_recipe, to_dict
+    from embedtrain.config import TextRecipe, apply_override, read_yaml, save_recipe, to_dict
 
     recipe = recipe_from_dict({
         "model": {"name_or_path": "m", "pooling": pooling},
@@ -671,7 +672,7 @@ def test_recipe_round_trips_through_yaml_and_overrides(tmp_path_factory, lr, ste
     path = tmp_path_factory.mktemp("roundtrip") / "recipe.yaml"
     save_recipe(recipe, path)
     again = recipe_from_dict(read_yaml(path), check_values=False)
-    assert isinstance(again, Recipe) and to_dict(again) == to_dict(recipe)
+    assert isinstance(again, TextRecipe) and to_dict(again) == to_dict(recipe)
 
     data = read_yaml(path)
     for key, value in (("train.lr", lr), ("train.max_steps", steps), ("data.train.0.query_prompt", prompt),

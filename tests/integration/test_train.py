@@ -131,3 +131,46 @@ def test_cli_subprocess_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "train.lrr: unknown key (did you mean 'lr'?)" in proc.stderr
+
+
+def test_python_api_trains_a_recipe_path_with_overrides_and_callbacks(tiny_bert, pairs_file, beir_dir, tmp_path):
+    import embedtrain
+    from embedtrain.train.loop import Callback
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, pairs_file, tmp_path / "unused", beir_dir)))
+    seen: dict[str, list] = {}
+
+    class Record(Callback):
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                return lambda trainer, *args: seen.setdefault(name, []).append(args)
+            return super().__getattribute__(name)
+
+    out = tmp_path / "run"
+    result = embedtrain.train(path, [f"output.dir={out}", "train.max_steps=4", "train.save_every=2"],
+                              callbacks=[Record()], log=lambda *_: None)
+    assert result.steps == 4 and result.model_dir == out / "model"
+    assert len(seen["on_train_begin"]) == 1 and len(seen["on_train_end"]) == 1
+    assert len(seen["on_step_begin"]) == len(seen["on_step_end"]) == 4 == len(seen["on_log"])
+    assert [args[0]["step"] for args in seen["on_step_end"]] == [1, 2, 3, 4]
+    assert all("input_ids" in args[0]["query"] for args in seen["on_step_begin"])  # the batch, on its device
+    assert [p.name for (p,) in seen["on_save"]] == ["step-0000002", "step-0000004"]
+    assert len(seen["on_evaluate"]) == 2  # before training and at the end
+    # the saved model comes back through embedtrain.load, whatever its kind, with the same embeddings
+    encoder = embedtrain.load(result.model_dir)
+    texts = ["how do plants make food", "light and water"]
+    from embedtrain.models import load_text_encoder
+
+    direct = load_text_encoder(str(result.model_dir))
+    assert torch.allclose(encoder.encode(texts), direct.encode(texts), atol=1e-6)
+
+
+def test_corrupt_recipe_given_to_the_python_api_is_one_error(tmp_path):
+    import embedtrain
+    from embedtrain.errors import EmbedtrainError
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train: {lr: -1}\n")
+    with pytest.raises(EmbedtrainError, match="train.lr: must be positive"):
+        embedtrain.train(path)

@@ -281,3 +281,11 @@ def test_source_loads_nothing_through_pickle():
         hits += [f"{path.relative_to(REPO)}:{line}: {what}" for line, what in _unsafe_uses(tree)]
     assert hits == []
     assert ModelConfig().trust_remote_code is False
+
+
+def test_prune_keeps_every_checkpoint_while_there_are_fewer_than_keep_last(trained, tmp_path):
+    accelerator, _, _ = trained
+    for step in (2, 4):
+        _save(accelerator, tmp_path, step)
+    ckpt.prune_checkpoints(tmp_path, keep_last=3, keep_step=None)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 4]

@@ -1,0 +1,140 @@
+"""What differs between kinds of model: a small task object the training loop calls.
+
+The loop (:mod:`embedtrain.train.loop`) owns everything that is the same for every kind: the
+output folder, the Accelerator, the training state, the data position, the update step, logging,
+evaluation and checkpoint scheduling, signals, the final save, plots, the model card and the Hub
+push. A task supplies the rest, in the order the loop asks for it:
+
+1. ``read_data``: read and check the training data (before any model loads, so data errors come first);
+2. ``check_data``: what depends on the number of processes (a dataset smaller than one global batch);
+3. ``build``: the model and the loss module, trainable parameters chosen;
+4. ``parameter_groups``: the optimizer's groups (weight decay, own learning rates);
+5. ``batches_in_epoch`` / ``loader``: the epoch plans and a loader starting at a batch of an epoch;
+6. ``step``: forward and backward of one batch (plain or GradCache), returning detached figures;
+7. ``evaluate``: scores on the held-out tasks (``selection_key`` picks the best checkpoint);
+8. ``export``: the final model folder, written from the gathered full state dict;
+9. ``results`` / ``card`` / ``summary``: what goes into results.json, the model card and the last lines printed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+
+class Task:
+    """Base class of the per-kind pieces; see the module docstring for the order of calls."""
+
+    throughput_key = "examples_per_s"
+    """Name of the throughput figure in metrics.jsonl."""
+    last_value_keys: tuple[str, ...] = ("temperature",)
+    """Step figures logged as their last value in a window (the others are averaged)."""
+    max_processes: Optional[int] = None
+    """None: any number of processes; 1: the kind runs in one process only."""
+    find_unused_parameters = False
+    """Tell DDP that a step may leave parameters without gradient (an MoE step's other experts)."""
+
+    def __init__(self, recipe, log=print):
+        self.recipe = recipe
+        self.log = log
+        self.counters: dict = {}
+        """The task's own figures that a checkpoint keeps (the loop hands in the training state's)."""
+
+    # -- data -------------------------------------------------------------------------------
+    def read_data(self) -> None:
+        raise NotImplementedError
+
+    def check_data(self, world_size: int) -> None:
+        """Checks that need the number of processes (after the Accelerator is built)."""
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool) -> Iterable[dict]:
+        """This process's batches of ``epoch`` from batch ``offset`` on."""
+        raise NotImplementedError
+
+    def examples_per_step(self, world_size: int) -> int:
+        return self.recipe.data.batch_size * world_size
+
+    # -- model --------------------------------------------------------------------------------
+    def build(self, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(model, loss module); called after the seed is set."""
+        raise NotImplementedError
+
+    def parameter_groups(self, model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
+        raise NotImplementedError
+
+    # -- training -----------------------------------------------------------------------------
+    def check_batch(self, batch: dict, step: int) -> Optional[str]:
+        """A reason to stop before this batch (e.g. an image that broke since the checks), or None."""
+        return None
+
+    def step(self, model, loss_fn, batch: dict, accelerator) -> dict[str, torch.Tensor]:
+        """Forward and backward of one batch; returns detached figures, ``loss`` first."""
+        raise NotImplementedError
+
+    def log_extras(self, learning_rates: list[float]) -> dict[str, Any]:
+        """Figures added to each metrics line (routing statistics, counters)."""
+        return {}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    has_evaluation = True
+
+    def evaluate(self, model, accelerator) -> dict[str, float]:
+        return {}
+
+    @property
+    def selection_key(self) -> str:
+        """The score that selects the best checkpoint (higher is better)."""
+        return f"mean/{self.recipe.eval.metric}"
+
+    def format_scores(self, scores: dict[str, float]) -> str:
+        return ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items() if k.endswith(f"/{self.recipe.eval.metric}"))
+
+    # -- output --------------------------------------------------------------------------------
+    def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
+        """Write the final model into the empty folder ``path`` from the gathered ``state_dict``."""
+        raise NotImplementedError
+
+    def results(self) -> dict[str, Any]:
+        """Entries of results.json besides the steps, scores and times."""
+        return {}
+
+    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, processes: int):
+        """Model-card data for the saved folder, or None when this kind has no card."""
+        return None
+
+    def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:
+        """Lines printed at the end: each task's selection metric before and after."""
+        metric = self.recipe.eval.metric
+        lines = []
+        for key in sorted(k for k in {**baseline, **final} if k.endswith(f"/{metric}") and not k.startswith("mean/")):
+            before, after = baseline.get(key), final.get(key)
+            line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+            lines.append(line + (f"after {100 * after:.2f}" if after is not None else ""))
+        return lines
+
+
+def module_with_state(model: torch.nn.Module, state_dict: dict, rebuild) -> torch.nn.Module:
+    """A module holding exactly ``state_dict`` (the gathered weights), for savers that write a live module.
+
+    In one process or under DDP ``model``'s own tensors are the full weights and it is used as it is
+    (with ``state_dict`` copied in where a tensor differs). Under FSDP / ZeRO-3 its tensors are shards:
+    ``rebuild()`` then makes a fresh, unsharded module of the same architecture on the CPU, and the
+    gathered weights are loaded into it.
+    """
+    own = model.state_dict()
+    full = own.keys() == state_dict.keys() and all(
+        type(own[k]) is torch.Tensor and own[k].shape == v.shape for k, v in state_dict.items())
+    if not full:
+        model = rebuild()
+        model.load_state_dict(state_dict)
+        return model
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if own[key].data_ptr() != value.data_ptr() and not torch.equal(own[key], value.to(own[key].device)):
+                own[key].copy_(value)
+    return model

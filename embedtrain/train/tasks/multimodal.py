@@ -1,0 +1,187 @@
+"""CLIP dual encoders (open_clip) and VLM2Vec encoders: rows with images, decoded in the DataLoader
+workers; GradCache with separate query and document chunk sizes; image-text retrieval both ways;
+the model saved in open_clip's layout (CLIP) or as a sentence-transformers folder (VLM2Vec)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
+from embedtrain.data.collate import PlannedBatches
+from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs, split_inputs
+from embedtrain.data.sampler import plan_epoch
+from embedtrain.errors import EmbedtrainError
+from embedtrain.eval.retrieval import evaluate_image_text, load_beir
+from embedtrain.losses import InfoNCELoss, SigmoidLoss
+from embedtrain.train.optim import loss_group, parameter_groups
+from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
+from embedtrain.train.task import Task, module_with_state
+
+METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10")
+
+
+def build_encoder(r, device: Optional[torch.device] = None):
+    """The model of a CLIP or VLM2Vec recipe, with its trainable parameters chosen (towers, LoRA)."""
+    m = r.model
+    templates = {"query": r.data.train[0].query_template, "document": r.data.train[0].document_template}
+    if r.kind == "clip":
+        from embedtrain.models.clip import architecture_config, load_clip_encoder
+
+        encoder = load_clip_encoder(
+            m.name_or_path, m.pretrained, architecture_config(**asdict(m.architecture)),
+            init_logit_bias=r.loss.bias if r.loss.name == "siglip" else None, templates=templates,
+            gradient_checkpointing=m.gradient_checkpointing,
+        )
+        encoder.set_towers(m.image_tower, m.text_tower, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        return encoder
+    from embedtrain.models.vlm import load_vlm_encoder
+
+    return load_vlm_encoder(
+        m.name_or_path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length, finetune=m.finetune,
+        lora_r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout, lora_targets=m.lora.target_modules,
+        train_vision=m.train_vision, dtype=m.dtype, image_max_pixels=m.image_max_pixels,
+        attn_implementation=m.attn_implementation, gradient_checkpointing=m.gradient_checkpointing,
+        trust_remote_code=m.trust_remote_code, revision=m.revision, templates=templates,
+    )
+
+
+def build_loss(r) -> torch.nn.Module:
+    lo, gather = r.loss, r.train.gather_across_processes
+    if r.kind == "clip":
+        if lo.name == "siglip":
+            return SigmoidLoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                               bias=lo.bias, learnable_bias=lo.learnable_bias, gather_across_processes=gather)
+        # CLIP's loss: symmetric InfoNCE over the global batch with a learnable temperature
+        return InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                           symmetric=True, gather_across_processes=gather)
+    return InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                       symmetric=lo.symmetric, in_batch_negatives=lo.in_batch_negatives,
+                       mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather)
+
+
+def evaluate_tasks(encoder, tasks, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+    """``<task>/<direction>/<metric>`` for every task and direction, and ``mean/<metric>`` over them all."""
+    out: dict[str, float] = {}
+    for cfg, data in tasks:
+        scores = evaluate_image_text(encoder, data, cfg.query_template, cfg.document_template, batch_size=batch_size,
+                                     both_directions=cfg.both_directions, show_progress=show_progress)
+        out.update({f"{data.name}/{k}": v for k, v in scores.items()})
+    for metric in METRICS:
+        values = [v for k, v in out.items() if k.endswith(f"/{metric}")]
+        if values:
+            out[f"mean/{metric}"] = sum(values) / len(values)
+    return out
+
+
+class MultimodalTask(Task):
+    def __init__(self, recipe, log=print):
+        super().__init__(recipe, log)
+        self._plans: dict[int, list] = {}
+        self.bad_before: list = []
+
+    # -- data -------------------------------------------------------------------------------------
+    def read_data(self) -> None:
+        r = self.recipe
+        self.datasets = [
+            read_multimodal_pairs(
+                ds.path, f"data.train[{i}]", mm_dataset_name(ds), role_columns(ds), ds.image_root, ds.query_template,
+                ds.document_template, ds.weight, ds.split, ds.max_rows, r.data.bad_images, r.data.verify_images,
+            )
+            for i, ds in enumerate(r.data.train)
+        ]
+        self.bad_before = [b for ds in self.datasets for b in ds.skipped]
+        self.eval_tasks = [(t, load_beir(t.path, mm_task_name(t))) for t in r.eval.tasks]
+        self.has_evaluation = bool(self.eval_tasks)
+
+    def check_data(self, world_size: int) -> None:
+        r = self.recipe
+        for b in self.bad_before[:20]:
+            self.log(f"skipped: {b.message()}")
+        if self.bad_before:
+            self.log(f"skipped {len(self.bad_before)} rows with bad images (data.bad_images: skip)")
+        self.global_batch = r.data.batch_size * world_size
+        for i, ds in enumerate(self.datasets):
+            if len(ds) < self.global_batch:
+                raise EmbedtrainError(
+                    f"data.train[{i}]: {ds.name} has {len(ds)} usable rows, fewer than one batch "
+                    f"({r.data.batch_size} x {world_size} processes); lower data.batch_size or add rows"
+                )
+        if self.batches_in_epoch(0) == 0:
+            raise EmbedtrainError("data.train: no full batch can be formed without repeating a text or image; "
+                                  "lower data.batch_size or add rows")
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return len(self._plan(epoch))
+
+    def _plan(self, epoch: int) -> list:
+        r = self.recipe
+        if epoch not in self._plans:
+            self._plans.clear()
+            self._plans[epoch] = plan_epoch(
+                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
+                r.train.seed, epoch, lengths=None, weights=[d.weight for d in self.datasets], mixing=r.data.mixing,
+                no_duplicates=r.data.no_duplicates,
+            )
+        return self._plans[epoch]
+
+    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
+        batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
+        return torch.utils.data.DataLoader(
+            batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
+            pin_memory=pin_memory, generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
+        )
+
+    # -- model ------------------------------------------------------------------------------------
+    def build(self, device: torch.device):
+        encoder = build_encoder(self.recipe)
+        self.log(f"trainable: {encoder.trainable_summary()}")
+        self.collator = MultimodalCollator(self.datasets, encoder.inputs, self.recipe.data.bad_images)
+        return encoder, build_loss(self.recipe)
+
+    def parameter_groups(self, model, loss_fn) -> list[dict]:
+        return parameter_groups(model.named_parameters(), self.recipe.train.weight_decay) + loss_group(loss_fn)
+
+    # -- training ---------------------------------------------------------------------------------
+    def check_batch(self, batch: dict, step: int) -> Optional[str]:
+        bad_here = batch.pop("bad_images")
+        for b in bad_here:
+            self.log(f"step {step + 1}: {b.message()}")
+        self.counters["bad_images_in_training"] = self.replaced_so_far + len(bad_here)
+        if not batch.pop("stop"):
+            return None
+        message = bad_here[-1].message() if bad_here else "another process hit a bad image"
+        return (f"{message}; fix or remove the row, or set data.bad_images: skip, then resume with --resume auto")
+
+    @property
+    def replaced_so_far(self) -> int:
+        return self.counters.get("bad_images_in_training", 0)
+
+    def step(self, model, loss_fn, batch: dict, accelerator) -> dict:
+        chunks = chunk_sizes(self.recipe.train)
+        if chunks:
+            return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward,
+                                   lambda: accelerator.no_sync(model), split=split_inputs)
+        return plain_step(model, loss_fn, batch, accelerator.backward)
+
+    def log_extras(self, learning_rates: list[float]) -> dict:
+        return {"bad_images": self.replaced_so_far} if self.replaced_so_far else {}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, accelerator) -> dict[str, float]:
+        return evaluate_tasks(model, self.eval_tasks, self.recipe.eval.batch_size)
+
+    # -- output -----------------------------------------------------------------------------------
+    def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
+        model = module_with_state(model, state_dict, lambda: build_encoder(self.recipe))
+        # the trained temperature (and SigLIP's bias) go into the saved model
+        loss_state = {k: getattr(loss_fn, k).detach().cpu() for k in ("log_scale", "bias")
+                      if isinstance(getattr(loss_fn, k, None), torch.Tensor)}
+        model.save(path, loss_state=loss_state)
+
+    def results(self) -> dict:
+        return {"bad_images": {"skipped_before_training": len(self.bad_before),
+                               "replaced_during_training": self.replaced_so_far}}

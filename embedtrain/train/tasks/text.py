@@ -1,0 +1,201 @@
+"""Text encoders: BERT-class models, bidirectional decoders (NV-Embed: LoRA, latent attention,
+instruction masking, chained stages) and their Mixture-of-Experts upcycling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from embedtrain.config import task_name
+from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, token_lengths
+from embedtrain.errors import EmbedtrainError
+from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
+from embedtrain.losses import LOSSES
+from embedtrain.train import experts
+from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
+                                       prompt_lengths, query_prompt_of)
+from embedtrain.train.optim import loss_group, parameter_groups
+from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
+from embedtrain.train.task import Task
+
+METRICS = ("ndcg@10", "mrr@10", "recall@10")
+
+
+class TextTask(Task):
+    def __init__(self, recipe, log=print, chain: tuple[str, ...] = (), run_stage=None):
+        super().__init__(recipe, log)
+        self.chain, self.run_stage = chain, run_stage
+        # an MoE step leaves the other domains' experts without gradient, which DDP must be told
+        self.find_unused_parameters = experts.uses_experts(recipe)
+        self._plans: dict[int, list] = {}
+
+    # -- data -------------------------------------------------------------------------------------
+    def read_data(self) -> None:
+        r = self.recipe
+        self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
+        self.model_source = r.model.name_or_path
+        if r.model.previous_stage:  # stage 2 starts from stage 1's output model
+            self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
+        self.eval_tasks = [(t, load_beir(t.path, task_name(t))) for t in r.eval.tasks]
+        self.has_evaluation = bool(self.eval_tasks)
+
+    def check_data(self, world_size: int) -> None:
+        r = self.recipe
+        self.global_batch = r.data.batch_size * world_size
+        for i, ds in enumerate(self.datasets):
+            if len(ds) < self.global_batch:
+                raise EmbedtrainError(
+                    f"data.train[{i}]: {ds.name} has {len(ds)} rows, fewer than one batch "
+                    f"({r.data.batch_size} x {world_size} processes); lower data.batch_size or add rows"
+                )
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return len(self._plan(epoch))
+
+    def _plan(self, epoch: int) -> list:
+        r = self.recipe
+        if epoch not in self._plans:
+            self._plans.clear()  # keep one epoch in memory
+            self._plans[epoch] = plan_epoch(
+                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
+                r.train.seed, epoch, lengths=self.lengths, weights=[d.weight for d in self.datasets],
+                mixing=r.data.mixing, no_duplicates=r.data.no_duplicates, window=r.data.length_grouping_window,
+            )
+        return self._plans[epoch]
+
+    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
+        batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
+        return torch.utils.data.DataLoader(
+            batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
+            pin_memory=pin_memory,
+            # its own generator: creating the iterator must not draw from the global random state
+            # (that would shift dropout after a resume)
+            generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
+        )
+
+    # -- model ------------------------------------------------------------------------------------
+    def build(self, device: torch.device):
+        from accelerate import PartialState
+
+        from embedtrain.models import load_text_encoder
+
+        r = self.recipe
+        if r.model.bidirectional:
+            encoder = load_recipe_decoder(r, self.model_source, device)
+        else:
+            encoder = load_text_encoder(
+                self.model_source, pooling=r.model.pooling, normalize=r.model.normalize, max_length=r.model.max_length,
+                query_max_length=r.model.query_max_length, document_max_length=r.model.document_max_length,
+                query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
+                attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
+                revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
+            )
+        encoder = experts.prepare_encoder(encoder, r, self.log)  # model.moe: upcycled into one expert per domain
+        self.batch_domains = experts.dataset_domains(encoder, r)
+        experts.check_eval_tasks(encoder, r)
+        _check_position_limit(encoder, r)
+        loss_fn = LOSSES.get(r.loss.name)(
+            temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
+            symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
+            mask_false_negatives=r.loss.mask_false_negatives, gather_across_processes=r.train.gather_across_processes,
+        )
+        # Tokenize once; the main process fills the datasets cache, the others read it.
+        with PartialState().main_process_first():
+            for ds in self.datasets:
+                if r.data.pretokenize:
+                    pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
+        self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
+        self.collator = BatchCollator(self.datasets, encoder.tokenizer, encoder.max_length_for,
+                                      prompt_lengths(encoder, self.datasets))
+        if self.batches_in_epoch(0) == 0:
+            raise EmbedtrainError("data.train: no full batch can be formed without repeating a text; "
+                                  "lower data.batch_size or add rows")
+        frozen = encoder.freeze_unused_parameters()
+        if frozen:
+            self.log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
+        if r.train.compile:
+            # compiled in place: parameter names (checkpoints, the saved model) stay those of the backbone
+            encoder.backbone.compile(dynamic=True)
+        self.encoder = encoder
+        return encoder, loss_fn
+
+    def parameter_groups(self, model, loss_fn) -> list[dict]:
+        r = self.recipe
+        return parameter_groups(model.named_parameters(), r.train.weight_decay, experts.learning_rates(r)) \
+            + loss_group(loss_fn)
+
+    # -- training ---------------------------------------------------------------------------------
+    def step(self, model, loss_fn, batch: dict, accelerator) -> dict:
+        chunks = chunk_sizes(self.recipe.train)
+        with experts.routed_batch(self.encoder, self.batch_domains, batch["dataset"]):  # MoE: the dataset's expert
+            if chunks:
+                return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward,
+                                       lambda: accelerator.no_sync(model))
+            return plain_step(model, loss_fn, batch, accelerator.backward)
+
+    def log_extras(self, learning_rates: list[float]) -> dict:
+        return experts.routing_log(self.encoder)  # MoE: expert shares, router accuracy
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, accelerator) -> dict[str, float]:
+        """Metrics per task as ``<task>/<metric>`` plus the mean over tasks as ``mean/<metric>``."""
+        out: dict[str, float] = {}
+        for cfg, data in self.eval_tasks:
+            with experts.routed_task(model, cfg.domain):  # MoE models: the task's domain, or the router
+                scores = evaluate_retrieval(model, data, query_prompt_of(cfg) or None, cfg.document_prompt or None,
+                                            batch_size=self.recipe.eval.batch_size, show_progress=True)
+            out.update({f"{data.name}/{k}": v for k, v in scores.items()})
+        if self.eval_tasks:
+            for metric in METRICS:
+                out[f"mean/{metric}"] = sum(out[f"{d.name}/{metric}"] for _, d in self.eval_tasks) / len(self.eval_tasks)
+        return out
+
+    def format_scores(self, scores: dict[str, float]) -> str:
+        return ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items() if not k.startswith("mean/") or len(scores) > 3)
+
+    # -- output -----------------------------------------------------------------------------------
+    def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
+        model.save(path, state_dict=state_dict)
+
+    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, processes: int):
+        from embedtrain.hub.run_card import card_for_run
+
+        return card_for_run(self.recipe, model_dir, baseline, final, seconds, steps, processes)
+
+    def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:
+        metric = self.recipe.eval.metric
+        names = sorted({k.split("/")[0] for k in {**baseline, **final} if k.endswith(metric) and not k.startswith("mean/")})
+        lines = []
+        for name in names:
+            before, after = baseline.get(f"{name}/{metric}"), final.get(f"{name}/{metric}")
+            line = f"{name} {metric}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
+            lines.append(line + (f"after {100 * after:.2f}" if after is not None else ""))
+        return lines
+
+
+def _position_limit(backbone) -> Optional[int]:
+    """Tokens a backbone with a learned position table can take (None when it has no such table)."""
+    table = getattr(getattr(backbone, "embeddings", None), "position_embeddings", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    # RoBERTa-style tables start counting after the padding index
+    padding_idx = getattr(backbone.embeddings, "padding_idx", None)
+    offset = padding_idx + 1 if isinstance(padding_idx, int) and padding_idx >= 0 else 0
+    return table.num_embeddings - offset
+
+
+def _check_position_limit(encoder, r) -> None:
+    """A token limit above the model's position table would fail in the first forward pass."""
+    limit = _position_limit(encoder.backbone)
+    if limit is None:
+        return
+    for name, value in (("query_max_length", encoder.query_max_length),
+                        ("document_max_length", encoder.document_max_length)):
+        if value > limit:
+            field_name = name if getattr(r.model, name) is not None else "max_length"
+            raise EmbedtrainError(
+                f"model.{field_name}: {value} tokens is more than the {limit} positions of "
+                f"{r.model.name_or_path}; set model.{field_name} to at most {limit}"
+            )
