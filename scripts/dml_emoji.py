@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from embedtrain.config import DMLRecipe, load_recipe
-    from embedtrain.train.loop import train as train_dml
+    from embedtrain.train.loop import train
 
     started = time.time()
     out = Path(args.output)
@@ -85,7 +85,7 @@ def run(args) -> int:
             print(f"\n== {label} (seed {seed})", flush=True)
             done = finished_run(recipe) if args.reuse else None
             if done is None:
-                result = train_dml(recipe)
+                result = train(recipe)
                 if result.stopped:
                     print(f"stopped during {label} (seed {seed}); run again with --reuse to continue", file=sys.stderr)
                     return 1

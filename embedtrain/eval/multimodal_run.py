@@ -16,27 +16,22 @@ METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10")
 
 
 def model_kind(spec: str) -> str | None:
-    """'clip' or 'vlm2vec' for a local multimodal model folder, else None (text models, Hub ids)."""
+    """'clip' or 'vlm2vec' for a local multimodal model folder, else None (text models, Hub ids).
+    A folder whose embedtrain.json is damaged is an error, not a text model."""
     from embedtrain.config import looks_local, resolve_path
+    from embedtrain.models.folders import find_model_kind
 
     if not looks_local(spec):
         return None
-    folder = Path(resolve_path(spec))
-    if (folder / "open_clip_config.json").is_file():
-        return "clip"
-    try:
-        kind = json.loads((folder / "embedtrain.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError):
-        return None
+    kind = find_model_kind(resolve_path(spec))
     return kind if kind in ("clip", "vlm2vec") else None
 
 
 def load_multimodal_encoder(spec: str):
-    kind = model_kind(spec)
-    if kind == "clip":
-        from embedtrain.models.clip import load_clip_encoder
+    if model_kind(spec) is not None:  # a saved folder: the one loader
+        from embedtrain.models.loading import load_model
 
-        return load_clip_encoder(spec)
+        return load_model(spec)
     from embedtrain.models.vlm import load_vlm_encoder
 
     return load_vlm_encoder(spec, finetune="full")

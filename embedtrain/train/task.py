@@ -23,6 +23,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from embedtrain.errors import EmbedtrainError
+
 
 class Task:
     """Base class of the per-kind pieces; see the module docstring for the order of calls."""
@@ -116,6 +118,18 @@ class Task:
             line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
             lines.append(line + (f"after {100 * after:.2f}" if after is not None else ""))
         return lines
+
+
+def check_batch_fits(datasets, batch_size: int, world_size: int, rows: str = "rows") -> int:
+    """The global batch (``batch_size`` x processes); a dataset with fewer ``rows`` than that is an error."""
+    global_batch = batch_size * world_size
+    for i, ds in enumerate(datasets):
+        if len(ds) < global_batch:
+            raise EmbedtrainError(
+                f"data.train[{i}]: {ds.name} has {len(ds)} {rows}, fewer than one batch "
+                f"({batch_size} x {world_size} processes); lower data.batch_size or add rows"
+            )
+    return global_batch
 
 
 def module_with_state(model: torch.nn.Module, state_dict: dict, rebuild) -> torch.nn.Module:

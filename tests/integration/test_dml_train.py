@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from embedtrain.cli import main as cli_main
 from embedtrain.config import DMLRecipe, recipe_from_dict
 from embedtrain.models.semantic_proxies import load_dml_model
-from embedtrain.train.loop import train as train_dml
+from embedtrain.train.loop import train
 
 from vpt_support import build_tiny_open_clip, write_labelled_images
 
@@ -48,7 +48,7 @@ def recipe(assets, out, **sections):
 
 def test_vpt_with_semantic_proxies_trains_saves_and_reloads(assets, tmp_path):
     tower, _ = assets
-    result = train_dml(recipe(assets, tmp_path / "run"), log=lambda *a: None)
+    result = train(recipe(assets, tmp_path / "run"), log=lambda *a: None)
     assert result.steps == 8 and 0 <= result.final["recall@1"] <= 1 and result.baseline
     summary = json.loads((tmp_path / "run" / "results.json").read_text())
     assert summary["train_classes"] == 4 and summary["test_classes"] == 4
@@ -78,14 +78,14 @@ def test_vpt_with_semantic_proxies_trains_saves_and_reloads(assets, tmp_path):
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(assets, tmp_path):
-    full = train_dml(recipe(assets, tmp_path / "full"), log=lambda *a: None)
+    full = train(recipe(assets, tmp_path / "full"), log=lambda *a: None)
     # the same run stopped after its step-4 checkpoint: keep only that checkpoint and resume
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
     shutil.rmtree(part / "model")
     (part / "results.json").unlink()
     shutil.rmtree(part / "checkpoints" / "step-0000008")
-    resumed = train_dml(recipe(assets, part), resume="auto", log=lambda *a: None)
+    resumed = train(recipe(assets, part), resume="auto", log=lambda *a: None)
     a = load_file(str(full.model_dir / "model.safetensors"))
     b = load_file(str(resumed.model_dir / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -55,7 +55,7 @@ def check_run(run: dict, framework: str, variant: str, batch_size: int, steps: i
     assert run["peak_increase_mb"] is not None and run["steps_peak_increase_mb"] is not None
     assert 0 < run["tokens"]["real_share"] <= 1 and set(run["tokens"]["per_role"]) == {"query", "positive", "negative"}
     assert run["optimizer"]
-    if framework == "embedtrain":  # the script observes train() through names the loop looks up; still there?
+    if framework == "embedtrain":  # the script observes the run through the trainer's callbacks: one hook per step
         assert run["hooks"]["step_begin"] == run["hooks"]["step_end"] == steps, run["hooks"]
 
 

@@ -19,7 +19,7 @@ from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import InfoNCELoss, SigmoidLoss
 from embedtrain.train.optim import loss_group, parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
-from embedtrain.train.task import Task, module_with_state
+from embedtrain.train.task import Task, check_batch_fits, module_with_state
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10")
 
@@ -103,13 +103,7 @@ class MultimodalTask(Task):
             self.log(f"skipped: {b.message()}")
         if self.bad_before:
             self.log(f"skipped {len(self.bad_before)} rows with bad images (data.bad_images: skip)")
-        self.global_batch = r.data.batch_size * world_size
-        for i, ds in enumerate(self.datasets):
-            if len(ds) < self.global_batch:
-                raise EmbedtrainError(
-                    f"data.train[{i}]: {ds.name} has {len(ds)} usable rows, fewer than one batch "
-                    f"({r.data.batch_size} x {world_size} processes); lower data.batch_size or add rows"
-                )
+        self.global_batch = check_batch_fits(self.datasets, r.data.batch_size, world_size, rows="usable rows")
         if self.batches_in_epoch(0) == 0:
             raise EmbedtrainError("data.train: no full batch can be formed without repeating a text or image; "
                                   "lower data.batch_size or add rows")

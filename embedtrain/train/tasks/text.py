@@ -18,7 +18,7 @@ from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_datase
                                        prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import loss_group, parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
-from embedtrain.train.task import Task
+from embedtrain.train.task import Task, check_batch_fits
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
 
@@ -42,14 +42,7 @@ class TextTask(Task):
         self.has_evaluation = bool(self.eval_tasks)
 
     def check_data(self, world_size: int) -> None:
-        r = self.recipe
-        self.global_batch = r.data.batch_size * world_size
-        for i, ds in enumerate(self.datasets):
-            if len(ds) < self.global_batch:
-                raise EmbedtrainError(
-                    f"data.train[{i}]: {ds.name} has {len(ds)} rows, fewer than one batch "
-                    f"({r.data.batch_size} x {world_size} processes); lower data.batch_size or add rows"
-                )
+        self.global_batch = check_batch_fits(self.datasets, self.recipe.data.batch_size, world_size)
 
     def batches_in_epoch(self, epoch: int) -> int:
         return len(self._plan(epoch))
