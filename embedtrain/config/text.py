@@ -126,9 +126,6 @@ class DatasetConfig(DatasetSource):
     """Negatives per example-based pair, each from a different other label (with label_column)."""
 
 
-    """Negatives per example-based pair, each from a different other label (with label_column)."""
-
-
 @dataclass
 class DataConfig:
     train: list[DatasetConfig] = field(default_factory=list)
