@@ -1,14 +1,15 @@
 """Sections every recipe kind shares, and their value checks (each written once).
 
-``train`` and ``output`` are the same section in every kind; each kind's ``eval`` extends
-:class:`EvalConfig`; the datasets of text and multimodal recipes (and the probe data of merges)
-extend :class:`DatasetSource`. A check appends ``'<dotted path>: ...'`` problems to a list.
+``train`` and ``output`` are the same section in every kind, and :func:`recipe_type` declares each
+kind's recipe dataclass around them; each kind's ``eval`` extends :class:`EvalConfig`; the datasets
+of text and multimodal recipes (and the probe data of merges) extend :class:`DatasetSource`. A check appends ``'<dotted path>: ...'`` problems to a list.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
@@ -119,6 +120,24 @@ class OutputConfig(OutputFolderConfig):
     """Write loss and evaluation curves as PNG."""
     report_to: list[str] = field(default_factory=list)
     """accelerate trackers to log to, e.g. [tensorboard]."""
+
+
+SECTION_DOCS = {"loss": "The objective.", "train": "Optimization.", "eval": "Evaluation.", "output": "Where results go."}
+
+
+def recipe_type(name: str, kind: str, *, model: type, data: type, loss: type, eval: type, docs: dict[str, str]) -> type:
+    """The recipe dataclass of one kind, with the fields in the order a saved recipe.yaml lists them:
+    ``kind``, the kind's ``model``, ``data`` and ``loss`` sections, the shared ``train`` section, the kind's
+    ``eval`` (an :class:`EvalConfig`) and the shared ``output``. ``docs`` holds each field's one-line doc
+    (``kind``, ``model`` and ``data`` at least; the others default to :data:`SECTION_DOCS`), kept in the
+    field's metadata, where :func:`~embedtrain.config.schema.field_docs` finds it."""
+    docs = {**SECTION_DOCS, **docs}
+    sections = {"model": model, "data": data, "loss": loss, "train": TrainConfig, "eval": eval, "output": OutputConfig}
+    fields = [("kind", Literal[kind], field(default=kind, metadata={"doc": docs["kind"]}))]
+    fields += [(key, tp, field(default_factory=tp, metadata={"doc": docs[key]})) for key, tp in sections.items()]
+    cls = dataclasses.make_dataclass(name, fields)
+    cls.__module__ = sys._getframe(1).f_globals["__name__"]  # the caller's module, as make_dataclass sets it from Python 3.12
+    return cls
 
 
 def task_name(task) -> str:

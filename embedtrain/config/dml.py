@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from embedtrain.config.common import EvalConfig, OutputConfig, TrainConfig, check_eval, check_output, check_train, check_unused
+from embedtrain.config.common import EvalConfig, check_eval, check_output, check_train, check_unused, recipe_type
 from embedtrain.config.schema import resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -137,22 +137,12 @@ class DMLEvalConfig(EvalConfig):
     """Metric that selects the best checkpoint: recall@K for a K of recall_at, or map@r."""
 
 
-@dataclass
-class DMLRecipe:
-    kind: Literal["dml"] = "dml"
-    """Recipe type: an image embedding trained by metric learning, evaluated on unseen classes."""
-    model: DMLModelConfig = field(default_factory=DMLModelConfig)
-    """The ViT, what is tuned, and the class proxies."""
-    data: DMLDataConfig = field(default_factory=DMLDataConfig)
-    """Labelled images and the class split."""
-    loss: DMLLossConfig = field(default_factory=DMLLossConfig)
-    """The objective."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization."""
-    eval: DMLEvalConfig = field(default_factory=DMLEvalConfig)
-    """Zero-shot evaluation on the test classes."""
-    output: OutputConfig = field(default_factory=OutputConfig)
-    """Where results go: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."""
+DMLRecipe = recipe_type(
+    "DMLRecipe", "dml", model=DMLModelConfig, data=DMLDataConfig, loss=DMLLossConfig, eval=DMLEvalConfig,
+    docs={"kind": "Recipe type: an image embedding trained by metric learning, evaluated on unseen classes.",
+          "model": "The ViT, what is tuned, and the class proxies.", "data": "Labelled images and the class split.",
+          "eval": "Zero-shot evaluation on the test classes.",
+          "output": "Where results go: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."})
 
 
 # --------------------------------------------------------------------------------------

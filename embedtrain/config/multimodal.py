@@ -13,21 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from embedtrain.config.common import (
-    DatasetSource,
-    EvalConfig,
-    LoraSettings,
-    OutputConfig,
-    TrainConfig,
-    check_datasets,
-    check_eval,
-    check_local_model,
-    check_lora,
-    check_output,
-    check_train,
-    check_unused,
-    task_name,
-)
+from embedtrain.config.common import DatasetSource, EvalConfig, LoraSettings, recipe_type, task_name
+from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -170,22 +157,11 @@ class ClipLossConfig:
     """siglip: train the bias."""
 
 
-@dataclass
-class ClipRecipe:
-    kind: Literal["clip"] = "clip"
-    """Recipe type: a CLIP dual encoder trained through open_clip."""
-    model: ClipModelConfig = field(default_factory=ClipModelConfig)
-    """The two towers."""
-    data: MultimodalDataConfig = field(default_factory=MultimodalDataConfig)
-    """Training data: each row pairs a text with an image."""
-    loss: ClipLossConfig = field(default_factory=ClipLossConfig)
-    """The objective."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization."""
-    eval: MultimodalEvalConfig = field(default_factory=MultimodalEvalConfig)
-    """Evaluation."""
-    output: OutputConfig = field(default_factory=OutputConfig)
-    """Where results go; the model is written to <dir>/model in open_clip's folder layout."""
+ClipRecipe = recipe_type(
+    "ClipRecipe", "clip", model=ClipModelConfig, data=MultimodalDataConfig, loss=ClipLossConfig, eval=MultimodalEvalConfig,
+    docs={"kind": "Recipe type: a CLIP dual encoder trained through open_clip.", "model": "The two towers.",
+          "data": "Training data: each row pairs a text with an image.",
+          "output": "Where results go; the model is written to <dir>/model in open_clip's folder layout."})
 
 
 # --------------------------------------------------------------------------------------
@@ -239,22 +215,11 @@ class VlmLossConfig:
     """Ignore a negative identical to the row's positive."""
 
 
-@dataclass
-class Vlm2VecRecipe:
-    kind: Literal["vlm2vec"] = "vlm2vec"
-    """Recipe type: a vision-language model trained as an embedding model (VLM2Vec)."""
-    model: VlmModelConfig = field(default_factory=VlmModelConfig)
-    """The vision-language backbone."""
-    data: MultimodalDataConfig = field(default_factory=MultimodalDataConfig)
-    """Training data: any mix of text and images per role."""
-    loss: VlmLossConfig = field(default_factory=VlmLossConfig)
-    """The objective."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization."""
-    eval: MultimodalEvalConfig = field(default_factory=MultimodalEvalConfig)
-    """Evaluation."""
-    output: OutputConfig = field(default_factory=OutputConfig)
-    """Where results go; the model is written to <dir>/model as a sentence-transformers folder."""
+Vlm2VecRecipe = recipe_type(
+    "Vlm2VecRecipe", "vlm2vec", model=VlmModelConfig, data=MultimodalDataConfig, loss=VlmLossConfig, eval=MultimodalEvalConfig,
+    docs={"kind": "Recipe type: a vision-language model trained as an embedding model (VLM2Vec).",
+          "model": "The vision-language backbone.", "data": "Training data: any mix of text and images per role.",
+          "output": "Where results go; the model is written to <dir>/model as a sentence-transformers folder."})
 
 
 MultimodalRecipe = Union[ClipRecipe, Vlm2VecRecipe]

@@ -139,8 +139,8 @@ def to_dict(obj: Any) -> Any:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of ``cls`` and of the dataclasses it extends
-    (for `embedtrain info` and docs); a subclass's docstring wins over its base's."""
+    """The one-line docstring under each field of ``cls`` and of the dataclasses it extends, or the field's
+    ``doc`` metadata (for `embedtrain info` and docs); a subclass's docstring wins over its base's."""
     import ast
     import inspect
 
@@ -148,7 +148,12 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        tree = ast.parse(inspect.getsource(klass))
+        docs.update({f.name: f.metadata["doc"] for f in dataclasses.fields(klass) if "doc" in f.metadata})
+        try:
+            source = inspect.getsource(klass)
+        except OSError:  # made by dataclasses.make_dataclass: no source, the docs are in the metadata
+            continue
+        tree = ast.parse(source)
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):

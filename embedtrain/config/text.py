@@ -12,20 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from embedtrain.config.common import (
-    DatasetSource,
-    EvalConfig,
-    LoraSettings,
-    OutputConfig,
-    TrainConfig,
-    check_datasets,
-    check_eval,
-    check_local_model,
-    check_lora,
-    check_output,
-    check_train,
-    check_unused,
-)
+from embedtrain.config.common import DatasetSource, EvalConfig, LoraSettings, recipe_type
+from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -186,22 +174,9 @@ class TextEvalConfig(EvalConfig):
     """Metric that selects the best checkpoint: ndcg@10, mrr@10 or recall@10 (mean over tasks)."""
 
 
-@dataclass
-class TextRecipe:
-    kind: Literal["text"] = "text"
-    """Recipe type: a text encoder (the default when a recipe has no kind)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The encoder."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Training data."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """The objective."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization."""
-    eval: TextEvalConfig = field(default_factory=TextEvalConfig)
-    """Evaluation."""
-    output: OutputConfig = field(default_factory=OutputConfig)
-    """Where results go."""
+TextRecipe = recipe_type("TextRecipe", "text", model=ModelConfig, data=DataConfig, loss=LossConfig, eval=TextEvalConfig,
+                         docs={"kind": "Recipe type: a text encoder (the default when a recipe has no kind).",
+                               "model": "The encoder.", "data": "Training data."})
 
 
 # --------------------------------------------------------------------------------------
