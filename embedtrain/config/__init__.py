@@ -21,8 +21,10 @@ import yaml
 
 from embedtrain.config import dml, multimodal, text
 from embedtrain.config.common import (
+    DatasetMixConfig,
     DatasetSource,
     EvalConfig,
+    EvalTaskSource,
     LoraSettings,
     OutputConfig,
     OutputFolderConfig,
@@ -202,7 +204,8 @@ __all__ = [
     "PACKAGE_SCHEME", "apply_override", "build_checked", "check_beir_folder", "field_docs", "looks_local",
     "read_overridden", "read_yaml", "resolve_path", "to_dict",
     # shared sections
-    "DatasetSource", "EvalConfig", "LoraSettings", "OutputConfig", "OutputFolderConfig", "TrainConfig",
+    "DatasetMixConfig", "DatasetSource", "EvalConfig", "EvalTaskSource", "LoraSettings", "OutputConfig",
+    "OutputFolderConfig", "TrainConfig",
     # text
     "TextRecipe", "ModelConfig", "MoEConfig", "LatentAttentionConfig", "DatasetConfig", "DataConfig", "LossConfig",
     "EvalTaskConfig", "TextEvalConfig", "dataset_name", "task_name", "moe_domains",

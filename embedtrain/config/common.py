@@ -1,8 +1,10 @@
 """Sections every recipe kind shares, and their value checks (each written once).
 
 ``train`` and ``output`` are the same section in every kind, and :func:`recipe_type` declares each
-kind's recipe dataclass around them; each kind's ``eval`` extends :class:`EvalConfig`; the datasets
-of text and multimodal recipes (and the probe data of merges) extend :class:`DatasetSource`. A check appends ``'<dotted path>: ...'`` problems to a list.
+kind's recipe dataclass around them; each kind's ``eval`` extends :class:`EvalConfig`. Text and
+multimodal recipes share :class:`DatasetMixConfig` for ``data``, with entries extending
+:class:`DatasetSource` (as the probe data of merges do) and evaluation tasks extending
+:class:`EvalTaskSource`. A check appends ``'<dotted path>: ...'`` problems to a list.
 """
 
 from __future__ import annotations
@@ -30,6 +32,29 @@ class DatasetSource:
     """Relative sampling weight when mixing is 'proportional' (scales the dataset's share)."""
     max_rows: Optional[int] = None
     """Use only the first N rows (handy for quick runs)."""
+
+
+@dataclass
+class DatasetMixConfig:
+    """The ``data`` section of the kinds that mix datasets, one dataset per batch; each kind's entries
+    extend :class:`DatasetSource` (the kind redeclares ``train`` with them)."""
+
+    train: list[DatasetSource] = field(default_factory=list)
+    """Training datasets; each batch comes from one of them (task-homogeneous batches)."""
+    batch_size: int = 64
+    """Queries per batch on each process (the global batch is batch_size x processes)."""
+    mixing: Literal["proportional", "round_robin"] = "proportional"
+    """How batches from several datasets are interleaved."""
+    no_duplicates: bool = True
+    """Never put the same text (or image) twice in one batch (a duplicate would be a false negative)."""
+
+
+@dataclass
+class EvalTaskSource:
+    path: str = ""
+    """Folder in BEIR layout: corpus.jsonl, queries.jsonl, qrels.tsv (or qrels/test.tsv); in multimodal recipes rows may carry an 'image' path besides 'text'."""
+    name: Optional[str] = None
+    """Name used in logs and reports (defaults to the folder name)."""
 
 
 @dataclass
@@ -140,7 +165,7 @@ def recipe_type(name: str, kind: str, *, model: type, data: type, loss: type, ev
     return cls
 
 
-def task_name(task) -> str:
+def task_name(task: EvalTaskSource) -> str:
     """An evaluation task's name: its ``name``, else its folder's (``x/test`` -> ``x-test``)."""
     if task.name:
         return task.name

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from embedtrain.config.common import DatasetSource, EvalConfig, LoraSettings, recipe_type, task_name
+from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type, task_name
 from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
@@ -57,15 +57,8 @@ class MultimodalDatasetConfig(DatasetSource):
 
 
 @dataclass
-class MultimodalDataConfig:
-    train: list[MultimodalDatasetConfig] = field(default_factory=list)
-    """Training datasets; each batch comes from one of them (task-homogeneous batches)."""
-    batch_size: int = 64
-    """Queries per batch on each process (the global batch is batch_size x processes)."""
-    mixing: Literal["proportional", "round_robin"] = "proportional"
-    """How batches from several datasets are interleaved."""
-    no_duplicates: bool = True
-    """Never put the same text or image twice in one batch (a duplicate would be a false negative)."""
+class MultimodalDataConfig(DatasetMixConfig):
+    train: list[MultimodalDatasetConfig] = field(default_factory=list)  # documented in DatasetMixConfig
     num_workers: int = 0
     """DataLoader worker processes; images are read and preprocessed in them."""
     bad_images: Literal["stop", "skip"] = "stop"
@@ -75,11 +68,7 @@ class MultimodalDataConfig:
 
 
 @dataclass
-class MultimodalEvalTaskConfig:
-    path: str = ""
-    """BEIR-layout folder whose queries and corpus rows may carry an 'image' path besides 'text'."""
-    name: Optional[str] = None
-    """Name used in logs and reports (defaults to the folder name)."""
+class MultimodalEvalTaskConfig(EvalTaskSource):
     query_template: str = "{image}{text}"
     """Template for the task's queries (as in data.train)."""
     document_template: str = "{image}{text}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from embedtrain.config.common import DatasetSource, EvalConfig, LoraSettings, recipe_type
+from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type
 from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
@@ -115,15 +115,8 @@ class DatasetConfig(DatasetSource):
 
 
 @dataclass
-class DataConfig:
-    train: list[DatasetConfig] = field(default_factory=list)
-    """Training datasets; each batch comes from one of them (task-homogeneous batches)."""
-    batch_size: int = 64
-    """Queries per batch on each process (the global batch is batch_size x processes)."""
-    mixing: Literal["proportional", "round_robin"] = "proportional"
-    """How batches from several datasets are interleaved."""
-    no_duplicates: bool = True
-    """Never put the same text twice in one batch (a duplicate would be a false negative)."""
+class DataConfig(DatasetMixConfig):
+    train: list[DatasetConfig] = field(default_factory=list)  # documented in DatasetMixConfig
     length_grouping: bool = True
     """Group rows of similar length into batches (less padding); batches stay random across the epoch."""
     length_grouping_window: int = 64
@@ -151,11 +144,7 @@ class LossConfig:
 
 
 @dataclass
-class EvalTaskConfig:
-    path: str = ""
-    """Folder in BEIR layout: corpus.jsonl, queries.jsonl, qrels.tsv (or qrels/test.tsv)."""
-    name: Optional[str] = None
-    """Name used in logs and reports (defaults to the folder name)."""
+class EvalTaskConfig(EvalTaskSource):
     query_prompt: str = ""
     """Text prepended to every query."""
     instruction: Optional[str] = None
