@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
@@ -150,18 +149,20 @@ class OutputConfig(OutputFolderConfig):
 SECTION_DOCS = {"loss": "The objective.", "train": "Optimization.", "eval": "Evaluation.", "output": "Where results go."}
 
 
-def recipe_type(name: str, kind: str, *, model: type, data: type, loss: type, eval: type, docs: dict[str, str]) -> type:
+def recipe_type(name: str, kind: str, *, model: type, data: type, loss: type, eval: type, docs: dict[str, str],
+                module: str) -> type:
     """The recipe dataclass of one kind, with the fields in the order a saved recipe.yaml lists them:
     ``kind``, the kind's ``model``, ``data`` and ``loss`` sections, the shared ``train`` section, the kind's
     ``eval`` (an :class:`EvalConfig`) and the shared ``output``. ``docs`` holds each field's one-line doc
     (``kind``, ``model`` and ``data`` at least; the others default to :data:`SECTION_DOCS`), kept in the
-    field's metadata, where :func:`~embedtrain.config.schema.field_docs` finds it."""
+    field's metadata, where :func:`~embedtrain.config.schema.field_docs` finds it. ``module`` is the defining
+    module's ``__name__`` (for pickling and repr)."""
     docs = {**SECTION_DOCS, **docs}
     sections = {"model": model, "data": data, "loss": loss, "train": TrainConfig, "eval": eval, "output": OutputConfig}
     fields = [("kind", Literal[kind], field(default=kind, metadata={"doc": docs["kind"]}))]
     fields += [(key, tp, field(default_factory=tp, metadata={"doc": docs[key]})) for key, tp in sections.items()]
     cls = dataclasses.make_dataclass(name, fields)
-    cls.__module__ = sys._getframe(1).f_globals["__name__"]  # the caller's module, as make_dataclass sets it from Python 3.12
+    cls.__module__ = module
     return cls
 
 

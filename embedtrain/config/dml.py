@@ -142,7 +142,7 @@ DMLRecipe = recipe_type(
     docs={"kind": "Recipe type: an image embedding trained by metric learning, evaluated on unseen classes.",
           "model": "The ViT, what is tuned, and the class proxies.", "data": "Labelled images and the class split.",
           "eval": "Zero-shot evaluation on the test classes.",
-          "output": "Where results go: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."})
+          "output": "Where results go: metrics.jsonl, results.json, checkpoints and the final model in <dir>/model."}, module=__name__)
 
 
 # --------------------------------------------------------------------------------------

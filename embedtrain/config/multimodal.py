@@ -150,7 +150,7 @@ ClipRecipe = recipe_type(
     "ClipRecipe", "clip", model=ClipModelConfig, data=MultimodalDataConfig, loss=ClipLossConfig, eval=MultimodalEvalConfig,
     docs={"kind": "Recipe type: a CLIP dual encoder trained through open_clip.", "model": "The two towers.",
           "data": "Training data: each row pairs a text with an image.",
-          "output": "Where results go; the model is written to <dir>/model in open_clip's folder layout."})
+          "output": "Where results go; the model is written to <dir>/model in open_clip's folder layout."}, module=__name__)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ Vlm2VecRecipe = recipe_type(
     "Vlm2VecRecipe", "vlm2vec", model=VlmModelConfig, data=MultimodalDataConfig, loss=VlmLossConfig, eval=MultimodalEvalConfig,
     docs={"kind": "Recipe type: a vision-language model trained as an embedding model (VLM2Vec).",
           "model": "The vision-language backbone.", "data": "Training data: any mix of text and images per role.",
-          "output": "Where results go; the model is written to <dir>/model as a sentence-transformers folder."})
+          "output": "Where results go; the model is written to <dir>/model as a sentence-transformers folder."}, module=__name__)
 
 
 MultimodalRecipe = Union[ClipRecipe, Vlm2VecRecipe]

@@ -165,7 +165,7 @@ class TextEvalConfig(EvalConfig):
 
 TextRecipe = recipe_type("TextRecipe", "text", model=ModelConfig, data=DataConfig, loss=LossConfig, eval=TextEvalConfig,
                          docs={"kind": "Recipe type: a text encoder (the default when a recipe has no kind).",
-                               "model": "The encoder.", "data": "Training data."})
+                               "model": "The encoder.", "data": "Training data."}, module=__name__)
 
 
 # --------------------------------------------------------------------------------------

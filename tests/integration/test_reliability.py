@@ -438,7 +438,7 @@ def _setup_train_case(case: str, tiny_bert: Path, pairs_file: Path, tmp: Path):
         expect = f"{path}: cannot read the recipe (OSError); check its permissions and encoding"
     elif case == "misspelled_section":
         recipe["trian"] = recipe.pop("train")
-        expect = "trian: unknown key (did you mean 'train'?); sections: model, data, loss, train, eval, output"
+        expect = "trian: unknown key (did you mean 'train'?); sections: kind, model, data, loss, train, eval, output"
     elif case == "misspelled_key":
         recipe["model"]["poolling"] = "cls"
         expect = "model.poolling: unknown key (did you mean 'pooling'?)"
