@@ -123,7 +123,7 @@ def profile(args) -> dict[str, Any]:
     from embedtrain.data.collate import role_of
     from embedtrain.losses import InfoNCELoss
     from embedtrain.models import load_text_encoder
-    from embedtrain.train.optim import build_optimizer, build_scheduler
+    from embedtrain.train.optim import build_optimizer, build_scheduler, loss_group, parameter_groups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +147,9 @@ def profile(args) -> dict[str, Any]:
     frozen = encoder.freeze_unused_parameters()
     encoder.to(device)
     loss_fn = InfoNCELoss(temperature=args.temperature).to(device)
-    optimizer = build_optimizer(encoder, loss_fn, args.lr, args.weight_decay)
+    # the text task's groups: decay for weights, none for biases, norms and the loss's own parameters
+    optimizer = build_optimizer(parameter_groups(encoder.named_parameters(), args.weight_decay) + loss_group(loss_fn),
+                                args.lr)
     scheduler = build_scheduler(optimizer, "linear", total, args.warmup_ratio)
     params = [p for p in encoder.parameters() if p.requires_grad]
     shape = encoder_shape(encoder.backbone)
