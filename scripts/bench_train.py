@@ -206,7 +206,7 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
         mon.close("load")
         seconds = time.perf_counter() - loop_start
 
-    lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if '"loss"' in l]
     per_step = {l["step"]: l for l in lines if "examples_per_s" in l}
     warmup = cfg["warmup"]
     timed = [per_step[s] for s in sorted(per_step) if s > warmup]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Optional
 
 from embedtrain.config import TextRecipe, dataset_name, looks_local, to_dict
 from embedtrain.hub.folder_card import embedding_dim, has_custom_modules, moe_summary
@@ -34,8 +35,10 @@ def card_for_run(
     seconds: float,
     steps: int,
     processes: int = 1,
+    engine: Optional[str] = None,
 ) -> ModelCardData:
-    """Card data for ``model_dir``; ``baseline``/``final`` are the trainer's ``<task>/<metric>`` scores."""
+    """Card data for ``model_dir``; ``baseline``/``final`` are the trainer's ``<task>/<metric>`` scores;
+    ``engine`` describes what the run ran on (distributed type, processes, sharding, precision)."""
     meta = read_metadata(model_dir)
     base = recipe.model.name_or_path
     hub_datasets = [d.path for d in recipe.data.train if not looks_local(d.path)]
@@ -66,6 +69,7 @@ def card_for_run(
         "steps": steps,
         "batch size (per process)": recipe.data.batch_size,
         "processes": processes,
+        "engine": engine,
         "learning rate": t.lr,
         "schedule": f"{t.scheduler}, warmup {t.warmup_ratio:.0%}",
         "weight decay": t.weight_decay,

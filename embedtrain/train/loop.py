@@ -23,7 +23,7 @@ import yaml
 from embedtrain.config import to_dict
 from embedtrain.errors import EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
-from embedtrain.train.accelerator import build_accelerator
+from embedtrain.train.accelerator import build_accelerator, engine_of
 from embedtrain.train.optim import build_optimizer, build_scheduler
 from embedtrain.train.signals import StopRequest, any_process
 from embedtrain.train.step import apply_update, to_device
@@ -149,6 +149,11 @@ class Trainer:
             self.log = lambda *_: None  # noqa: E731  (one voice per run)
         elif self.log is print:
             self.log = lambda *a: tqdm.write(" ".join(map(str, a)))  # noqa: E731  (not inside the bar)
+        self.engine = engine_of(accelerator)
+        self.log(f"engine: {self.engine.describe()}")
+        if self.engine.launcher_mixed_precision:
+            self.log(f"mixed precision: the accelerate config asks for {self.engine.launcher_mixed_precision}; "
+                     f"train.mixed_precision ({self.engine.mixed_precision}) is used")
         task.check_data(world_size)
         resume_from = self._resume_point()
 
@@ -185,6 +190,7 @@ class Trainer:
         elif self.resume and accelerator.is_main_process:
             state.metrics_lines = ckpt.truncate_metrics(self.metrics_path, 0, 0)  # starting again from step 0
         task.counters = state.task
+        self.record({"step": state.step, "engine": self.engine.to_dict()}, track=False)  # each start says what it ran on
 
         if state.step == 0 and task.has_evaluation and r.eval.before_training:
             state.baseline = self.evaluate(0)
@@ -336,21 +342,23 @@ class Trainer:
         entry.update(self.task.log_extras(lrs))
         return entry
 
-    def record(self, entry: dict) -> None:
+    def record(self, entry: dict, track: bool = True) -> None:
         """Append a line to metrics.jsonl (main process) and to the trackers."""
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
             self.state.metrics_lines += 1
-        if self.recipe.output.report_to:
+        if track and self.recipe.output.report_to:
             self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The task's scores, computed on the main process and shared with the others (every process
         must agree on the best step, which decides who saves)."""
         accelerator, scores = self.accelerator, {}
-        if accelerator.is_main_process:
+        # a sharded model's forward needs every process: then all evaluate (the same texts), the main one records
+        if accelerator.is_main_process or self.engine.sharding:
             scores = self.task.evaluate(accelerator.unwrap_model(self.model), accelerator)
+        if accelerator.is_main_process:
             if scores:
                 self.record({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
         if accelerator.num_processes > 1:
@@ -406,7 +414,8 @@ class Trainer:
                     summary = {"kind": self.recipe.kind, "steps": step, "baseline": state.baseline, "final": state.final,
                                "best_step": state.best_step, "seconds": seconds, "train_seconds": state.train_seconds,
                                "trainable_parameters": trainable, "total_parameters": total,
-                               "processes": accelerator.num_processes, **self.task.results()}
+                               "processes": accelerator.num_processes, "engine": self.engine.to_dict(),
+                               **self.task.results()}
                     ckpt.atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
             except EmbedtrainError as err:
                 problem = str(err).replace("checkpoint: ", "final model: ", 1)
@@ -415,8 +424,7 @@ class Trainer:
 
     def _publish(self, model_dir: Path, seconds: float, step: int) -> None:
         """The model card, and the Hub push when the recipe asks for it (main process only)."""
-        card = self.task.card(model_dir, self.state.baseline, self.state.final, seconds, step,
-                              self.accelerator.num_processes)
+        card = self.task.card(model_dir, self.state.baseline, self.state.final, seconds, step, self.engine)
         if card is not None:
             from embedtrain.hub.model_card import write_model_card
 
@@ -468,5 +476,7 @@ def _position(batches_in_epoch, step: int) -> tuple[int, int]:
 
 
 def _nonfinite_parameters(named_params) -> list[str]:
+    """Names of parameters holding a NaN or inf on this process (a sharded parameter: in its own shard)."""
     with torch.no_grad():
-        return [name for name, p in named_params if not bool(torch.isfinite(p).all())]
+        return [name for name, p in named_params
+                if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]

@@ -105,8 +105,9 @@ class Task:
         """Entries of results.json besides the steps, scores and times."""
         return {}
 
-    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, processes: int):
-        """Model-card data for the saved folder, or None when this kind has no card."""
+    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, engine):
+        """Model-card data for the saved folder (``engine``: what the run ran on), or None when this kind
+        has no card."""
         return None
 
     def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:

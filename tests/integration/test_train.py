@@ -174,3 +174,28 @@ def test_corrupt_recipe_given_to_the_python_api_is_one_error(tmp_path):
     path.write_text("train: {lr: -1}\n")
     with pytest.raises(EmbedtrainError, match="train.lr: must be positive"):
         embedtrain.train(path)
+
+
+def test_the_engine_is_recorded_in_metrics_results_and_card(tiny_bert, pairs_file, tmp_path):
+    result = train(recipe_from_dict(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")), log=lambda *_: None)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    engine = {"distributed_type": "NO", "processes": 1, "device": "cpu", "sharding": None, "mixed_precision": "no",
+              "launcher_mixed_precision": None}
+    assert first == {"step": 0, "engine": engine}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["engine"] == engine
+    assert "NO, 1 process, cpu, mixed precision no" in (result.model_dir / "README.md").read_text()
+
+
+def test_an_engine_that_cannot_be_had_is_one_line(tiny_bert, pairs_file, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DeepSpeed config
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: accelerate config: DeepSpeed needs GPUs (this machine has none); "
+                                               "use recipes/accelerate/fsdp_cpu.yaml or multi_cpu.yaml here, or run on GPUs")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert main(["train", str(path)]) == 2
+    assert "FSDP shards a model across processes, but this run has one process on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -152,10 +152,11 @@ class TextTask(Task):
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
         model.save(path, state_dict=state_dict)
 
-    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, processes: int):
+    def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, engine):
         from embedtrain.hub.run_card import card_for_run
 
-        return card_for_run(self.recipe, model_dir, baseline, final, seconds, steps, processes)
+        return card_for_run(self.recipe, model_dir, baseline, final, seconds, steps, engine.processes,
+                            engine=engine.describe())
 
     def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:
         metric = self.recipe.eval.metric
