@@ -48,7 +48,11 @@ from embedtrain.models.folders import (
     write_metadata,
 )
 from embedtrain.models.instructions import pooling_mask, prefix_token_lengths
-from embedtrain.models.latent_attention import LatentAttentionPooling, LatentAttentionPoolingModule
+from embedtrain.models.latent_attention import (
+    DEFAULT_NUM_HEADS,
+    LatentAttentionPooling,
+    LatentAttentionPoolingModule,
+)
 from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model
 from embedtrain.models.pooling import last_token_pooling, mean_pooling
 
@@ -190,8 +194,7 @@ class DecoderEncoder(TextEncoder):
 
         if self.pooling == "latent_attention":
             pooling = LatentAttentionPoolingModule(
-                self.embedding_dim, num_latents=self.head.num_latents, num_heads=self.head.num_heads,
-                intermediate_size=self.head.intermediate_size, include_prompt=not self.instruction_masking,
+                self.embedding_dim, include_prompt=not self.instruction_masking, **self.head.sizes()
             )
             pooling.latent_attention = self.head  # the trained head itself, not a copy
             return pooling
@@ -206,8 +209,7 @@ class DecoderEncoder(TextEncoder):
             "lora_adapter": ADAPTER_DIR if is_peft_model(self.backbone) else None,
         }
         if self.head is not None:
-            meta["latent_attention"] = {"num_latents": self.head.num_latents, "num_heads": self.head.num_heads,
-                                        "intermediate_size": self.head.intermediate_size}
+            meta["latent_attention"] = self.head.sizes()
         return meta
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -333,7 +335,7 @@ def _latent_head(folder: Path, saved: dict, hidden: int, sizes: dict) -> LatentA
     if (folder / LATENT_DIR / "model.safetensors").is_file():
         module = LatentAttentionPoolingModule.load(str(folder / LATENT_DIR))
         head = module.latent_attention
-        have = {"num_latents": head.num_latents, "num_heads": head.num_heads, "intermediate_size": head.intermediate_size}
+        have = head.sizes()
         differ = [f"{k} {sizes[k]} (saved: {have[k]})" for k in have if sizes.get(k) is not None and sizes[k] != have[k]]
         if differ:
             raise EmbedtrainError(
@@ -341,12 +343,13 @@ def _latent_head(folder: Path, saved: dict, hidden: int, sizes: dict) -> LatentA
                 "use the saved sizes to continue training it"
             )
         return head.float()
-    if hidden % sizes.get("num_heads", 8):
+    given = {k: sizes[k] for k in ("num_latents", "num_heads", "intermediate_size") if sizes.get(k)}  # else the defaults
+    num_heads = given.get("num_heads", DEFAULT_NUM_HEADS)
+    if hidden % num_heads:
         raise EmbedtrainError(
-            f"model.latent_attention.num_heads: {sizes.get('num_heads', 8)} does not divide the decoder's hidden size {hidden}"
+            f"model.latent_attention.num_heads: {num_heads} does not divide the decoder's hidden size {hidden}"
         )
-    return LatentAttentionPooling(hidden, num_latents=sizes.get("num_latents") or 512, num_heads=sizes.get("num_heads") or 8,
-                                  intermediate_size=sizes.get("intermediate_size"))
+    return LatentAttentionPooling(hidden, **given)
 
 
 def load_adapter_encoder(model_dir: str | os.PathLike, base: Optional[str] = None, device: str = "cpu") -> DecoderEncoder:
