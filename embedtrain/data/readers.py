@@ -7,9 +7,10 @@ After :func:`read_pairs` a dataset has the columns ``query``, ``positive`` and `
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from embedtrain.errors import EmbedtrainError
 
@@ -40,6 +41,19 @@ class PairDataset:
 def text_hash(text: str) -> int:
     """A hash that is the same in every process and run (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def json_lines(text: str, source: object, hint: str = "each line must be one JSON object") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSON-lines ``text``; a line that is not JSON raises
+    ``{source}:{line}: not valid JSON; {hint}``."""
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise EmbedtrainError(f"{source}:{line_no}: not valid JSON; {hint}") from None
+        yield line_no, value
 
 
 def load_table(path: str, where: str, split: str = "train", subset: Optional[str] = None):
