@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from embedtrain.data.readers import PairDataset, load_table, pair_dataset
+from embedtrain.data.readers import PairDataset, load_columns, pair_dataset
 from embedtrain.errors import EmbedtrainError
 
 
@@ -77,16 +77,8 @@ def read_labeled(
     """
     import datasets
 
-    table, source = load_table(path, where, split, subset)
-    missing = [c for c in (text_column, label_column) if c not in table.column_names]
-    if missing:
-        field_name = "text_column" if text_column in missing else "label_column"
-        raise EmbedtrainError(
-            f"{where}.{field_name}: missing {', '.join(repr(m) for m in missing)} in {source} "
-            f"(have: {', '.join(table.column_names)}); set the column names in the recipe"
-        )
-    if max_rows is not None:
-        table = table.select(range(min(max_rows, len(table))))
+    fields = {"text_column": [text_column], "label_column": [label_column]}
+    table, source = load_columns(path, where, fields, split, max_rows, subset)
     texts, labels = table[text_column], table[label_column]
     for i, (text, label) in enumerate(zip(texts, labels)):
         if not isinstance(text, str) or not text.strip():

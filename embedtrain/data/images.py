@@ -23,6 +23,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from embedtrain.data.readers import json_lines
 from embedtrain.errors import EmbedtrainError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -87,13 +88,7 @@ def _read_rows(p: Path, where: str) -> list[tuple[int, dict]]:
         raise EmbedtrainError(f"{where}: cannot read {p} ({type(err).__name__})") from None
     if suffix == ".jsonl":
         rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise EmbedtrainError(f"{p}:{line_no}: not valid JSON; each line must be one JSON object") from None
+        for line_no, row in json_lines(text, p):
             if not isinstance(row, dict):
                 raise EmbedtrainError(f"{p}:{line_no}: expected a JSON object, got {type(row).__name__}")
             rows.append((line_no, row))

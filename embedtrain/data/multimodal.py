@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from embedtrain.data.readers import load_table
 from embedtrain.data.sampler import PlannedBatch
 from embedtrain.errors import EmbedtrainError
 
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ImageRef = Union[str, bytes]
 """An image as stored in a dataset: an absolute file path, or the encoded bytes of a datasets Image."""
 Prepare = Callable[[Optional[list], Optional[list], str], dict]
@@ -158,27 +158,8 @@ def read_multimodal_pairs(
 
     from embedtrain.config import looks_local, resolve_path
 
-    datasets.disable_progress_bars()
-    try:
-        if looks_local(path):
-            file = resolve_path(path)
-            suffix = Path(file).suffix
-            if suffix not in FORMATS:
-                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
-            ds = datasets.load_dataset(FORMATS[suffix], data_files=file, split="train")
-            source, default_root = file, Path(file).parent
-        else:
-            ds = datasets.load_dataset(path, split=split)
-            source, default_root = path, Path.cwd()
-    except EmbedtrainError:
-        raise
-    except FileNotFoundError:
-        raise EmbedtrainError(f"{where}.path: {path} not found; check the path or the Hub id") from None
-    except Exception as err:  # datasets wraps parser errors in many types
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-        raise EmbedtrainError(f"{where}.path: cannot read {path} ({first[:160]}); check the file's format") from None
-    finally:
-        datasets.enable_progress_bars()
+    ds, source = load_table(path, where, split)
+    default_root = Path(source).parent if looks_local(path) else Path.cwd()
 
     root = Path(resolve_path(image_root)) if image_root else default_root
     wanted = [c for pair in columns.values() for c in pair if c is not None]

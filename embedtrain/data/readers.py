@@ -7,9 +7,10 @@ After :func:`read_pairs` a dataset has the columns ``query``, ``positive`` and `
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from embedtrain.errors import EmbedtrainError
 
@@ -42,6 +43,19 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def json_lines(text: str, source: object, hint: str = "each line must be one JSON object") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSON-lines ``text``; a line that is not JSON raises
+    ``{source}:{line}: not valid JSON; {hint}``."""
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise EmbedtrainError(f"{source}:{line_no}: not valid JSON; {hint}") from None
+        yield line_no, value
+
+
 def load_table(path: str, where: str, split: str = "train", subset: Optional[str] = None):
     """A local .jsonl/.json/.csv/.parquet file or a Hub dataset (``subset``: its configuration) as a
     ``datasets.Dataset``, and the name to use for it in messages."""
@@ -69,6 +83,29 @@ def load_table(path: str, where: str, split: str = "train", subset: Optional[str
         datasets.enable_progress_bars()
 
 
+def load_columns(
+    path: str,
+    where: str,
+    fields: dict[str, list[str]],
+    split: str = "train",
+    max_rows: Optional[int] = None,
+    subset: Optional[str] = None,
+):
+    """:func:`load_table`, checked to have the columns each recipe field names (``fields``, e.g.
+    ``{"text_column": ["text"], "label_column": ["label"]}``) and cut to its first ``max_rows`` rows."""
+    ds, source = load_table(path, where, split, subset)
+    missing = [c for columns in fields.values() for c in columns if c not in ds.column_names]
+    if missing:
+        field_name = next(f for f, columns in fields.items() if any(c in missing for c in columns))
+        raise EmbedtrainError(
+            f"{where}.{field_name}: missing {', '.join(repr(m) for m in missing)} in {source} "
+            f"(have: {', '.join(ds.column_names)}); set the column names in the recipe"
+        )
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    return ds, source
+
+
 def read_pairs(
     path: str,
     where: str,
@@ -88,19 +125,11 @@ def read_pairs(
     ``where`` is the recipe path of this dataset (e.g. ``data.train[0]``) used in error messages.
     """
     negative_columns = list(negative_columns or [])
-    ds, source = load_table(path, where, split, subset)
+    fields = {"query_column": [query_column], "positive_column": [positive_column], "negative_columns": negative_columns}
+    ds, source = load_columns(path, where, fields, split, max_rows, subset)
 
     wanted = {"query": query_column, "positive": positive_column}
     wanted.update({f"negative_{j}": c for j, c in enumerate(negative_columns)})
-    missing = [c for c in wanted.values() if c not in ds.column_names]
-    if missing:
-        field_name = "query_column" if query_column in missing else "positive_column" if positive_column in missing else "negative_columns"
-        raise EmbedtrainError(
-            f"{where}.{field_name}: missing {', '.join(repr(m) for m in missing)} in {source} "
-            f"(have: {', '.join(ds.column_names)}); set the column names in the recipe"
-        )
-    if max_rows is not None:
-        ds = ds.select(range(min(max_rows, len(ds))))
     ds = ds.select_columns(list(wanted.values()))
     if len(set(wanted.values())) != len(wanted):
         raise EmbedtrainError(f"{where}: the same column is used for two roles ({', '.join(wanted.values())}); give each role its own column")

@@ -187,19 +187,13 @@ def evaluate_retrieval(
                        show_progress=show_progress, desc=f"{data.name} queries")
     c = encoder.encode(data.corpus_texts, role="document", prompt=document_prompt, batch_size=batch_size,
                        show_progress=show_progress, desc=f"{data.name} corpus")
-    # a margin past k so that every document tied with the k-th is seen, then ties ordered as
-    # trec_eval (and so mteb) orders them: by document id, descending
-    scores, idx = rank(q, c, k + 32)
-    ranked = {}
-    for qid, row_scores, row_idx in zip(data.query_ids, scores.tolist(), idx.tolist()):
-        order = sorted(zip(row_scores, (data.corpus_ids[j] for j in row_idx)), reverse=True)[:k]
-        ranked[qid] = [doc_id for _, doc_id in order]
-    return retrieval_metrics(ranked, data.qrels, k)
+    return retrieval_metrics(_ranked_ids(q, c, data.query_ids, data.corpus_ids, k), data.qrels, k)
 
 
 def _ranked_ids(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], corpus_ids: list[str],
                 k: int) -> dict[str, list[str]]:
-    """Top-k corpus ids per query, ties ordered as trec_eval orders them (by id, descending)."""
+    """Top-k corpus ids per query, ties ordered as trec_eval (and so mteb) orders them: by id, descending."""
+    # a margin past k so that every document tied with the k-th is seen
     scores, idx = rank(query_emb, corpus_emb, k + 32)
     ranked = {}
     for qid, row_scores, row_idx in zip(query_ids, scores.tolist(), idx.tolist()):

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from embedtrain.losses.distributed import gather_no_grad, gather_with_grad, world
+from embedtrain.losses.in_batch import Candidates, InBatchLoss, gatherers
 from embedtrain.losses.registry import LOSSES
 
 
 @LOSSES.register("infonce")
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(InBatchLoss):
     r"""Contrastive loss of each query against its positive and a pool of negatives.
 
     For query :math:`q_i`, positive :math:`p_i` and the document pool :math:`D` (all positives and
@@ -52,73 +50,29 @@ class InfoNCELoss(nn.Module):
         mask_false_negatives: bool = True,
         gather_across_processes: bool = True,
     ):
-        super().__init__()
         if symmetric and not in_batch_negatives:
             raise ValueError("symmetric InfoNCE needs in-batch negatives: a positive's only candidate would be its query")
-        log_scale = torch.tensor(math.log(1.0 / temperature))
-        if learnable_temperature:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale, persistent=False)
+        super().__init__(temperature, learnable_temperature, in_batch_negatives, mask_false_negatives,
+                         gather_across_processes)
         self.symmetric = symmetric
-        self.in_batch_negatives = in_batch_negatives
-        self.mask_false_negatives = mask_false_negatives
-        self.gather = gather_across_processes
 
-    def scale(self) -> torch.Tensor:
-        # clamp as CLIP does so a learnable temperature cannot collapse below 0.01
-        return self.log_scale.exp().clamp(max=100.0)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        positive: torch.Tensor,
-        negative: Optional[torch.Tensor] = None,
-        positive_ids: Optional[torch.Tensor] = None,
-        negative_ids: Optional[torch.Tensor] = None,
+    def score(
+        self, query: torch.Tensor, positive: torch.Tensor, positive_ids: Optional[torch.Tensor], candidates: Candidates
     ) -> dict[str, torch.Tensor]:
-        batch = query.shape[0]
-        k = 0 if negative is None else negative.shape[0] // batch
-        rank, world_size = world() if self.gather else (0, 1)
-        gather = gather_with_grad if self.gather else (lambda t: t)
-        gather_ids = gather_no_grad if self.gather else (lambda t: t)
-
-        all_pos = gather(positive)  # (W·B, d)
-        docs = [all_pos]
-        if k:
-            docs.append(gather(negative))  # (W·B·k, d)
-        docs = torch.cat(docs)
+        documents, labels, keep = candidates
         scale = self.scale()
-        logits = scale * query @ docs.T  # (B, W·B + W·B·k)
-        labels = rank * batch + torch.arange(batch, device=query.device)
-
-        n_pos = all_pos.shape[0]
-        keep = torch.ones_like(logits, dtype=torch.bool)
-        if not self.in_batch_negatives:
-            keep.zero_()
-            keep[torch.arange(batch), labels] = True
-            if k:
-                own = n_pos + labels.unsqueeze(1) * k + torch.arange(k, device=query.device)
-                keep[torch.arange(batch).unsqueeze(1), own] = True
-        if self.mask_false_negatives and positive_ids is not None:
-            doc_ids = [gather_ids(positive_ids)]
-            if k and negative_ids is not None:
-                doc_ids.append(gather_ids(negative_ids))
-            doc_ids = torch.cat(doc_ids)
-            same_text = doc_ids.unsqueeze(0) == positive_ids.unsqueeze(1)
-            same_text[torch.arange(batch), labels] = False
-            keep &= ~same_text
-        logits = logits.masked_fill(~keep, float("-inf"))
+        logits = (scale * query @ documents.T).masked_fill(~keep, float("-inf"))  # (B, W·B + W·B·k)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
 
         if self.symmetric:
+            _, gather, gather_ids = gatherers(self.gather)
             all_query = gather(query)  # (W·B, d)
             back = scale * positive @ all_query.T  # (B, W·B)
             if self.mask_false_negatives and positive_ids is not None:
                 # another query whose positive has the same text is also a correct match
                 same = gather_ids(positive_ids).unsqueeze(0) == positive_ids.unsqueeze(1)
-                same[torch.arange(batch), labels] = False
+                same[torch.arange(query.shape[0]), labels] = False
                 back = back.masked_fill(same, float("-inf"))
             loss = 0.5 * (loss + F.cross_entropy(back, labels))
         return {"loss": loss, "accuracy": accuracy.detach(), "temperature": (1.0 / scale).detach()}

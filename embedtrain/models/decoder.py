@@ -37,7 +37,7 @@ from torch import nn
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.bidirectional import BidirectionalTransformer, assert_bidirectional
-from embedtrain.models.encoder import TextEncoder, set_modules
+from embedtrain.models.encoder import TextEncoder, token_limits
 from embedtrain.models.folders import (
     DECODER,
     DECODER_BACKBONE,
@@ -48,7 +48,11 @@ from embedtrain.models.folders import (
     write_metadata,
 )
 from embedtrain.models.instructions import pooling_mask, prefix_token_lengths
-from embedtrain.models.latent_attention import LatentAttentionPooling, LatentAttentionPoolingModule
+from embedtrain.models.latent_attention import (
+    DEFAULT_NUM_HEADS,
+    LatentAttentionPooling,
+    LatentAttentionPoolingModule,
+)
 from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model
 from embedtrain.models.pooling import last_token_pooling, mean_pooling
 
@@ -172,60 +176,41 @@ class DecoderEncoder(TextEncoder):
             out["pooling_mask"] = pooling_mask(enc["input_ids"], enc["attention_mask"], self.prompt_token_count(prompt))
         return out
 
-    @torch.no_grad()
-    def encode(
-        self,
-        texts: Sequence[str],
-        role: str = "document",
-        prompt: Optional[str] = None,
-        batch_size: int = 128,
-        show_progress: bool = False,
-        desc: str = "encoding",
-    ) -> torch.Tensor:
-        """Embed ``texts`` (float32, on CPU, in input order); ``prompt`` defaults to the role's saved prompt."""
-        from tqdm.auto import tqdm
-
-        prefix = self.prompts.get(role, "") if prompt is None else prompt
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        was_training = self.training
-        self.eval()
-        out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
+    def _embed_texts(self, texts: list[str], role: str, prompt: str) -> torch.Tensor:
         device = self.device
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=None if show_progress else True,
-                          leave=False):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], role, prefix).items()}
-            if self.instruction_masking and prefix:
-                empty = (batch["pooling_mask"].sum(1) == 0).nonzero().flatten().tolist()
-                if empty:
-                    raise EmbedtrainError(
-                        f"prompt {prefix[:40]!r}... fills all {self.max_length_for(role)} tokens of a {role}, leaving "
-                        "no text token to pool; raise the max length or shorten the prompt"
-                    )
-            out[idx] = self(**batch).float().cpu()
-        self.train(was_training)
-        return out
+        batch = {k: v.to(device) for k, v in self.tokenize(texts, role, prompt).items()}
+        if self.instruction_masking and prompt:
+            empty = (batch["pooling_mask"].sum(1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise EmbedtrainError(
+                    f"prompt {prompt[:40]!r}... fills all {self.max_length_for(role)} tokens of a {role}, leaving "
+                    "no text token to pool; raise the max length or shorten the prompt"
+                )
+        return self(**batch)
 
     # -- saving ----------------------------------------------------------------------------
-    def sentence_transformer(self):
-        """The sentence-transformers model that computes exactly what this encoder does."""
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+    def _pooling_module(self) -> nn.Module:
+        from sentence_transformers.sentence_transformer.modules import Pooling
 
-        st = self._st
-        transformer = st[0]
-        transformer.max_seq_length = max(self.query_max_length, self.document_max_length)
-        transformer.query_length = self.query_max_length
-        transformer.document_length = self.document_max_length
         if self.pooling == "latent_attention":
             pooling = LatentAttentionPoolingModule(
-                self.embedding_dim, num_latents=self.head.num_latents, num_heads=self.head.num_heads,
-                intermediate_size=self.head.intermediate_size, include_prompt=not self.instruction_masking,
+                self.embedding_dim, include_prompt=not self.instruction_masking, **self.head.sizes()
             )
             pooling.latent_attention = self.head  # the trained head itself, not a copy
-        else:
-            mode = {"mean": "mean", "last_token": "lasttoken", "eos": "lasttoken"}[self.pooling]
-            pooling = Pooling(self.embedding_dim, pooling_mode=mode, include_prompt=not self.instruction_masking)
-        return set_modules(st, [transformer, pooling] + ([Normalize()] if self.normalize else []), self.prompts)
+            return pooling
+        mode = {"mean": "mean", "last_token": "lasttoken", "eos": "lasttoken"}[self.pooling]
+        return Pooling(self.embedding_dim, pooling_mode=mode, include_prompt=not self.instruction_masking)
+
+    def _metadata(self) -> dict:
+        meta = {
+            "backbone": BACKBONE_KIND,
+            **super()._metadata(),
+            "instruction_masking": self.instruction_masking,
+            "lora_adapter": ADAPTER_DIR if is_peft_model(self.backbone) else None,
+        }
+        if self.head is not None:
+            meta["latent_attention"] = self.head.sizes()
+        return meta
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write the sentence-transformers folder described in the module docstring.
@@ -246,20 +231,12 @@ class DecoderEncoder(TextEncoder):
             self.load_state_dict(state_dict)
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
-        meta = {
-            "backbone": BACKBONE_KIND,
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-            "query_max_length": self.query_max_length,
-            "document_max_length": self.document_max_length,
-            "prompts": self.prompts,
-            "instruction_masking": self.instruction_masking,
-            "lora_adapter": ADAPTER_DIR if is_peft_model(self.backbone) else None,
-        }
-        if self.head is not None:
-            meta["latent_attention"] = {"num_latents": self.head.num_latents, "num_heads": self.head.num_heads,
-                                        "intermediate_size": self.head.intermediate_size}
-        write_metadata(path, meta)
+        write_metadata(path, self._metadata())
+
+    @classmethod
+    def load(cls, name_or_path: str, **settings) -> "DecoderEncoder":
+        """As :func:`load_decoder_encoder`."""
+        return load_decoder_encoder(name_or_path, **settings)
 
 
 def is_decoder_folder(path: str | os.PathLike) -> bool:
@@ -338,16 +315,14 @@ def load_decoder_encoder(
         assert_bidirectional(transformer.model, transformer.tokenizer)
     st = SentenceTransformer(modules=[transformer], device=str(torch.device(device)))
     prompts = saved.get("prompts") or {}
-    default_len = max_length or 512
-    qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
-    dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
+    qlen, dlen = token_limits(saved, max_length, query_max_length, document_max_length, 512)
     return DecoderEncoder(
         st,
         pooling=pooling,
         head=head,
         normalize=bool(saved.get("normalize", True) if normalize is None else normalize),
-        query_max_length=int(qlen),
-        document_max_length=int(dlen),
+        query_max_length=qlen,
+        document_max_length=dlen,
         query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
         document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
         instruction_masking=bool(saved.get("instruction_masking", False) if instruction_masking is None
@@ -360,7 +335,7 @@ def _latent_head(folder: Path, saved: dict, hidden: int, sizes: dict) -> LatentA
     if (folder / LATENT_DIR / "model.safetensors").is_file():
         module = LatentAttentionPoolingModule.load(str(folder / LATENT_DIR))
         head = module.latent_attention
-        have = {"num_latents": head.num_latents, "num_heads": head.num_heads, "intermediate_size": head.intermediate_size}
+        have = head.sizes()
         differ = [f"{k} {sizes[k]} (saved: {have[k]})" for k in have if sizes.get(k) is not None and sizes[k] != have[k]]
         if differ:
             raise EmbedtrainError(
@@ -368,12 +343,13 @@ def _latent_head(folder: Path, saved: dict, hidden: int, sizes: dict) -> LatentA
                 "use the saved sizes to continue training it"
             )
         return head.float()
-    if hidden % sizes.get("num_heads", 8):
+    given = {k: sizes[k] for k in ("num_latents", "num_heads", "intermediate_size") if sizes.get(k)}  # else the defaults
+    num_heads = given.get("num_heads", DEFAULT_NUM_HEADS)
+    if hidden % num_heads:
         raise EmbedtrainError(
-            f"model.latent_attention.num_heads: {sizes.get('num_heads', 8)} does not divide the decoder's hidden size {hidden}"
+            f"model.latent_attention.num_heads: {num_heads} does not divide the decoder's hidden size {hidden}"
         )
-    return LatentAttentionPooling(hidden, num_latents=sizes.get("num_latents") or 512, num_heads=sizes.get("num_heads") or 8,
-                                  intermediate_size=sizes.get("intermediate_size"))
+    return LatentAttentionPooling(hidden, **given)
 
 
 def load_adapter_encoder(model_dir: str | os.PathLike, base: Optional[str] = None, device: str = "cpu") -> DecoderEncoder:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,7 @@ from embedtrain.errors import EmbedtrainError
 from embedtrain.models.folders import MODULES_FILE, load_failure, read_metadata, read_modules, write_metadata
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
 
-__all__ = ["TextEncoder", "encoder_from_sentence_transformer", "load_failure", "load_sentence_transformers_encoder",
-           "set_modules"]
+__all__ = ["TextEncoder", "load_failure", "load_sentence_transformers_encoder", "set_modules", "token_limits"]
 
 
 class TextEncoder(nn.Module):
@@ -137,36 +136,72 @@ class TextEncoder(nn.Module):
         ``prompt`` defaults to the saved prompt of ``role`` ('query' or 'document'). Texts are
         batched in order of length so that little compute goes to padding.
         """
+        prefix = self.prompts.get(role, "") if prompt is None else prompt
+
+        def embed(idx: list[int]) -> torch.Tensor:
+            return self._embed_texts([texts[i] for i in idx], role, prefix)
+
+        return self._encode_in_batches(texts, embed, batch_size, show_progress, desc)
+
+    def _embed_texts(self, texts: list[str], role: str, prompt: str) -> torch.Tensor:
+        """Embeddings of one batch of ``texts``, each after ``prompt``."""
+        enc = self.tokenize([prompt + t for t in texts], role)
+        device = self.device
+        return self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    def _encode_in_batches(
+        self,
+        texts: Sequence[str],
+        embed: Callable[[list[int]], torch.Tensor],
+        batch_size: int,
+        show_progress: bool,
+        desc: str,
+    ) -> torch.Tensor:
+        """``embed(indices)`` for batches of ``texts`` taken longest first (little compute goes to padding),
+        in eval mode; the embeddings as float32 on CPU, in input order."""
         from tqdm.auto import tqdm
 
-        prefix = self.prompts.get(role, "") if prompt is None else prompt
-        texts = [prefix + t for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         was_training = self.training
         self.eval()
         out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
-        device = self.device
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc=desc, disable=None if show_progress else True, leave=False):
             idx = order[start : start + batch_size]
-            enc = self.tokenize([texts[i] for i in idx], role)
-            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-            out[idx] = emb.float().cpu()
+            out[idx] = embed(idx).float().cpu()
         self.train(was_training)
         return out
 
     # -- saving ----------------------------------------------------------------------------
     def sentence_transformer(self):
         """The sentence-transformers model configured to compute exactly what this encoder does."""
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+        from sentence_transformers.sentence_transformer.modules import Normalize
 
         st = self._st
         transformer = st[0]
-        transformer.max_seq_length = max(self.query_max_length, self.document_max_length)
-        transformer.query_length = self.query_max_length
-        transformer.document_length = self.document_max_length
-        pooling = Pooling(self.embedding_dim, pooling_mode=SENTENCE_TRANSFORMERS_MODE[self.pooling])
-        return set_modules(st, [transformer, pooling] + ([Normalize()] if self.normalize else []), self.prompts)
+        # max_length_for, not the settings: a subclass may keep tokens back (the MoE encoder's domain token)
+        transformer.max_seq_length = max(self.max_length_for("query"), self.max_length_for("document"))
+        transformer.query_length = self.max_length_for("query")
+        transformer.document_length = self.max_length_for("document")
+        modules = [transformer, self._pooling_module()] + ([Normalize()] if self.normalize else [])
+        return set_modules(st, modules, self.prompts)
+
+    def _pooling_module(self) -> nn.Module:
+        """The sentence-transformers module that pools as this encoder does."""
+        from sentence_transformers.sentence_transformer.modules import Pooling
+
+        return Pooling(self.embedding_dim, pooling_mode=SENTENCE_TRANSFORMERS_MODE[self.pooling])
+
+    def _metadata(self) -> dict:
+        """embedtrain's own view of the model (``embedtrain.json``), for tools that want it without
+        sentence-transformers."""
+        return {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "query_max_length": self.query_max_length,
+            "document_max_length": self.document_max_length,
+            "prompts": self.prompts,
+        }
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write a sentence-transformers folder (safetensors weights) to ``path``.
@@ -188,15 +223,95 @@ class TextEncoder(nn.Module):
             # the transformer module's folder, as sentence-transformers wrote it (the root for module 0)
             module_dir = Path(path) / read_modules(path)[0]["path"]
             self.backbone.save_pretrained(str(module_dir), state_dict=backbone_sd, safe_serialization=True)
-        # embedtrain's own view of the model, for tools that want it without sentence-transformers
-        meta = {
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-            "query_max_length": self.query_max_length,
-            "document_max_length": self.document_max_length,
-            "prompts": self.prompts,
-        }
-        write_metadata(path, meta)
+        write_metadata(path, self._metadata())
+
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        pooling: Optional[str] = None,
+        normalize: Optional[bool] = None,
+        max_length: Optional[int] = None,
+        query_max_length: Optional[int] = None,
+        document_max_length: Optional[int] = None,
+        query_prompt: Optional[str] = None,
+        document_prompt: Optional[str] = None,
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+        revision: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """A saved folder (or, for :class:`TextEncoder`, a transformers folder or a Hub id) as an encoder of this class.
+
+        Each setting left as None comes from the folder's ``embedtrain.json``, then from the model's own
+        sentence-transformers modules and prompts, then from the defaults (mean pooling, normalised, 256 tokens).
+        """
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+        from embedtrain.config import resolve_path
+
+        path = resolve_path(name_or_path)
+        saved = read_metadata(path)
+        try:
+            st = cls.read_sentence_transformer(path, attn_implementation, trust_remote_code, revision)
+        except (OSError, ValueError) as err:
+            raise load_failure(name_or_path, err) from None
+        if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
+            raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
+
+        st_pooling = next((m for m in st if isinstance(m, Pooling)), None)
+        if pooling is None:
+            pooling = saved.get("pooling")
+        if pooling is None and st_pooling is not None:
+            reverse = {v: k for k, v in SENTENCE_TRANSFORMERS_MODE.items()}
+            mode = st_pooling.pooling_mode if isinstance(st_pooling.pooling_mode, str) else st_pooling.pooling_mode[0]
+            pooling = reverse.get(mode, "mean")
+        if normalize is None:
+            normalize = saved.get("normalize", any(isinstance(m, Normalize) for m in st) if st_pooling else True)
+        qlen, dlen = token_limits(saved, max_length, query_max_length, document_max_length, st[0].max_seq_length or 256)
+        prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
+        encoder = cls(
+            st,
+            pooling=pooling or "mean",
+            normalize=bool(normalize),
+            query_max_length=qlen,
+            document_max_length=dlen,
+            query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
+            document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
+        )
+        if gradient_checkpointing:
+            encoder.enable_gradient_checkpointing()
+        return encoder
+
+    @staticmethod
+    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str]):
+        """The ``SentenceTransformer`` of a sentence-transformers folder, or one holding just the ``Transformer``
+        module of a transformers folder or Hub id (on CPU)."""
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Transformer
+
+        model_kwargs = {"attn_implementation": attn_implementation}
+        if (Path(path) / MODULES_FILE).is_file():
+            return SentenceTransformer(
+                path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
+            )
+        transformer = Transformer(
+            path,
+            model_kwargs={**model_kwargs, "trust_remote_code": trust_remote_code, "revision": revision},
+            processor_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
+            config_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
+        )
+        return SentenceTransformer(modules=[transformer], device="cpu")
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's activations in the backward pass instead of keeping them."""
+        if not getattr(self.backbone, "supports_gradient_checkpointing", False):
+            raise EmbedtrainError(
+                f"model.gradient_checkpointing: {type(self.backbone).__name__} does not support it; set it to false"
+            )
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def set_modules(st, modules: Sequence[nn.Module], prompts: dict[str, str]):
@@ -211,108 +326,20 @@ def set_modules(st, modules: Sequence[nn.Module], prompts: dict[str, str]):
     return st
 
 
-def load_sentence_transformers_encoder(
-    name_or_path: str,
-    pooling: Optional[str] = None,
-    normalize: Optional[bool] = None,
-    max_length: Optional[int] = None,
-    query_max_length: Optional[int] = None,
-    document_max_length: Optional[int] = None,
-    query_prompt: Optional[str] = None,
-    document_prompt: Optional[str] = None,
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
-    revision: Optional[str] = None,
-    gradient_checkpointing: bool = False,
-) -> TextEncoder:
-    """A sentence-transformers folder, a transformers folder or a Hub id as a :class:`TextEncoder`.
-
-    This is :func:`embedtrain.models.load_text_encoder` for folders of kind ``text`` (and names that are no
-    saved folder); that function also loads MoE and decoder folders. Settings left as None come from the
-    folder (its ``embedtrain.json`` or sentence-transformers config), then from defaults (mean pooling,
-    normalised, 256 tokens).
-    """
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Transformer
-
-    from embedtrain.config import resolve_path
-
-    path = resolve_path(name_or_path)
-    model_kwargs = {"attn_implementation": attn_implementation}
-    local = Path(path)
-    saved = read_metadata(local) if local.is_dir() else {}
-    try:
-        if (local / MODULES_FILE).is_file():
-            st = SentenceTransformer(
-                path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision
-            )
-        else:
-            transformer = Transformer(
-                path,
-                model_kwargs={**model_kwargs, "trust_remote_code": trust_remote_code, "revision": revision},
-                processor_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
-                config_kwargs={"trust_remote_code": trust_remote_code, "revision": revision},
-            )
-            st = SentenceTransformer(modules=[transformer], device="cpu")
-    except (OSError, ValueError) as err:
-        raise load_failure(name_or_path, err) from None
-    return encoder_from_sentence_transformer(
-        st, name_or_path, saved, pooling=pooling, normalize=normalize, max_length=max_length,
-        query_max_length=query_max_length, document_max_length=document_max_length, query_prompt=query_prompt,
-        document_prompt=document_prompt, gradient_checkpointing=gradient_checkpointing,
-    )
-
-
-def encoder_from_sentence_transformer(
-    st,
-    name_or_path: str,
-    saved: dict,
-    encoder_class: type[TextEncoder] = TextEncoder,
-    pooling: Optional[str] = None,
-    normalize: Optional[bool] = None,
-    max_length: Optional[int] = None,
-    query_max_length: Optional[int] = None,
-    document_max_length: Optional[int] = None,
-    query_prompt: Optional[str] = None,
-    document_prompt: Optional[str] = None,
-    gradient_checkpointing: bool = False,
-) -> TextEncoder:
-    """An ``encoder_class`` around a loaded sentence-transformers model.
-
-    Each setting left as None comes from ``saved`` (the folder's ``embedtrain.json``), then from the
-    model's own sentence-transformers modules and prompts, then from the defaults.
-    """
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
-        raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
-
-    st_pooling = next((m for m in st if isinstance(m, Pooling)), None)
-    if pooling is None:
-        pooling = saved.get("pooling")
-    if pooling is None and st_pooling is not None:
-        reverse = {v: k for k, v in SENTENCE_TRANSFORMERS_MODE.items()}
-        mode = st_pooling.pooling_mode if isinstance(st_pooling.pooling_mode, str) else st_pooling.pooling_mode[0]
-        pooling = reverse.get(mode, "mean")
-    if normalize is None:
-        normalize = saved.get("normalize", any(isinstance(m, Normalize) for m in st) if st_pooling else True)
-    default_len = max_length or st[0].max_seq_length or 256
+def token_limits(
+    saved: dict, max_length: Optional[int], query_max_length: Optional[int], document_max_length: Optional[int],
+    default: int,
+) -> tuple[int, int]:
+    """The query and document token limits of a loaded encoder: each as given, else as saved in the folder
+    (``saved``, its ``embedtrain.json``) unless ``max_length`` is given, else ``max_length`` or ``default``."""
+    default_len = max_length or default
     qlen = query_max_length or (saved.get("query_max_length") if max_length is None else None) or default_len
     dlen = document_max_length or (saved.get("document_max_length") if max_length is None else None) or default_len
-    prompts = saved.get("prompts") or {k: (v or "") for k, v in (st.prompts or {}).items()}
-    encoder = encoder_class(
-        st,
-        pooling=pooling or "mean",
-        normalize=bool(normalize),
-        query_max_length=int(qlen),
-        document_max_length=int(dlen),
-        query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
-        document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
-    )
-    if gradient_checkpointing:
-        if not getattr(encoder.backbone, "supports_gradient_checkpointing", False):
-            raise EmbedtrainError(
-                f"model.gradient_checkpointing: {type(encoder.backbone).__name__} does not support it; set it to false"
-            )
-        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return encoder
+    return int(qlen), int(dlen)
+
+
+load_sentence_transformers_encoder = TextEncoder.load
+"""A sentence-transformers folder, a transformers folder or a Hub id as a :class:`TextEncoder`.
+
+This is :func:`embedtrain.models.load_text_encoder` for folders of kind ``text`` (and names that are no saved
+folder); that function also loads MoE and decoder folders."""

@@ -18,6 +18,11 @@ from torch import nn
 
 from embedtrain.models.instructions import pooling_mask
 
+DEFAULT_NUM_LATENTS = 512
+"""Rows of the latent array when not given (the paper's)."""
+DEFAULT_NUM_HEADS = 8
+"""Attention heads when not given (the paper's)."""
+
 
 class LatentAttentionPooling(nn.Module):
     """Token states (batch, seq, d) + pooling mask (batch, seq) → one vector per text (batch, d).
@@ -48,8 +53,8 @@ class LatentAttentionPooling(nn.Module):
     def __init__(
         self,
         hidden_size: int,
-        num_latents: int = 512,
-        num_heads: int = 8,
+        num_latents: int = DEFAULT_NUM_LATENTS,
+        num_heads: int = DEFAULT_NUM_HEADS,
         intermediate_size: Optional[int] = None,
         mlp_ratio: float = 4.0,
     ):
@@ -72,6 +77,10 @@ class LatentAttentionPooling(nn.Module):
             nn.GELU(),
             nn.Linear(self.intermediate_size, hidden_size),
         )
+
+    def sizes(self) -> dict[str, int]:
+        """``num_latents``, ``num_heads`` and ``intermediate_size``: what builds this head again."""
+        return {"num_latents": self.num_latents, "num_heads": self.num_heads, "intermediate_size": self.intermediate_size}
 
     def token_states(self, hidden: torch.Tensor) -> torch.Tensor:
         """``Y`` above: (batch, seq, d) → (batch, seq, d), each token independently."""
@@ -108,21 +117,13 @@ class LatentAttentionPoolingModule(Module):
 
     config_keys = ["embedding_dimension", "num_latents", "num_heads", "intermediate_size", "include_prompt"]
 
-    def __init__(
-        self,
-        embedding_dimension: int,
-        num_latents: int = 512,
-        num_heads: int = 8,
-        intermediate_size: Optional[int] = None,
-        include_prompt: bool = False,
-    ):
+    def __init__(self, embedding_dimension: int, *, include_prompt: bool = False, **sizes: Any):
+        """``sizes``: ``num_latents``, ``num_heads``, ``intermediate_size`` of the :class:`LatentAttentionPooling` head."""
         super().__init__()
-        self.latent_attention = LatentAttentionPooling(
-            embedding_dimension, num_latents=num_latents, num_heads=num_heads, intermediate_size=intermediate_size
-        )
+        self.latent_attention = LatentAttentionPooling(embedding_dimension, **sizes)
         self.embedding_dimension = embedding_dimension
-        self.num_latents = num_latents
-        self.num_heads = num_heads
+        self.num_latents = self.latent_attention.num_latents
+        self.num_heads = self.latent_attention.num_heads
         self.intermediate_size = self.latent_attention.intermediate_size
         self.include_prompt = include_prompt
 

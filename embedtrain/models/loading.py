@@ -1,8 +1,8 @@
 """Loading a saved model of any kind: :func:`load_model` asks :func:`detect_model_kind` what a folder holds
 and calls that kind's loader.
 
-- ``text``: :func:`~embedtrain.models.encoder.load_sentence_transformers_encoder` → ``TextEncoder``
-- ``moe``: :func:`~embedtrain.models.moe.load_moe_encoder` → ``MoETextEncoder``
+- ``text``: :func:`~embedtrain.models.encoder.load_sentence_transformers_encoder` (``TextEncoder.load``) → ``TextEncoder``
+- ``moe``: :func:`~embedtrain.models.moe.load_moe_encoder` (``MoETextEncoder.load``) → ``MoETextEncoder``
 - ``decoder``: :func:`~embedtrain.models.decoder.load_decoder_encoder` → ``DecoderEncoder``
 - ``clip``: :func:`~embedtrain.models.clip.load_clip_encoder` → ``ClipEncoder``
 - ``vlm2vec``: :func:`~embedtrain.models.vlm.load_vlm_encoder` → ``VlmEncoder``
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.folders import (
@@ -90,37 +90,20 @@ def _loader(kind: str) -> Callable:
     raise ValueError(f"no loader for model kind {kind!r}")
 
 
-def load_text_encoder(
-    name_or_path: str,
-    pooling: Optional[str] = None,
-    normalize: Optional[bool] = None,
-    max_length: Optional[int] = None,
-    query_max_length: Optional[int] = None,
-    document_max_length: Optional[int] = None,
-    query_prompt: Optional[str] = None,
-    document_prompt: Optional[str] = None,
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
-    revision: Optional[str] = None,
-    gradient_checkpointing: bool = False,
-):
+def load_text_encoder(name_or_path: str, **settings: Any):
     """A text encoder from a saved folder (text, MoE or decoder kind), a transformers folder or a Hub id.
 
     Returns a :class:`~embedtrain.models.encoder.TextEncoder` (a ``MoETextEncoder`` or ``DecoderEncoder``
-    for those folders). Settings left as None come from the folder (its ``embedtrain.json`` or
-    sentence-transformers config), then from defaults (mean pooling, normalised, 256 tokens). A folder of
-    another kind (CLIP, VLM2Vec, metric learning) is an error: load it with :func:`load_model`.
+    for those folders). ``settings`` (``pooling``, ``max_length``, ``query_prompt``, ...) are those of
+    :meth:`~embedtrain.models.encoder.TextEncoder.load`; those left as None come from the folder (its
+    ``embedtrain.json`` or sentence-transformers config), then from defaults (mean pooling, normalised, 256
+    tokens). A folder of another kind (CLIP, VLM2Vec, metric learning) is an error: load it with
+    :func:`load_model`.
     """
     from embedtrain.config import resolve_path
 
     path = resolve_path(name_or_path)
     kind = find_model_kind(path) or TEXT  # not a saved folder: a Hub id or a plain checkpoint
-    settings = dict(
-        pooling=pooling, normalize=normalize, max_length=max_length, query_max_length=query_max_length,
-        document_max_length=document_max_length, query_prompt=query_prompt, document_prompt=document_prompt,
-        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, revision=revision,
-        gradient_checkpointing=gradient_checkpointing,
-    )
     if kind in (TEXT, MOE, DECODER):
         return _loader(kind)(name_or_path, **settings)
     raise EmbedtrainError(

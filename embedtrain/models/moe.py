@@ -57,14 +57,12 @@ from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError, did_you_mean
-from embedtrain.models.encoder import TextEncoder, encoder_from_sentence_transformer
+from embedtrain.models.encoder import TextEncoder
 from embedtrain.models.folders import (
     MOE,
     MOE_MODULE_TYPE,
     find_model_kind,
-    load_failure,
     read_json_object,
-    read_metadata,
     read_modules,
 )
 
@@ -596,43 +594,6 @@ def is_moe_folder(path: Union[str, Path]) -> bool:
     return find_model_kind(path) == MOE
 
 
-def load_moe_encoder(
-    name_or_path: str,
-    pooling: Optional[str] = None,
-    normalize: Optional[bool] = None,
-    max_length: Optional[int] = None,
-    query_max_length: Optional[int] = None,
-    document_max_length: Optional[int] = None,
-    query_prompt: Optional[str] = None,
-    document_prompt: Optional[str] = None,
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
-    revision: Optional[str] = None,
-    gradient_checkpointing: bool = False,
-) -> MoETextEncoder:
-    """A saved MoE folder as a :class:`MoETextEncoder`; settings as for
-    :func:`embedtrain.models.load_text_encoder`, which calls this for MoE folders.
-
-    The first module is built here from the installed package, so ``trust_remote_code`` and ``revision``
-    (accepted for the same signature) play no part: the folder is local.
-    """
-    from embedtrain.config import resolve_path
-
-    if gradient_checkpointing:
-        raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)
-    path = resolve_path(name_or_path)
-    saved = read_metadata(path)
-    try:
-        st = load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation})
-    except (OSError, ValueError) as err:
-        raise load_failure(name_or_path, err) from None
-    return encoder_from_sentence_transformer(
-        st, name_or_path, saved, MoETextEncoder, pooling=pooling, normalize=normalize, max_length=max_length,
-        query_max_length=query_max_length, document_max_length=document_max_length, query_prompt=query_prompt,
-        document_prompt=document_prompt,
-    )
-
-
 # -- the encoder -----------------------------------------------------------------------------
 
 
@@ -648,6 +609,16 @@ class MoETextEncoder(TextEncoder):
         if not is_moe_backbone(self.backbone):
             raise EmbedtrainError("MoETextEncoder: the backbone is not upcycled; use upcycle_encoder()")
         self._active_domain: Domain = None
+
+    @staticmethod
+    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str]):
+        """A saved MoE folder's ``SentenceTransformer``. The first module is built here from the installed
+        package, so ``trust_remote_code`` and ``revision`` (accepted for :meth:`TextEncoder.load`'s
+        signature) play no part: the folder is local."""
+        return load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation})
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)
 
     @property
     def settings(self) -> MoESettings:
@@ -732,25 +703,17 @@ class MoETextEncoder(TextEncoder):
                show_progress: bool = False, desc: str = "encoding", domain: Domain = None) -> torch.Tensor:
         """As :meth:`TextEncoder.encode`; ``domain`` is one domain name for every text, one per text, or
         None (the domain set with :meth:`routed_to`, else the router)."""
-        from tqdm.auto import tqdm
-
         domain = self._active_domain if domain is None else domain
         per_text = domain_indices(self.settings, domain, len(texts))
         prefix = self.prompts.get(role, "") if prompt is None else prompt
-        texts = [prefix + t for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        was_training = self.training
-        self.eval()
-        out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
         device = self.device
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=None if show_progress else True, leave=False):
-            idx = order[start : start + batch_size]
-            enc = self.tokenize([texts[i] for i in idx], role)
+
+        def embed(idx: list[int]) -> torch.Tensor:
+            enc = self.tokenize([prefix + texts[i] for i in idx], role)
             batch_domain = None if per_text is None else per_text[idx]
-            emb = self._embed(enc["input_ids"].to(device), enc["attention_mask"].to(device), batch_domain)
-            out[idx] = emb.float().cpu()
-        self.train(was_training)
-        return out
+            return self._embed(enc["input_ids"].to(device), enc["attention_mask"].to(device), batch_domain)
+
+        return self._encode_in_batches(texts, embed, batch_size, show_progress, desc)
 
     @torch.no_grad()
     def predict_domains(self, texts: Sequence[str], role: str = "document", prompt: Optional[str] = None,
@@ -784,14 +747,10 @@ class MoETextEncoder(TextEncoder):
             routing.reset_statistics()
         return stats
 
-    def sentence_transformer(self):
-        st = super().sentence_transformer()
-        if self.settings.domain_tokens:  # tokenize one token short, as max_length_for does
-            transformer = st[0]
-            transformer.max_seq_length = max(self.max_length_for("query"), self.max_length_for("document"))
-            transformer.query_length = self.max_length_for("query")
-            transformer.document_length = self.max_length_for("document")
-        return st
+
+load_moe_encoder = MoETextEncoder.load
+"""A saved MoE folder as a :class:`MoETextEncoder`; settings as for :func:`embedtrain.models.load_text_encoder`,
+which calls this for MoE folders."""
 
 
 def upcycle_encoder(

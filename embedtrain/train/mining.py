@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from embedtrain.data.readers import json_lines
 from embedtrain.errors import EmbedtrainError
 
 
@@ -86,13 +87,7 @@ def _read_corpus(path: str) -> list[str]:
     if file.suffix == ".txt":
         return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise EmbedtrainError(f"{file}:{n}: not valid JSON; each line must be one object with a 'text'") from None
+    for n, row in json_lines(file.read_text(encoding="utf-8"), file, "each line must be one object with a 'text'"):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise EmbedtrainError(f"{file}:{n}: no 'text' field; corpus rows look like {{\"text\": ...}}")
         texts.append(f"{row.get('title') or ''} {row['text']}".strip())
