@@ -48,57 +48,21 @@ HUB_TASK_TYPES = {
     "Summarization": "summarization",
 }
 
-SENTENCE_BERT_CITATION = """\
-@inproceedings{reimers-2019-sentence-bert,
-  title = {Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks},
-  author = {Reimers, Nils and Gurevych, Iryna},
-  booktitle = {Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing},
-  year = {2019},
-  publisher = {Association for Computational Linguistics},
-  url = {https://arxiv.org/abs/1908.10084}
-}"""
 
-INFONCE_CITATION = """\
-@misc{oord2018representation,
-  title = {Representation Learning with Contrastive Predictive Coding},
-  author = {van den Oord, Aaron and Li, Yazhe and Vinyals, Oriol},
-  year = {2018},
-  eprint = {1807.03748},
-  archivePrefix = {arXiv},
-  primaryClass = {cs.LG}
-}"""
+def _citation(key: str) -> str:
+    """The BibTeX entry ``key`` of citations.bib (beside this module)."""
+    text = (Path(__file__).parent / "citations.bib").read_text(encoding="utf-8")
+    for entry in re.split(r"\n(?=@)", text):
+        if re.match(r"@\w+\{" + re.escape(key) + ",", entry):
+            return entry.strip()
+    raise KeyError(f"citations.bib has no entry {key!r}")  # a bug in this package
 
-CLIP_CITATION = """\
-@misc{radford2021learning,
-  title = {Learning Transferable Visual Models From Natural Language Supervision},
-  author = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
-            Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
-            Krueger, Gretchen and Sutskever, Ilya},
-  year = {2021},
-  eprint = {2103.00020},
-  archivePrefix = {arXiv},
-  primaryClass = {cs.CV}
-}"""
 
-SIGLIP_CITATION = """\
-@misc{zhai2023sigmoid,
-  title = {Sigmoid Loss for Language Image Pre-Training},
-  author = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
-  year = {2023},
-  eprint = {2303.15343},
-  archivePrefix = {arXiv},
-  primaryClass = {cs.CV}
-}"""
-
-GRADCACHE_CITATION = """\
-@misc{gao2021scaling,
-  title = {Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
-  author = {Gao, Luyu and Zhang, Yunyi and Han, Jiawei and Callan, Jamie},
-  year = {2021},
-  eprint = {2101.06983},
-  archivePrefix = {arXiv},
-  primaryClass = {cs.LG}
-}"""
+SENTENCE_BERT_CITATION = _citation("reimers-2019-sentence-bert")
+INFONCE_CITATION = _citation("oord2018representation")
+CLIP_CITATION = _citation("radford2021learning")
+SIGLIP_CITATION = _citation("zhai2023sigmoid")
+GRADCACHE_CITATION = _citation("gao2021scaling")
 
 LOSS_CITATIONS = {"infonce": INFONCE_CITATION, "clip": CLIP_CITATION, "siglip": SIGLIP_CITATION}
 """BibTeX by loss name; a loss without its own ``citation`` gets the one under its (lower-cased) name."""

@@ -62,32 +62,14 @@ def load_model(path: Union[str, os.PathLike], **options: Any):
 
 
 def _loader(kind: str) -> Callable:
-    """The function that loads folders of ``kind`` (imported only now: each pulls in its own libraries)."""
-    if kind == TEXT:
-        from embedtrain.models.encoder import load_sentence_transformers_encoder
+    """The function that loads folders of ``kind``; the model modules are imported only now (each pulls in
+    its own libraries: torch, sentence-transformers, open_clip, transformers' vision models)."""
+    from embedtrain.models import clip, decoder, encoder, moe, semantic_proxies, vlm
 
-        return load_sentence_transformers_encoder
-    if kind == MOE:
-        from embedtrain.models.moe import load_moe_encoder
-
-        return load_moe_encoder
-    if kind == DECODER:
-        from embedtrain.models.decoder import load_decoder_encoder
-
-        return load_decoder_encoder
-    if kind == CLIP:
-        from embedtrain.models.clip import load_clip_encoder
-
-        return load_clip_encoder
-    if kind == VLM2VEC:
-        from embedtrain.models.vlm import load_vlm_encoder
-
-        return load_vlm_encoder
-    if kind == DML:
-        from embedtrain.models.semantic_proxies import load_dml_encoder
-
-        return load_dml_encoder
-    raise ValueError(f"no loader for model kind {kind!r}")
+    loaders = {TEXT: encoder.load_sentence_transformers_encoder, MOE: moe.load_moe_encoder,
+               DECODER: decoder.load_decoder_encoder, CLIP: clip.load_clip_encoder, VLM2VEC: vlm.load_vlm_encoder,
+               DML: semantic_proxies.load_dml_encoder}
+    return loaders[kind]
 
 
 def load_text_encoder(name_or_path: str, **settings: Any):
