@@ -48,11 +48,12 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
     return out
 
 
-def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullcontext, gather=True) -> float:
+def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullcontext, gather=True,
+         after_replays=lambda: None) -> float:
     loss_fn = InfoNCELoss(temperature=0.05, gather_across_processes=gather, **cfg["loss"])
     backward = backward or (lambda loss: loss.backward())
     if cfg["chunk"]:
-        out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync)
+        out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync, after_replays=after_replays)
     else:
         out = plain_step(model, loss_fn, batch, backward)
     return float(out["loss"])

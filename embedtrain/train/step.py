@@ -103,8 +103,15 @@ def grad_cache_step(
     backward: Callable[[torch.Tensor], None],
     no_sync: Callable[[], contextlib.AbstractContextManager],
     split: Optional[Callable[[dict, int], Iterable[dict]]] = None,
+    after_replays: Callable[[], None] = lambda: None,
 ) -> dict:
-    """GradCache step. ``no_sync()`` suspends gradient all-reduce (DDP) for all but the last chunk.
+    """GradCache step. Every replay runs under ``no_sync()``, then ``after_replays()`` reduces the gradients
+    across processes (see :func:`replay_sync`, which gives the pair for the run's engine): a last chunk
+    touches one role's tower only, so letting DDP reduce on it would leave the other tower unreduced.
+
+    ``backward`` is the run's backward (the Accelerator's: it scales the loss under fp16); it
+    backpropagates the loss to the cached embeddings, whose gradients then carry the loss scale into the
+    replays, which backpropagate without scaling again.
 
     ``chunk_size`` is one size for every role or a size per role ('query', 'positive', 'negative').
     ``split(inputs, size)`` cuts one role's inputs into chunks of rows (default: tokenized text,
@@ -128,20 +135,62 @@ def grad_cache_step(
                 parts.append(model(**chunk))
                 chunks.append((role, chunk, state, parts[-1].shape[0]))
             cached[role] = torch.cat(parts).float().requires_grad_()
-    # 2. loss on the cached embeddings; gradients stop at them
+    # 2. loss on the cached embeddings; gradients stop at them (and at the loss's own parameters)
     out = loss_fn(**_loss_inputs(batch, cached))
-    out["loss"].backward()
+    backward(out["loss"])
     grads = {r: (e.grad if e is not None else None) for r, e in cached.items()}
     # 3. replay each chunk with a graph and push its cached gradient into the parameters
     offsets = {r: 0 for r in ROLES}
-    for i, (role, chunk, state, n) in enumerate(chunks):
+    for role, chunk, state, n in chunks:
         grad = grads[role][offsets[role] : offsets[role] + n]
         offsets[role] += n
-        last = i == len(chunks) - 1
-        with (contextlib.nullcontext() if last else no_sync()), state.replay():
+        with no_sync(), state.replay():
             emb = model(**chunk)
-            backward(torch.dot(emb.float().flatten(), grad.flatten()))
+            torch.autograd.backward(emb.float(), grad)
+    after_replays()
     return {k: v.detach() for k, v in out.items()}
+
+
+def replay_sync(accelerator, model) -> tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], None]]:
+    """(no_sync, after_replays) for :func:`grad_cache_step` under the run's engine.
+
+    - one process: nothing to reduce;
+    - FSDP: every replay reduces its own share (FSDP accumulates the sharded gradients across backwards);
+    - DDP: replays accumulate locally, then every gradient that any process has is averaged in one
+      all-reduce (a gradient no process has stays None, as DDP leaves it).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
+        return contextlib.nullcontext, lambda: None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (lambda: accelerator.no_sync(model)), (lambda: average_gradients(params, accelerator.num_processes))
+
+
+def average_gradients(params: list, world_size: int) -> None:
+    """Average the gradients of ``params`` over the processes in one flat all-reduce. A gradient that only
+    some processes have counts as zero on the others; one that none has stays None."""
+    import torch.distributed as dist
+
+    if not params:
+        return
+    device = params[0].device
+    present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce(present)
+    used = [p for p, n in zip(params, present.tolist()) if n > 0]
+    if not used:
+        return
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in used])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in used:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 # -- the update after backward ------------------------------------------------------------------

@@ -12,6 +12,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from embedtrain.models import load_text_encoder  # noqa: E402
 from embedtrain.train.accelerator import build_accelerator  # noqa: E402
+from embedtrain.train.step import replay_sync  # noqa: E402
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step  # noqa: E402
 
 
@@ -28,7 +29,8 @@ def main(model_dir: str, out_dir: str, rows_per_process: int) -> None:
         batch = make_batch(model.tokenizer, rows_per_process * world)
         model = accelerator.prepare(model)
         local = slice_batch(batch, rank * rows_per_process, (rank + 1) * rows_per_process)
-        loss = step(model, local, cfg, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        no_sync, after = replay_sync(accelerator, model)
+        loss = step(model, local, cfg, backward=accelerator.backward, no_sync=no_sync, after_replays=after)
         # report the mean loss over processes, as the trainer logs it
         loss = float(accelerator.reduce(torch.tensor(loss), reduction="mean"))
         g = grads(accelerator.unwrap_model(model))

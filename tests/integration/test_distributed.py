@@ -63,3 +63,28 @@ def test_multi_cpu_accelerate_config_trains_and_saves(tiny_bert, pairs_file, tmp
     assert st.encode(["small tree"]).shape == (1, 32)
     # only the main process wrote: one metrics file, checkpoints at steps 2 and 4
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+@pytest.mark.slow
+def test_clip_with_both_towers_and_grad_cache_on_two_processes_equals_one_process(tmp_path):
+    """GradCache's last replay touches the image tower only; every trained parameter must still be reduced.
+    1e-5: float32 sums of a few hundred terms taken in another order on each side (gather, chunks, all-reduce)."""
+    from multimodal_support import write_image_text_rows
+
+    data = write_image_text_rows(tmp_path / "data", n=8)
+    worker = str(REPO / "tests" / "integration" / "dist_clip_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    proc = subprocess.run(torchrun + [worker, str(data), str(tmp_path), "2"], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, worker, str(data), str(tmp_path), "1"], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ref = load_file(str(tmp_path / "distributed.safetensors")), load_file(str(tmp_path / "reference.safetensors"))
+    assert json.loads((tmp_path / "distributed.json").read_text())["type"] == "DistributedType.MULTI_CPU"
+    assert got.keys() == ref.keys()
+    assert any(".visual." in k for k in ref) and any(".transformer." in k for k in ref)  # both towers trained
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (k, float((got[k] - ref[k]).abs().max()))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["loss"] for n in ("distributed", "reference"))
+    assert abs(a - b) < 1e-5

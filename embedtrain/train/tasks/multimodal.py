@@ -18,7 +18,7 @@ from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import InfoNCELoss, SigmoidLoss
 from embedtrain.train.optim import loss_group, parameter_groups
-from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
+from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
 from embedtrain.train.task import Task, check_batch_fits, module_with_state
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10")
@@ -157,8 +157,9 @@ class MultimodalTask(Task):
     def step(self, model, loss_fn, batch: dict, accelerator) -> dict:
         chunks = chunk_sizes(self.recipe.train)
         if chunks:
-            return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward,
-                                   lambda: accelerator.no_sync(model), split=split_inputs)
+            no_sync, after = replay_sync(accelerator, model)
+            return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward, no_sync, split=split_inputs,
+                                   after_replays=after)
         return plain_step(model, loss_fn, batch, accelerator.backward)
 
     def log_extras(self, learning_rates: list[float]) -> dict:

@@ -17,8 +17,8 @@ from embedtrain.train import experts
 from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
                                        prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import loss_group, parameter_groups
-from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step
-from embedtrain.train.task import Task, check_batch_fits
+from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
+from embedtrain.train.task import Task, check_batch_fits, module_with_state
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
 
@@ -69,9 +69,8 @@ class TextTask(Task):
         )
 
     # -- model ------------------------------------------------------------------------------------
-    def build(self, device: torch.device):
-        from accelerate import PartialState
-
+    def _load_encoder(self, device: torch.device, log=print):
+        """The recipe's encoder as loaded (and upcycled into experts), before any training."""
         from embedtrain.models import load_text_encoder
 
         r = self.recipe
@@ -85,7 +84,13 @@ class TextTask(Task):
                 attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
                 revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
             )
-        encoder = experts.prepare_encoder(encoder, r, self.log)  # model.moe: upcycled into one expert per domain
+        return experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+
+    def build(self, device: torch.device):
+        from accelerate import PartialState
+
+        r = self.recipe
+        encoder = self._load_encoder(device, self.log)
         self.batch_domains = experts.dataset_domains(encoder, r)
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
@@ -124,8 +129,8 @@ class TextTask(Task):
         chunks = chunk_sizes(self.recipe.train)
         with experts.routed_batch(self.encoder, self.batch_domains, batch["dataset"]):  # MoE: the dataset's expert
             if chunks:
-                return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward,
-                                       lambda: accelerator.no_sync(model))
+                no_sync, after = replay_sync(accelerator, model)
+                return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward, no_sync, after_replays=after)
             return plain_step(model, loss_fn, batch, accelerator.backward)
 
     def log_extras(self, learning_rates: list[float]) -> dict:
@@ -150,6 +155,8 @@ class TextTask(Task):
 
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
+        # a sharded model is written from a fresh unsharded copy that holds the gathered weights
+        model = module_with_state(model, state_dict, lambda: self._load_encoder(torch.device("cpu"), lambda *_: None))
         model.save(path, state_dict=state_dict)
 
     def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, engine):
