@@ -173,6 +173,14 @@ class ClipEncoder(nn.Module):
                 p.requires_grad_(modes[tower] == "lora")
             else:
                 p.requires_grad_(tower != "scale" and modes.get(tower) == "train")
+        base = self._base()
+        for name in ("logit_scale", "logit_bias"):
+            p = getattr(base, name, None)
+            if isinstance(p, nn.Parameter):
+                # a buffer, not a frozen parameter: nothing trains it (same key in the state dict), and FSDP
+                # cannot shard a 0-d parameter
+                delattr(base, name)
+                base.register_buffer(name, p.detach().clone())
 
     def trainable_summary(self) -> str:
         counts = {"image": [0, 0], "text": [0, 0]}

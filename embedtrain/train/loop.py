@@ -24,7 +24,7 @@ from embedtrain.config import to_dict
 from embedtrain.errors import EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.accelerator import build_accelerator, engine_of
-from embedtrain.train.optim import build_optimizer, build_scheduler
+from embedtrain.train.optim import build_optimizer, build_scheduler, loss_group
 from embedtrain.train.signals import StopRequest, any_process
 from embedtrain.train.step import apply_update, to_device
 
@@ -163,7 +163,12 @@ class Trainer:
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
         total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
-        optimizer = build_optimizer(task.parameter_groups(model, loss_fn), r.train.lr, r.train.optimizer,
+        if self.engine.sharding and any(p.requires_grad for p in loss_fn.parameters()):
+            # FSDP maps and saves the optimizer's parameters through the model; the loss's own live outside it
+            raise EmbedtrainError(f"loss: a learnable temperature or bias ({', '.join(n for n, _ in loss_fn.named_parameters())})"
+                                  f" is not available under {self.engine.distributed_type} yet; set "
+                                  "loss.learnable_temperature (and loss.learnable_bias) to false")
+        optimizer = build_optimizer(task.parameter_groups(model) + loss_group(loss_fn), r.train.lr, r.train.optimizer,
                                     r.train.momentum)
         scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -201,8 +206,6 @@ class Trainer:
         # -- loop ----------------------------------------------------------------------------------
         loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad] + loss_params
-        self.named_params = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad] \
-            + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
         step = state.step
         epoch, offset = _position(task.batches_in_epoch, step)
         model.train()
@@ -358,6 +361,7 @@ class Trainer:
         # a sharded model's forward needs every process: then all evaluate (the same texts), the main one records
         if accelerator.is_main_process or self.engine.sharding:
             scores = self.task.evaluate(accelerator.unwrap_model(self.model), accelerator)
+            _reshard(self.model)  # FSDP keeps the root's parameters gathered after a forward with no backward
         if accelerator.is_main_process:
             if scores:
                 self.record({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
@@ -371,7 +375,9 @@ class Trainer:
     def save(self, step: int) -> None:
         """A complete checkpoint of the run at ``step`` (every process takes part)."""
         accelerator, loss_fn = self.accelerator, self.loss_fn
-        bad = _nonfinite_parameters(self.named_params)
+        named = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad] \
+            + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
+        bad = _nonfinite_parameters(named)
         if bad:
             raise EmbedtrainError(
                 f"training stopped at step {step}: non-finite weights ({', '.join(bad[:3])}"
@@ -473,6 +479,15 @@ def _position(batches_in_epoch, step: int) -> tuple[int, int]:
         left -= batches_in_epoch(epoch)
         epoch += 1
     return epoch, left
+
+
+def _reshard(model) -> None:
+    """Free the gathered parameters of every FSDP module (no-op for other engines)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _nonfinite_parameters(named_params) -> list[str]:

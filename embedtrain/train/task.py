@@ -8,7 +8,7 @@ push. A task supplies the rest, in the order the loop asks for it:
 1. ``read_data``: read and check the training data (before any model loads, so data errors come first);
 2. ``check_data``: what depends on the number of processes (a dataset smaller than one global batch);
 3. ``build``: the model and the loss module, trainable parameters chosen;
-4. ``parameter_groups``: the optimizer's groups (weight decay, own learning rates);
+4. ``parameter_groups``: the optimizer's groups of the model (weight decay, own learning rates);
 5. ``batches_in_epoch`` / ``loader``: the epoch plans and a loader starting at a batch of an epoch;
 6. ``step``: forward and backward of one batch (plain or GradCache), returning detached figures;
 7. ``evaluate``: scores on the held-out tasks (``selection_key`` picks the best checkpoint);
@@ -66,7 +66,8 @@ class Task:
         """(model, loss module); called after the seed is set."""
         raise NotImplementedError
 
-    def parameter_groups(self, model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """The optimizer's groups of the model's trainable parameters (the loop adds the loss's own)."""
         raise NotImplementedError
 
     # -- training -----------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def test_multi_cpu_accelerate_config_trains_and_saves(tiny_bert, pairs_file, tmp
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model saved to" in proc.stdout
+    engine = json.loads((tmp_path / "run" / "results.json").read_text())["engine"]
+    assert (engine["distributed_type"], engine["processes"]) == ("MULTI_CPU", 2)  # really two processes
     st = SentenceTransformer(str(tmp_path / "run" / "model"), device="cpu")
     assert st.encode(["small tree"]).shape == (1, 32)
     # only the main process wrote: one metrics file, checkpoints at steps 2 and 4

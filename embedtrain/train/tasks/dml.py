@@ -109,7 +109,7 @@ class MetricLearningTask(Task):
                                                        num_workers=d.num_workers, collate_fn=collate_images)
         return model, build_proxy_loss(r)
 
-    def parameter_groups(self, model, loss_fn) -> list[dict]:
+    def parameter_groups(self, model) -> list[dict]:
         """Weights with decay; biases, norms and prompts without; the learnable proxies at their own lr."""
         learnable = model.proxies.learnable
         named = [(n, p) for n, p in model.named_parameters() if p is not learnable]

@@ -17,7 +17,7 @@ from embedtrain.data.sampler import plan_epoch
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import InfoNCELoss, SigmoidLoss
-from embedtrain.train.optim import loss_group, parameter_groups
+from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
 from embedtrain.train.task import Task, check_batch_fits, module_with_state
 
@@ -136,8 +136,8 @@ class MultimodalTask(Task):
         self.collator = MultimodalCollator(self.datasets, encoder.inputs, self.recipe.data.bad_images)
         return encoder, build_loss(self.recipe)
 
-    def parameter_groups(self, model, loss_fn) -> list[dict]:
-        return parameter_groups(model.named_parameters(), self.recipe.train.weight_decay) + loss_group(loss_fn)
+    def parameter_groups(self, model) -> list[dict]:
+        return parameter_groups(model.named_parameters(), self.recipe.train.weight_decay)
 
     # -- training ---------------------------------------------------------------------------------
     def check_batch(self, batch: dict, step: int) -> Optional[str]:

@@ -16,7 +16,7 @@ from embedtrain.losses import LOSSES
 from embedtrain.train import experts
 from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
                                        prompt_lengths, query_prompt_of)
-from embedtrain.train.optim import loss_group, parameter_groups
+from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
 from embedtrain.train.task import Task, check_batch_fits, module_with_state
 
@@ -119,10 +119,9 @@ class TextTask(Task):
         self.encoder = encoder
         return encoder, loss_fn
 
-    def parameter_groups(self, model, loss_fn) -> list[dict]:
+    def parameter_groups(self, model) -> list[dict]:
         r = self.recipe
-        return parameter_groups(model.named_parameters(), r.train.weight_decay, experts.learning_rates(r)) \
-            + loss_group(loss_fn)
+        return parameter_groups(model.named_parameters(), r.train.weight_decay, experts.learning_rates(r))
 
     # -- training ---------------------------------------------------------------------------------
     def step(self, model, loss_fn, batch: dict, accelerator) -> dict:
