@@ -73,6 +73,11 @@ def build_accelerator(mixed_precision: str = "no", log_with=None, project_dir: s
     if wanted == "FSDP" and on_cpu and os.environ.get("FSDP_VERSION", "1") != "2":
         raise EmbedtrainError("accelerate config: fsdp_config.fsdp_version 1 needs GPUs; set fsdp_version: 2 "
                               "(FSDP 2 runs on CPU processes too)")
+    from accelerate.state import AcceleratorState
+
+    # each run sets its own precision and engine: forget an earlier run's in this process (the process group,
+    # PartialState, stays)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=log_with,
@@ -83,6 +88,12 @@ def build_accelerator(mixed_precision: str = "no", log_with=None, project_dir: s
     )
     if wanted == "FSDP" and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _enable_fsdp_on_cpu(mixed_precision)
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise EmbedtrainError("train.mixed_precision: fp16 under FSDP on CPU processes is not available; use bf16")
+        # accelerate leaves fp16 off on the CPU (no autocast, no scaler) without a word; torch has both there
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
     got = accelerator.distributed_type.name
     if wanted is not None and got != wanted:
         raise EmbedtrainError(f"accelerate config: asked for {wanted}, but accelerate set up {got} here; "

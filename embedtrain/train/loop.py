@@ -46,6 +46,8 @@ class TrainState:
     final: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     """Time spent in the loop itself (evaluations and checkpoints included, start-up not)."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped (a non-finite loss or gradient; an fp16 overflow)."""
     task: dict = field(default_factory=dict)
     """The task's own counters (images replaced during training, ...)."""
 
@@ -236,6 +238,7 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     skipped += not finite
+                    state.skipped_steps += not finite
                     progress.update(1)
                     if finite:
                         window.append({**{k: float(v) for k, v in figures.items()}, "loss": float(loss_value),
@@ -342,6 +345,8 @@ class Trainer:
         entry[self.task.throughput_key] = (len(window) + skipped) * per_step
         if skipped:
             entry["skipped_steps"] = skipped  # non-finite steps in this window (not in the averages)
+        if self.accelerator.scaler is not None:
+            entry["loss_scale"] = self.accelerator.scaler.get_scale()
         entry.update(self.task.log_extras(lrs))
         return entry
 
@@ -419,6 +424,7 @@ class Trainer:
                     ckpt.replace_dir(tmp, model_dir)
                     summary = {"kind": self.recipe.kind, "steps": step, "baseline": state.baseline, "final": state.final,
                                "best_step": state.best_step, "seconds": seconds, "train_seconds": state.train_seconds,
+                               "skipped_steps": state.skipped_steps,
                                "trainable_parameters": trainable, "total_parameters": total,
                                "processes": accelerator.num_processes, "engine": self.engine.to_dict(),
                                **self.task.results()}

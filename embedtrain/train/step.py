@@ -210,19 +210,31 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
         for p in loss_params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else grad_norm_of(params)
+    scaler = accelerator.scaler  # fp16: gradients carry the loss scale until unscaled
+    if max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first
+    else:
+        if scaler is not None:
+            accelerator.unscale_gradients()
+        grad_norm = grad_norm_of(params)
     if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
         grad_norm = grad_norm_of(params)
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
     finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
     if finite:
-        optimizer.step()
+        optimizer.step()  # under fp16 also lets the scaler grow its scale after enough good steps
         scheduler.step()
         state.consecutive_nonfinite = 0
     else:
         state.consecutive_nonfinite += 1
+        backoff = ""
+        if scaler is not None:
+            # the update is skipped here, not inside the scaler: set the backed-off scale, which also clears the
+            # scaler's record of this step's unscaling (else the next step would unscale twice)
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            backoff = f"; fp16 loss scale lowered to {scaler.get_scale():g}"
         log(f"step {step + 1}: non-finite loss or gradient; step skipped "
-            f"({state.consecutive_nonfinite} in a row, limit {max_consecutive_nonfinite})")
+            f"({state.consecutive_nonfinite} in a row, limit {max_consecutive_nonfinite}){backoff}")
         if state.consecutive_nonfinite >= max_consecutive_nonfinite:
             optimizer.zero_grad(set_to_none=True)
             first = step + 2 - state.consecutive_nonfinite
