@@ -32,8 +32,9 @@ Domain tokens (optional)
     so the inserted token fits the same limit.
 
 Router and load-balancing losses are added to the training loss through the embeddings' backward
-(:class:`_AttachLoss`), so the plain step and GradCache need no change; each forward pass (one role, or
-one GradCache chunk) contributes its own mean.
+(:class:`_AttachLoss`), so the plain step and GradCache need no change. Each forward pass (one role, or
+one GradCache chunk) contributes its own mean weighted by its share of the step's texts
+(:meth:`MoETextEncoder.training_step`), so a step adds each loss once at its configured weight.
 
 Saving: a sentence-transformers folder whose first module is :class:`MoETransformer` (the MoE settings
 go into its ``sentence_bert_config.json``). :func:`load_moe_encoder` (and so
@@ -150,6 +151,11 @@ class Routing:
         self.index: Optional[torch.Tensor] = None
         self.weight: Optional[torch.Tensor] = None
         self.auxiliary_loss: Optional[torch.Tensor] = None
+        self.step_texts: Optional[int] = None
+        """Texts one training step embeds (every role, every chunk); each forward's auxiliary loss is
+        weighted by its share of them, so a step adds the configured weight once, whatever the forwards."""
+        self.loss_scale = 1.0
+        """The gradient the auxiliary loss receives: the main loss's scale (fp16), so both agree."""
         self.reset_statistics()
 
     def reset_statistics(self) -> None:
@@ -352,23 +358,24 @@ def is_moe_backbone(backbone) -> bool:
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Identity on the embeddings whose backward also sends gradient 1 to ``loss``: the auxiliary
-    routing losses join the training loss of whatever backpropagates through the embeddings."""
+    """Identity on the embeddings whose backward also sends gradient ``scale`` to ``loss``: the auxiliary
+    routing losses join the training loss of whatever backpropagates through the embeddings (``scale``:
+    the training loss's own scale under fp16, else 1)."""
 
     @staticmethod
-    def forward(ctx, embeddings, loss):
-        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+    def forward(ctx, embeddings, loss, scale):
+        ctx.loss_shape, ctx.loss_dtype, ctx.scale = loss.shape, loss.dtype, scale
         return embeddings.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad.device)
+        return grad, torch.full(ctx.loss_shape, ctx.scale, dtype=ctx.loss_dtype, device=grad.device), None
 
 
-def attach_auxiliary_loss(embeddings: torch.Tensor, loss: Optional[torch.Tensor]) -> torch.Tensor:
+def attach_auxiliary_loss(embeddings: torch.Tensor, loss: Optional[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
     if loss is None or not torch.is_grad_enabled() or not loss.requires_grad:
         return embeddings
-    return _AttachLoss.apply(embeddings, loss)
+    return _AttachLoss.apply(embeddings, loss, scale)
 
 
 def _insert_domain_token(tensors: dict[str, torch.Tensor], attention_mask: torch.Tensor, values: dict[str, torch.Tensor],
@@ -434,14 +441,17 @@ def route(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, domai
             terms.append(settings.load_balancing_weight * n * (share * logits.softmax(dim=-1).mean(0)).sum())
         if terms:
             routing.auxiliary_loss = torch.stack(terms).sum()
+            if routing.step_texts:  # this forward's share of the step's texts
+                routing.auxiliary_loss = routing.auxiliary_loss * (batch / routing.step_texts)
     if training and torch.is_grad_enabled():
         for e, count in enumerate(torch.bincount(index[:, 0], minlength=settings.num_experts).tolist()):
             routing.texts_per_expert[e] += count
         if logits is not None and domain is not None:
             routing.router_correct += int((logits.argmax(dim=-1) == domain).sum())
             routing.router_judged += batch
-        if routing.auxiliary_loss is not None:
-            routing.auxiliary_sum += float(routing.auxiliary_loss.detach())
+        if routing.auxiliary_loss is not None:  # logged per text, as configured (before the share)
+            share = batch / routing.step_texts if routing.step_texts else 1.0
+            routing.auxiliary_sum += float(routing.auxiliary_loss.detach()) / share
             routing.auxiliary_count += 1
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **(extra or {})}
@@ -643,6 +653,17 @@ class MoETextEncoder(TextEncoder):
         finally:
             self._active_domain = previous
 
+    @contextlib.contextmanager
+    def training_step(self, texts: int, loss_scale: float = 1.0):
+        """Inside the block, forwards belong to one training step that embeds ``texts`` texts in all (every
+        role and chunk): each adds its share of the auxiliary losses, whose gradient is ``loss_scale``."""
+        routing = self.backbone.moe_routing
+        routing.step_texts, routing.loss_scale = texts, loss_scale
+        try:
+            yield self
+        finally:
+            routing.step_texts, routing.loss_scale = None, 1.0
+
     def forward(self, input_ids=None, attention_mask=None, many=None, domain: Domain = None):
         if many is not None:
             return [self._embed(b["input_ids"], b["attention_mask"], domain) for b in many]
@@ -654,7 +675,8 @@ class MoETextEncoder(TextEncoder):
         hidden = self.backbone(**inputs).last_hidden_state
         emb = self._pool(hidden, inputs["attention_mask"])
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
-        return attach_auxiliary_loss(emb, self.backbone.moe_routing.take_auxiliary_loss())
+        routing = self.backbone.moe_routing
+        return attach_auxiliary_loss(emb, routing.take_auxiliary_loss(), routing.loss_scale)
 
     def max_length_for(self, role: str) -> int:
         # the inserted domain token takes one of the limit's tokens

@@ -97,11 +97,16 @@ def check_eval_tasks(encoder, recipe: TextRecipe) -> None:
                                   f"(one of: {', '.join(encoder.domains)})")
 
 
-def routed_batch(encoder, domains: Optional[list[Optional[str]]], dataset_index: int):
-    """Route a training step to the domain of the dataset its batch comes from."""
+@contextlib.contextmanager
+def routed_batch(encoder, domains: Optional[list[Optional[str]]], batch: dict, loss_scale: float = 1.0):
+    """Route a training step to the domain of the dataset its batch comes from; the step's auxiliary routing
+    losses count once at their configured weight (``loss_scale``: the fp16 loss scale, else 1)."""
     if domains is None:
-        return contextlib.nullcontext()
-    return encoder.routed_to(domains[dataset_index])
+        yield
+        return
+    texts = sum(int(batch[r]["input_ids"].shape[0]) for r in ("query", "positive", "negative") if batch.get(r))
+    with encoder.routed_to(domains[batch["dataset"]]), encoder.training_step(texts, loss_scale):
+        yield
 
 
 def routed_task(encoder, domain: Optional[str]):

@@ -126,7 +126,8 @@ class TextTask(Task):
     # -- training ---------------------------------------------------------------------------------
     def step(self, model, loss_fn, batch: dict, accelerator) -> dict:
         chunks = chunk_sizes(self.recipe.train)
-        with experts.routed_batch(self.encoder, self.batch_domains, batch["dataset"]):  # MoE: the dataset's expert
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+        with experts.routed_batch(self.encoder, self.batch_domains, batch, scale):  # MoE: the dataset's expert
             if chunks:
                 no_sync, after = replay_sync(accelerator, model)
                 return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward, no_sync, after_replays=after)

@@ -278,3 +278,35 @@ def test_freeze_under_learned_routing(tiny_bert_no_dropout, router_loss, balance
     assert moe.backbone.moe_router.proj.weight.requires_grad == router_trained
     assert moe.settings.routing == "learned"
     assert ("backbone.moe_router.proj.weight" in frozen) == (not router_trained)
+
+
+def test_auxiliary_loss_counts_once_per_step_at_its_weight(tiny_bert_no_dropout):
+    """Whatever the forwards a step makes (three roles, or GradCache chunks), the router's loss enters once, as
+    the mean over all the step's texts times its weight; and with the fp16 loss scale s its gradient is s times."""
+    import torch.nn.functional as F
+
+    moe = upcycle_encoder(load_text_encoder(str(tiny_bert_no_dropout), max_length=24), ["a", "b"],
+                          router_loss_weight=0.5)
+    moe.train()
+    texts = TEXTS + ["green leaves", "data packets", "a long winding road", "binary search tree"]
+    domain = torch.tensor([0, 1] * 4)
+    router = moe.backbone.moe_router
+
+    def router_grad(parts, scale=1.0):
+        moe.zero_grad(set_to_none=True)
+        with moe.training_step(len(texts), scale):
+            for part in parts:  # each a forward pass, as a role or a GradCache chunk would be
+                enc = moe.tokenize([texts[i] for i in part], "document")
+                emb = moe(enc["input_ids"], enc["attention_mask"], domain=domain[part])
+                (0.0 * emb.sum()).backward()  # only the router's loss sends gradient
+        return router.proj.weight.grad.clone()
+
+    enc = moe.tokenize(texts, "document")
+    moe.zero_grad(set_to_none=True)
+    logits = router(moe.backbone.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"])
+    (0.5 * F.cross_entropy(logits, domain)).backward()
+    expected = router.proj.weight.grad.clone()
+    # 1e-6: the same per-text terms, summed in another grouping
+    for parts in ([[0, 1, 2], [3, 4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]], [list(range(8))]):
+        assert torch.allclose(router_grad(parts), expected, atol=1e-6), parts
+    assert torch.allclose(router_grad([[0, 1, 2, 3], [4, 5, 6, 7]], scale=8.0), 8.0 * expected, atol=1e-5)
