@@ -5,8 +5,8 @@ A collated batch is a dict:
   the longest text of that role in the batch (never to max_length);
 - ``negative``: the same for the B x k hard negatives, row-major (row i's negatives are
   ``i*k … i*k+k-1``), or None when the dataset has none;
-- ``positive_ids`` (B,) and ``negative_ids`` (B*k,): int64 text hashes so the loss can mask false
-  negatives across processes;
+- ``positive_ids`` (B,) and ``negative_ids`` (B*k,): int64 hashes of what makes two documents the same
+  answer (their text; their label for labelled rows) so the loss can mask false negatives across processes;
 - ``dataset``: the dataset index.
 
 With ``prompt_lengths`` given (instruction masking, NV-Embed), every role's dict also has a
@@ -130,10 +130,10 @@ class BatchCollator:
             "dataset": planned.dataset,
             "query": tensors["query"],
             "positive": tensors["positive"],
-            "positive_ids": torch.tensor([dataset.row_keys[r][1] for r in rows], dtype=torch.long),
+            "positive_ids": torch.tensor([dataset.ids(r)[1] for r in rows], dtype=torch.long),
             "negative": tensors["negative"],
             "negative_ids": (
-                torch.tensor([dataset.row_keys[r][2 + j] for r in rows for j in range(k)], dtype=torch.long)
+                torch.tensor([dataset.ids(r)[2 + j] for r in rows for j in range(k)], dtype=torch.long)
                 if k else None
             ),
         }

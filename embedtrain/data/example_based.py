@@ -10,8 +10,9 @@ labels:
     negative_j = a text with label l_j, for k distinct labels l_j != label(text_i)
 
 The choice is random but fixed by ``seed``. Texts whose label has no second distinct text get no row.
-Because other rows of a batch often share a label, such data is trained with in-batch negatives off
-(``loss.in_batch_negatives: false``), so only each row's own negatives count.
+Other rows of a batch often share a label: the dataset's ``match_keys`` are the rows' labels, so the
+loss masks every in-batch document of the query's own label as a false negative (in-batch negatives can
+stay on).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from typing import Optional
 
 import numpy as np
 
-from embedtrain.data.readers import PairDataset, load_columns, pair_dataset
+from embedtrain.data.readers import PairDataset, load_columns, pair_dataset, text_hash
 from embedtrain.errors import EmbedtrainError
 
 
 def example_based_rows(
-    texts: list[str], labels: list, num_negatives: int = 1, seed: int = 0
-) -> list[dict[str, str]]:
-    """Rows ``{"query", "positive", "negative_0", ...}`` built as in the module docstring."""
+    texts: list[str], labels: list, num_negatives: int = 1, seed: int = 0, with_labels: bool = False
+):
+    """Rows ``{"query", "positive", "negative_0", ...}`` built as in the module docstring; with
+    ``with_labels`` also the label of each role of each row (query, positive, negatives)."""
     by_label: dict = defaultdict(list)
     for text, label in zip(texts, labels):
         if text not in by_label[label]:
@@ -38,7 +40,7 @@ def example_based_rows(
         raise ValueError(f"{len(names)} labels cannot give {num_negatives} negatives from other labels each")
     rng = np.random.default_rng(seed)
     index = {label: i for i, label in enumerate(names)}
-    rows = []
+    rows, labels_of = [], []
     for text, label in zip(texts, labels):
         same = by_label[label]
         if len(same) < 2:
@@ -49,11 +51,14 @@ def example_based_rows(
         others = [j for j in range(len(names)) if j != index[label]]
         chosen = rng.choice(len(others), size=num_negatives, replace=False)
         row = {"query": text, "positive": positive}
+        row_labels = [label, label]
         for j, c in enumerate(chosen):
             pool = by_label[names[others[int(c)]]]
             row[f"negative_{j}"] = pool[int(rng.integers(len(pool)))]
+            row_labels.append(names[others[int(c)]])
         rows.append(row)
-    return rows
+        labels_of.append(tuple(row_labels))
+    return (rows, labels_of) if with_labels else rows
 
 
 def read_labeled(
@@ -86,7 +91,7 @@ def read_labeled(
         if label is None or isinstance(label, (list, dict)):
             raise EmbedtrainError(f"{source} row {i + 1}: column '{label_column}' holds {label!r}, not one label; fix or remove the row")
     try:
-        rows = example_based_rows(texts, labels, num_negatives, seed)
+        rows, row_labels = example_based_rows(texts, labels, num_negatives, seed, with_labels=True)
     except ValueError as err:
         raise EmbedtrainError(f"{where}.example_negatives: {err} in {source}; lower example_negatives") from None
     if not rows:
@@ -94,4 +99,7 @@ def read_labeled(
     roles = ["query", "positive"] + [f"negative_{j}" for j in range(num_negatives)]
     ds = datasets.Dataset.from_dict({r: [row[r] for row in rows] for r in roles})
     wanted = {"query": text_column, "positive": text_column, **{r: text_column for r in roles[2:]}}
-    return pair_dataset(ds, source, name, wanted, query_prompt, document_prompt, weight)
+    dataset = pair_dataset(ds, source, name, wanted, query_prompt, document_prompt, weight)
+    # the loss masks documents of the query's own label: another text of it is no negative
+    dataset.match_keys = [tuple(text_hash(f"label\x00{label!r}") for label in labels_of) for labels_of in row_labels]
+    return dataset

@@ -29,6 +29,13 @@ class PairDataset:
     weight: float = 1.0
     #: stable 63-bit hashes of every text in a row (query, positive, negatives), for de-duplication
     row_keys: list[tuple[int, ...]] = field(default_factory=list)
+    #: what makes two documents the same answer for the loss's false-negative masking, per row and role
+    #: (None: their texts, ``row_keys``; labelled rows: their labels, so a same-label text is never a negative)
+    match_keys: Optional[list[tuple[int, ...]]] = None
+
+    def ids(self, row: int) -> tuple[int, ...]:
+        """The loss's document ids of ``row``'s roles (see ``match_keys``)."""
+        return (self.match_keys or self.row_keys)[row]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -90,3 +90,19 @@ def test_clip_with_both_towers_and_grad_cache_on_two_processes_equals_one_proces
         assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (k, float((got[k] - ref[k]).abs().max()))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["loss"] for n in ("distributed", "reference"))
     assert abs(a - b) < 1e-5
+
+
+def test_a_duplicate_text_on_two_processes_is_masked_as_a_false_negative(tmp_path):
+    """Global documents are [rank 0's 3 positives, rank 1's 3]; row 1 of each process has the same positive text,
+    so each must not see the other's copy as a negative, while every other document stays a candidate."""
+    worker = str(REPO / "tests" / "integration" / "dist_masking_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520"]
+    proc = subprocess.run(torchrun + [worker, str(tmp_path / "masks.json")], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    masks = json.loads((tmp_path / "masks.json").read_text())
+    assert [m["targets"] for m in masks] == [[0, 1, 2], [3, 4, 5]]
+    for rank, other in ((0, 4), (1, 1)):
+        keep = masks[rank]["keep"]
+        assert keep[1][other] is False  # the same text on the other process
+        assert all(keep[r][c] for r in range(3) for c in range(6) if (r, c) != (1, other))
