@@ -8,7 +8,12 @@ Guarantees:
   same kind as the positive);
 - no duplicates: no text appears twice in a global batch (a duplicate would be a false negative);
 - length grouping (optional): rows are sorted by length inside random pools of ``window`` batches,
-  so batches have little padding, then the batch order is shuffled across the whole epoch.
+  so batches have little padding, then the batch order is shuffled across the whole epoch. The rows a
+  pool cannot place in a full batch (its longest, and duplicates) move on to the next pool instead of
+  being dropped, so long rows are not under-sampled; only the last pool's remainder waits for the next
+  epoch;
+- balanced processes: the rows of every length-grouped global batch are shuffled before the batch is
+  split across processes, so no process always gets the shortest slice of a length-sorted batch.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ class PlannedBatch:
 
 
 def _fill_batches(
-    order: Sequence[int], row_keys: Sequence[tuple[int, ...]], batch_size: int, no_duplicates: bool
+    order: Sequence[int], row_keys: Sequence[tuple[int, ...]], batch_size: int, no_duplicates: bool,
+    leftover: list[int] | None = None,
 ) -> list[list[int]]:
-    """Cut ``order`` into full batches; a row whose text is already in the batch waits for the next."""
+    """Cut ``order`` into full batches; a row whose text is already in the batch waits for the next.
+    Rows that end in no full batch are appended to ``leftover`` when given (else dropped)."""
     batches: list[list[int]] = []
     current: list[int] = []
     seen: set[int] = set()
@@ -53,7 +60,9 @@ def _fill_batches(
             for w in retry:
                 if len(current) == batch_size or not try_add(w):
                     waiting.append(w)
-    return batches  # a partial last batch and rows that never fit are dropped for this epoch
+    if leftover is not None:
+        leftover += current + waiting
+    return batches
 
 
 def _dataset_batches(
@@ -75,10 +84,12 @@ def _dataset_batches(
         return _fill_batches(order.tolist(), row_keys, global_batch, no_duplicates)
     pool = max(1, window) * global_batch
     batches: list[list[int]] = []
+    carried: list[int] = []  # rows the previous pool could not place in a full batch
     for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
+        chunk = np.concatenate([np.asarray(carried, dtype=np.int64), order[start : start + pool]])
         chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
-        batches += _fill_batches(chunk.tolist(), row_keys, global_batch, no_duplicates)
+        carried = []
+        batches += _fill_batches(chunk.tolist(), row_keys, global_batch, no_duplicates, carried)
     return batches
 
 
@@ -106,8 +117,11 @@ def plan_epoch(
         _dataset_batches(n, keys, lens, global_batch, rng, no_duplicates, window, w)
         for n, keys, lens, w in zip(sizes, row_keys, lengths, weights)
     ]
-    for batches in per_dataset:  # length-sorted pools would otherwise come in length order
+    for batches, lens in zip(per_dataset, lengths):  # length-sorted pools would otherwise come in length order
         rng.shuffle(batches)
+        if lens is not None:  # and each process would always get the same end of a length-sorted batch
+            for rows in batches:
+                rng.shuffle(rows)
     if mixing == "round_robin":
         plan = []
         for k in range(max((len(b) for b in per_dataset), default=0)):

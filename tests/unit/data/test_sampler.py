@@ -57,3 +57,23 @@ def test_round_robin_alternates():
 def test_weight_upsamples():
     plan = plan_epoch([64, 64], [keys(64), keys(64)], 8, seed=0, epoch=0, weights=[2.0, 0.5])
     assert sum(b.dataset == 0 for b in plan) == 16 and sum(b.dataset == 1 for b in plan) == 4
+
+
+def test_length_grouping_keeps_long_rows_and_shuffles_each_batch():
+    """The rows a length-sorted pool cannot place in a full batch are its longest: they move on to the next
+    pool rather than being dropped, so an epoch drops at most one partial batch; and each global batch is
+    shuffled, so the first process's slice is not the shortest."""
+    import numpy as np
+
+    n, batch, window = 1000, 24, 4  # pools of 96 rows
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=n).tolist()
+    pairs = [(10_000 + i, 20_000 + i // 2) for i in range(n)]  # every positive twice: some rows must wait
+    plan = plan_epoch([n], [pairs], batch, seed=3, epoch=0, lengths=[lengths], window=window)
+    seen = [r for b in plan for r in b.rows]
+    assert len(seen) == len(set(seen)) and n - len(seen) < batch  # one partial batch at most, not one a pool
+    longest = set(np.argsort(lengths)[-100:].tolist())
+    assert len(longest - set(seen)) < batch  # the longest tenth trains
+    first_half = [np.mean([lengths[r] for r in b.rows[: batch // 2]]) for b in plan]
+    second_half = [np.mean([lengths[r] for r in b.rows[batch // 2:]]) for b in plan]
+    assert 0.25 < np.mean(np.array(first_half) < np.array(second_half)) < 0.75  # no process always the shorter
