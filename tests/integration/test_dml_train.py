@@ -90,7 +90,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(assets, tmp_path):
     b = load_file(str(resumed.model_dir / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+        assert torch.allclose(a[key], b[key], atol=1e-6), key  # a resume repeats the same operations
     assert resumed.final == pytest.approx(full.final)
 
 

@@ -115,6 +115,7 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     a = load_file(str(tmp_path / "straight" / "model" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model" / "open_clip_model.safetensors"))
     for key in a:
+        # a resumed run repeats the same operations in the same order
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 

@@ -176,6 +176,7 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 
 def _check_finished_run(run_dir: Path, reference_weights: dict) -> None:
+    # 1e-6: a resumed run repeats the uninterrupted run's operations in the same order on one thread
     assert _max_diff(_weights(run_dir), reference_weights) <= 1e-6
     assert _training_steps(run_dir) == list(range(1, STEPS + 1))  # each step logged once, in order
     assert json.loads((run_dir / "results.json").read_text())["steps"] == STEPS

@@ -64,6 +64,7 @@ def test_resume_after_interruption_gives_identical_weights(tiny_bert, pairs_file
     assert resumed.steps == 6
     a, b = weights(full.model_dir), weights(resumed.model_dir)
     assert a.keys() == b.keys()
+    # 1e-6: a resumed run repeats the same operations in the same order
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     steps = [json.loads(l)["step"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 6

@@ -17,6 +17,7 @@ def test_grad_cache_matches_plain_step(tiny_bert_no_dropout, name):
         loss = step(model, slice_batch(batch, 0, batch_rows), chunk_cfg)
         results.append((loss, grads(model)))
     (loss_a, ga), (loss_b, gb) = results
+    # 1e-5 / 1e-5 + 1e-4 relative: the same float32 sums, chunked (GradCache) or whole, in another order
     assert abs(loss_a - loss_b) < 1e-5
     assert ga.keys() == gb.keys() and len(ga) > 10
     for k in ga:
@@ -40,7 +41,7 @@ def test_grad_cache_replays_dropout(tiny_bert):
     step(lambda **kw: model.forward(**kw), slice_batch(batch, 0, 6), dict(chunk=2, loss={}))
     first, second = outputs[: len(outputs) // 2], outputs[len(outputs) // 2 :]
     assert len(first) == 9  # 3 roles x 3 chunks
-    for a, b in zip(first, second):
+    for a, b in zip(first, second):  # 1e-6: the same chunk, the same dropout mask, the same operations
         assert torch.allclose(a, b, atol=1e-6)
     # and dropout really is on: a fresh forward differs
     again = original(**slice_batch(batch, 0, 2)["query"])
@@ -57,6 +58,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert_no_dropout):
         loss = step(model, slice_batch(batch, 0, 6), dict(chunk=None, loss={}))
         results.append((loss, grads(model)))
     (la, ga), (lb, gb) = results
+    # 1e-6: recomputing activations in backward repeats the same operations in the same order
     assert abs(la - lb) < 1e-6
     for k in ga:
         assert torch.allclose(ga[k], gb[k], atol=1e-6), k
