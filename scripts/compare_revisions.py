@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import write_json  # noqa: E402
 THREAD = ["train.torch_threads=1"]
 CASES = {
     "text": ("recipes/minilm/wordnet_quickstart.yaml", ["train.max_steps=4", "data.train.0.max_rows=640",
@@ -110,10 +112,7 @@ def main(argv=None) -> int:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old_repo)], cwd=REPO, check=False,
                        capture_output=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    write_json(report, args.output)
     return 0 if all(c["max_abs_weight_difference"] == 0.0 and c["final_scores_equal"] for c in report["cases"].values()) \
         else 1
 

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import write_json  # noqa: E402
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
 
 
@@ -57,10 +59,7 @@ def main(argv=None) -> int:
             print(side, values, file=sys.stderr, flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    write_json(report, args.output)
     return 0
 
 

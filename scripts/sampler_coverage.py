@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import write_json  # noqa: E402
 
 
 def sampler_at(rev: str):
@@ -83,10 +85,7 @@ def main(argv=None) -> int:
         plan = plan_fn([len(ds)], [ds.row_keys], global_batch, recipe.train.seed, 0, lengths=[lengths.tolist()],
                        weights=[1.0], mixing=d.mixing, no_duplicates=d.no_duplicates, window=d.length_grouping_window)
         report[name] = coverage(plan, lengths, args.processes)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    write_json(report, args.output)
     return 0
 
 

@@ -74,3 +74,25 @@ def assert_same_sums(got: dict, expected: dict, ulps: int = 64) -> None:
         bound = ulps * eps * float(value.abs().max())
         worst = float((got[name] - value).abs().max())
         assert worst <= bound, (name, worst, bound)
+
+
+def scale_loss_at(monkeypatch, steps: set[int], factor: float) -> None:
+    """Multiply the text task's loss by ``factor`` at the given 1-based steps (NaN: every gradient NaN; 1e30:
+    gradients that overflow float16), to drive the trainer's non-finite and overflow handling."""
+    from embedtrain.train.tasks import text as text_task
+
+    calls = {"n": 0}
+    real = text_task.plain_step
+
+    def step(model, loss_fn, batch, backward):
+        calls["n"] += 1
+        if calls["n"] not in steps:
+            return real(model, loss_fn, batch, backward)
+
+        def scaled(**kw):
+            out = loss_fn(**kw)
+            return {**out, "loss": out["loss"] * factor}
+
+        return real(model, scaled, batch, backward)
+
+    monkeypatch.setattr(text_task, "plain_step", step)

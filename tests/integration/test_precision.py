@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from embedtrain.config import recipe_from_dict
 from embedtrain.train.loop import train
-from embedtrain.train.tasks import text as text_task
 
 from conftest import tiny_recipe
+from helpers_parity import scale_loss_at
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,21 +24,7 @@ def _metrics(out):
 
 def _overflow_at(monkeypatch, steps: set[int]) -> None:
     """Make the loss so large at the given 1-based steps that its scaled gradients overflow float16."""
-    calls = {"n": 0}
-    real = text_task.plain_step
-
-    def step(model, loss_fn, batch, backward):
-        calls["n"] += 1
-        if calls["n"] not in steps:
-            return real(model, loss_fn, batch, backward)
-
-        def huge(**kw):
-            out = loss_fn(**kw)
-            return {**out, "loss": out["loss"] * 1e30}
-
-        return real(model, huge, batch, backward)
-
-    monkeypatch.setattr(text_task, "plain_step", step)
+    scale_loss_at(monkeypatch, steps, 1e30)
 
 
 def test_bf16_autocast_trains_with_a_finite_decreasing_loss(tiny_bert, pairs_file, tmp_path):

@@ -33,10 +33,10 @@ from embedtrain.cli import main
 from embedtrain.config import recipe_from_dict
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
-from embedtrain.train.tasks import text as text_task
 from embedtrain.train.loop import train
 
 from conftest import REPO, WORDS, tiny_recipe, write_beir, write_pairs
+from helpers_parity import scale_loss_at
 
 STEPS = 12
 COMMON = {"max_steps": STEPS, "save_every": 2, "keep_last": 2, "torch_threads": 1}
@@ -251,21 +251,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_matches(tiny_bert, pairs_file, t
 
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Make the loss (and so every gradient) NaN at the given 1-based steps."""
-    calls = {"n": 0}
-    real = text_task.plain_step
-
-    def step(model, loss_fn, batch, backward):
-        calls["n"] += 1
-        if calls["n"] not in steps:
-            return real(model, loss_fn, batch, backward)
-
-        def poisoned(**kw):
-            out = loss_fn(**kw)
-            return {**out, "loss": out["loss"] * float("nan")}
-
-        return real(model, poisoned, batch, backward)
-
-    monkeypatch.setattr(text_task, "plain_step", step)
+    scale_loss_at(monkeypatch, steps, float("nan"))
 
 
 def test_single_nonfinite_step_is_skipped_and_training_continues(tiny_bert, pairs_file, tmp_path, monkeypatch):
