@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from embedtrain.models import load_text_encoder
 
-from conftest import REPO, tiny_recipe
+from conftest import REPO, free_port, tiny_recipe
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step
 
 ROWS = 4
@@ -26,7 +26,7 @@ def _env():
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tiny_bert_no_dropout, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     worker = str(REPO / "tests" / "integration" / "dist_parity_worker.py")
     proc = subprocess.run(torchrun + [worker, str(tiny_bert_no_dropout), str(tmp_path), str(ROWS)],
                           capture_output=True, text=True, env=_env(), timeout=600)
@@ -56,7 +56,7 @@ def test_multi_cpu_accelerate_config_trains_and_saves(tiny_bert, pairs_file, tmp
     path.write_text(yaml.safe_dump(recipe))
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
-           "--main_process_port", "29518", "-m", "embedtrain", "train", str(path)]
+           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model saved to" in proc.stdout
@@ -76,7 +76,7 @@ def test_clip_with_both_towers_and_grad_cache_on_two_processes_equals_one_proces
 
     data = write_image_text_rows(tmp_path / "data", n=8)
     worker = str(REPO / "tests" / "integration" / "dist_clip_worker.py")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run(torchrun + [worker, str(data), str(tmp_path), "2"], capture_output=True, text=True,
                           env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_a_duplicate_text_on_two_processes_is_masked_as_a_false_negative(tmp_pat
     """Global documents are [rank 0's 3 positives, rank 1's 3]; row 1 of each process has the same positive text,
     so each must not see the other's copy as a negative, while every other document stays a candidate."""
     worker = str(REPO / "tests" / "integration" / "dist_masking_worker.py")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run(torchrun + [worker, str(tmp_path / "masks.json")], capture_output=True, text=True,
                           env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, free_port
 from kinds_support import build_assets, recipe_data
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 
@@ -29,13 +29,13 @@ def assets(tmp_path_factory, tiny_vlm):  # noqa: F811
     return build_assets(tmp_path_factory.mktemp("fsdp"), tiny_vlm)
 
 
-def _launch(config: str, recipe: dict, path: Path, *args: str, port: int = 29531) -> subprocess.CompletedProcess:
+def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     env.pop("ACCELERATE_CONFIG_FILE", None)
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / config),
-           "--main_process_port", str(port), "-m", "embedtrain", "train", str(path), *args]
+           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
 
@@ -103,7 +103,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(assets, tmp_path
     env.pop("ACCELERATE_CONFIG_FILE", None)
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml"),
-           "--main_process_port", "29533", "-m", "embedtrain", "train", str(path)]
+           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path)]
     with (tmp_path / "killed.log").open("w") as log:
         run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         partial = out / "checkpoints" / ".tmp-step-0000002" / ckpt.STATE_FILE
@@ -119,7 +119,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(assets, tmp_path
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
     assert (out / "checkpoints" / "step-0000001" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
 
-    proc = _launch("fsdp_cpu.yaml", _recipe("text", assets, out), path, "--resume", "auto", port=29534)
+    proc = _launch("fsdp_cpu.yaml", _recipe("text", assets, out), path, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = _weights(full / "model"), _weights(out / "model")
@@ -133,7 +133,7 @@ def test_a_sharded_decoder_folder_loads_in_sentence_transformers(assets, tmp_pat
     import embedtrain
 
     out = tmp_path / "run"
-    proc = _launch("fsdp_cpu.yaml", _recipe("decoder", assets, out), tmp_path / "r.yaml", port=29535)
+    proc = _launch("fsdp_cpu.yaml", _recipe("decoder", assets, out), tmp_path / "r.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     texts = ["a small red tree", "the river by the hill"]
     ours = embedtrain.load(out / "model").encode(texts, role="document")

@@ -20,7 +20,7 @@ from embedtrain.models import load_text_encoder
 from embedtrain.models.moe import upcycle_encoder
 from embedtrain.train.loop import train
 
-from conftest import REPO, tiny_recipe, write_beir
+from conftest import REPO, free_port, tiny_recipe, write_beir
 from helpers_parity import grads, make_batch, slice_batch, step
 
 NATURE = "small large animal plant tree fruit water river city red blue green light dark".split()
@@ -209,7 +209,7 @@ def test_two_processes_train_an_moe(tiny_bert_no_dropout, domains, tmp_path):
     path.write_text(yaml.safe_dump(double))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("ACCELERATE_CONFIG_FILE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "embedtrain", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,7 +35,7 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
 from embedtrain.train.loop import train
 
-from conftest import REPO, WORDS, tiny_recipe, write_beir, write_pairs
+from conftest import REPO, WORDS, free_port, tiny_recipe, write_beir, write_pairs
 from helpers_parity import scale_loss_at
 
 STEPS = 12
@@ -679,10 +679,9 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tiny_bert, pai
     steps = 8
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     config = REPO / "recipes" / "accelerate" / "multi_cpu.yaml"
-    ports = iter(range(29561, 29571))
 
     def launch(recipe: Path, log: Path, *args, **env) -> Run:
-        cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(next(ports)),
+        cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
                "-m", "embedtrain", "train", str(recipe), *args]
         return Run(cmd, log, **env)
 
