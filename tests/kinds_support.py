@@ -15,6 +15,18 @@ STEPS = 8
 TRAIN = {"max_steps": STEPS, "save_every": 2, "keep_last": 3, "log_every": 1, "torch_threads": 1, "seed": 3}
 
 
+def saved_weights(model_dir: Path) -> dict:
+    """Every tensor of every safetensors file of a saved model, keyed by file and name (any kind's layout)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        for key, value in load_file(str(path)).items():
+            out[f"{path.relative_to(model_dir)}:{key}"] = value
+    assert out, f"no weights under {model_dir}"
+    return out
+
+
 def build_assets(root: Path, tiny_vlm: Path) -> dict:
     """The models and data every kind's tiny recipe uses."""
     return {

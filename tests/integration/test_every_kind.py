@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from huggingface_hub import constants
 
@@ -28,7 +27,7 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.loop import _position, train
 
 from conftest import REPO
-from kinds_support import KINDS, STEPS, build_assets, recipe_data
+from kinds_support import KINDS, STEPS, build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 from tests.unit.hub.hub_server import FakeHub
 
@@ -47,16 +46,6 @@ def _restore_threads():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_vlm):  # noqa: F811
     return build_assets(tmp_path_factory.mktemp("every-kind"), tiny_vlm)
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every safetensors file of a saved model, keyed by file and name."""
-    out = {}
-    for path in sorted(model_dir.rglob("*.safetensors")):
-        for key, value in load_file(str(path)).items():
-            out[f"{path.relative_to(model_dir)}:{key}"] = value
-    assert out, f"no weights under {model_dir}"
-    return out
 
 
 def _kill_during_checkpoint(recipe_path: Path, out: Path, log: Path) -> None:
@@ -96,7 +85,7 @@ def fake_hub(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(kind, assets, tmp_path, fake_hub):
+def test_killed_and_resumed_run_ends_with_the_uninterruptedsaved_weights(kind, assets, tmp_path, fake_hub):
     # the uninterrupted run also pushes its model: every kind goes through the trainer's one push
     data = recipe_data(kind, assets, tmp_path / "full")
     data["output"]["push_to_hub"] = f"alice/{kind}"
@@ -128,7 +117,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(kind, assets
 
     resumed = train(recipe_from_dict(recipe_data(kind, assets, out)), resume="auto", log=lambda *_: None)
     assert resumed.steps == STEPS
-    a, b = _weights(full.model_dir), _weights(resumed.model_dir)
+    a, b = saved_weights(full.model_dir), saved_weights(resumed.model_dir)
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-6, worst

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from conftest import REPO, free_port
-from kinds_support import build_assets, recipe_data
+from kinds_support import build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow  # two or three launches of two processes per kind
@@ -37,14 +36,6 @@ def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.Com
     cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / config),
            "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(model_dir.rglob("*.safetensors")):
-        for key, value in load_file(str(path)).items():
-            out[f"{path.relative_to(model_dir)}:{key}"] = value
-    return out
 
 
 def _recipe(kind: str, assets: dict, out: Path) -> dict:
@@ -73,7 +64,7 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
         results = json.loads((out / "results.json").read_text())
         engine = results["engine"]
         assert engine["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[name] and engine["processes"] == 2
-        runs[name], finals[name] = _weights(out / "model"), results["final"]
+        runs[name], finals[name] = saved_weights(out / "model"), results["final"]
     if kind == "text":
         assert finals["ddp"] and finals["fsdp"].keys() == finals["ddp"].keys()
         assert all(abs(finals["fsdp"][k] - finals["ddp"][k]) < 1e-6 for k in finals["ddp"]), finals
@@ -84,7 +75,7 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     assert diffs[0][0] <= 1e-5, diffs[:5]
 
 
-def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(assets, tmp_path):
+def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp_path):
     """SIGKILL inside the step-2 checkpoint write (a sharded checkpoint), then --resume auto under FSDP again:
     the weights of an uninterrupted FSDP run (1e-6: the same operations in the same order on both sides)."""
     import signal
@@ -122,7 +113,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(assets, tmp_path
     proc = _launch("fsdp_cpu.yaml", _recipe("text", assets, out), path, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
-    a, b = _weights(full / "model"), _weights(out / "model")
+    a, b = saved_weights(full / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
