@@ -45,7 +45,9 @@ class DatasetMixConfig:
     mixing: Literal["proportional", "round_robin"] = "proportional"
     """How batches from several datasets are interleaved."""
     no_duplicates: bool = True
-    """Never put the same text (or image) twice in one batch (a duplicate would be a false negative)."""
+    """Never put the same query twice in one batch, nor a query among the documents; a repeated document (a label string) stays when the loss masks false negatives, else documents are unique too."""
+    max_dropped_share: float = 0.05
+    """Largest share of a dataset's rows that its rules (duplicates, bad images, example building) may leave out; more is an error."""
 
 
 @dataclass
@@ -262,6 +264,12 @@ def check_datasets(entries: Sequence[DatasetSource], where: str, name_of: Callab
             problems.append(f"{at}.weight: must be positive, got {ds.weight}")
         if ds.max_rows is not None and ds.max_rows < 1:
             problems.append(f"{at}.max_rows: must be at least 1, got {ds.max_rows}")
+
+
+def check_data_mix(d: DatasetMixConfig, problems: list[str]) -> None:
+    """The values of a ``data`` section that mixes datasets (see :class:`DatasetMixConfig`)."""
+    if not 0.0 <= d.max_dropped_share <= 1.0:
+        problems.append(f"data.max_dropped_share: a share between 0 and 1, got {d.max_dropped_share}")
 
 
 def check_local_model(path: str, where: str, problems: list[str], files: bool = True, missing: str = "") -> None:

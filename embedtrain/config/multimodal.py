@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type, task_name
-from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -263,6 +263,7 @@ def _check_datasets(recipe: MultimodalRecipe, problems: list[str], files: bool) 
     if not d.train:
         problems.append("data.train: no datasets; add at least one {path: ...}")
     check_datasets(d.train, "data.train", mm_dataset_name, problems, files)
+    check_data_mix(d, problems)
     placeholders = ("image", "text")
     for i, ds in enumerate(d.train):
         where = f"data.train[{i}]"

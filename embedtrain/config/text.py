@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type
-from embedtrain.config.common import check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -209,6 +209,7 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
     if not d.train:
         problems.append("data.train: no datasets; add at least one {path: ...}")
     check_datasets(d.train, "data.train", dataset_name, problems, files)
+    check_data_mix(d, problems)
     if d.batch_size < 2:
         problems.append(f"data.batch_size: must be at least 2 for in-batch contrast, got {d.batch_size}")
     if d.length_grouping_window < 1:

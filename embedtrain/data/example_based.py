@@ -102,4 +102,6 @@ def read_labeled(
     dataset = pair_dataset(ds, source, name, wanted, query_prompt, document_prompt, weight)
     # the loss masks documents of the query's own label: another text of it is no negative
     dataset.match_keys = [tuple(text_hash(f"label\x00{label!r}") for label in labels_of) for labels_of in row_labels]
+    if len(rows) < len(texts):  # texts whose label has no other text: no positive can be built for them
+        dataset.dropped = {"label_without_second_text": len(texts) - len(rows)}
     return dataset

@@ -69,6 +69,8 @@ class MultimodalPairs:
     row_keys: list[tuple[int, ...]] = field(default_factory=list)
     #: rows dropped before training under bad_images='skip'
     skipped: list[BadImage] = field(default_factory=list)
+    #: rows of the source left out by a rule before training, per rule (see embedtrain.data.accounting)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -207,6 +209,7 @@ def read_multimodal_pairs(
         keep = [i for i, line in enumerate(pairs.line_numbers) if line not in drop]
         pairs = _select(pairs, keep)
         pairs.skipped = bad
+        pairs.dropped = {"bad_images": len(drop)}
     if len(pairs) == 0:
         raise EmbedtrainError(f"{where}: {source} has no usable rows")
     pairs.row_keys = [_row_key(pairs, i) for i in range(len(pairs))]

@@ -32,6 +32,8 @@ class PairDataset:
     #: what makes two documents the same answer for the loss's false-negative masking, per row and role
     #: (None: their texts, ``row_keys``; labelled rows: their labels, so a same-label text is never a negative)
     match_keys: Optional[list[tuple[int, ...]]] = None
+    #: rows of the source left out by a rule before training, per rule (see embedtrain.data.accounting)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def ids(self, row: int) -> tuple[int, ...]:
         """The loss's document ids of ``row``'s roles (see ``match_keys``)."""

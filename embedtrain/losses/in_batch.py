@@ -45,6 +45,12 @@ class InBatchLoss(nn.Module):
         self.mask_false_negatives = mask_false_negatives
         self.gather = gather_across_processes
 
+    @property
+    def masks_repeated_documents(self) -> bool:
+        """Whether a document repeated across rows of a batch is harmless: masked as a false negative, or
+        never a candidate of another row (no in-batch negatives). The epoch plan then lets documents repeat."""
+        return self.mask_false_negatives or not self.in_batch_negatives
+
     def scale(self) -> torch.Tensor:
         # clamp as CLIP does so a learnable temperature cannot collapse below 0.01
         return self.log_scale.exp().clamp(max=100.0)

@@ -161,6 +161,7 @@ class Trainer:
 
         set_seed(r.train.seed)
         model, loss_fn = task.build(accelerator.device)
+        self.data_accounts = task.check_accounts()  # no dataset is dropped or cut without an error
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
@@ -427,7 +428,7 @@ class Trainer:
                                "skipped_steps": state.skipped_steps,
                                "trainable_parameters": trainable, "total_parameters": total,
                                "processes": accelerator.num_processes, "engine": self.engine.to_dict(),
-                               **self.task.results()}
+                               "data": [a.to_dict() for a in self.data_accounts], **self.task.results()}
                     ckpt.atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
             except EmbedtrainError as err:
                 problem = str(err).replace("checkpoint: ", "final model: ", 1)

@@ -54,6 +54,14 @@ class Task:
     def batches_in_epoch(self, epoch: int) -> int:
         raise NotImplementedError
 
+    def data_accounts(self) -> list:
+        """Per training dataset, where its rows go in an epoch; [] for kinds that do not plan pairs."""
+        return []
+
+    def check_accounts(self) -> list:
+        """:meth:`data_accounts`, logged and checked (called once the model is built, before the first step)."""
+        return self.data_accounts()
+
     def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool) -> Iterable[dict]:
         """This process's batches of ``epoch`` from batch ``offset`` on."""
         raise NotImplementedError
@@ -120,6 +128,73 @@ class Task:
             line = f"{key}: " + (f"before {100 * before:.2f} -> " if before is not None else "")
             lines.append(line + (f"after {100 * after:.2f}" if after is not None else ""))
         return lines
+
+
+class PairsTask(Task):
+    """What the kinds that train on (query, positive, negatives) rows share: epoch plans of task-homogeneous
+    global batches (:func:`~embedtrain.data.sampler.plan_epoch`), their loader, and the account of where
+    every row goes (checked before the first step: no dataset is dropped or cut without an error).
+
+    A subclass sets ``self.datasets`` (in ``read_data``), ``self.collator`` and, for length grouping,
+    ``self.lengths`` (in ``build``)."""
+
+    def __init__(self, recipe, log=print, repeat_documents: bool = False):
+        super().__init__(recipe, log)
+        self._plans: dict[int, list] = {}
+        self.lengths: Optional[list] = None
+        self.repeat_documents = repeat_documents
+        """Documents may repeat in a batch (the loss masks them, see InBatchLoss.masks_repeated_documents)."""
+
+    def check_data(self, world_size: int) -> None:
+        self.global_batch = check_batch_fits(self.datasets, self.recipe.data.batch_size, world_size,
+                                             rows=self.rows_name)
+
+    rows_name = "rows"
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return len(self._plan(epoch))
+
+    def _plan(self, epoch: int) -> list:
+        from embedtrain.data.sampler import plan_epoch
+
+        r = self.recipe
+        if epoch not in self._plans:
+            self._plans.clear()  # keep one epoch in memory
+            self._plans[epoch] = plan_epoch(
+                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
+                r.train.seed, epoch, lengths=self.lengths, weights=[d.weight for d in self.datasets],
+                mixing=r.data.mixing, no_duplicates=r.data.no_duplicates,
+                window=getattr(r.data, "length_grouping_window", 64), repeat_documents=self.repeat_documents,
+            )
+        return self._plans[epoch]
+
+    def data_accounts(self) -> list:
+        """Where each dataset's rows go in an epoch (:mod:`embedtrain.data.accounting`)."""
+        from embedtrain.data.accounting import account
+
+        return account(self.datasets, self._plan(0), self.global_batch)
+
+    def check_accounts(self) -> list:
+        """The accounts, logged; a dataset that yields no batch or loses too many rows is an error."""
+        from embedtrain.data.accounting import check_accounts
+
+        accounts = self.data_accounts()
+        for a in accounts:
+            self.log(f"data: {a.line()}")
+        check_accounts(accounts, self.recipe.data.max_dropped_share, self.global_batch)
+        return accounts
+
+    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
+        from embedtrain.data.collate import PlannedBatches
+
+        batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
+        return torch.utils.data.DataLoader(
+            batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
+            pin_memory=pin_memory,
+            # its own generator: creating the iterator must not draw from the global random state
+            # (that would shift dropout after a resume)
+            generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
+        )
 
 
 def check_batch_fits(datasets, batch_size: int, world_size: int, rows: str = "rows") -> int:

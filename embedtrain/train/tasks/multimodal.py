@@ -11,15 +11,12 @@ from typing import Optional
 import torch
 
 from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
-from embedtrain.data.collate import PlannedBatches
 from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs, split_inputs
-from embedtrain.data.sampler import plan_epoch
-from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import InfoNCELoss, SigmoidLoss
 from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
-from embedtrain.train.task import Task, check_batch_fits, module_with_state
+from embedtrain.train.task import PairsTask, module_with_state
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10")
 
@@ -77,10 +74,11 @@ def evaluate_tasks(encoder, tasks, batch_size: int, show_progress: bool = True) 
     return out
 
 
-class MultimodalTask(Task):
+class MultimodalTask(PairsTask):
+    rows_name = "usable rows"
+
     def __init__(self, recipe, log=print):
-        super().__init__(recipe, log)
-        self._plans: dict[int, list] = {}
+        super().__init__(recipe, log, repeat_documents=build_loss(recipe).masks_repeated_documents)
         self.bad_before: list = []
 
     # -- data -------------------------------------------------------------------------------------
@@ -98,36 +96,11 @@ class MultimodalTask(Task):
         self.has_evaluation = bool(self.eval_tasks)
 
     def check_data(self, world_size: int) -> None:
-        r = self.recipe
         for b in self.bad_before[:20]:
             self.log(f"skipped: {b.message()}")
         if self.bad_before:
             self.log(f"skipped {len(self.bad_before)} rows with bad images (data.bad_images: skip)")
-        self.global_batch = check_batch_fits(self.datasets, r.data.batch_size, world_size, rows="usable rows")
-        if self.batches_in_epoch(0) == 0:
-            raise EmbedtrainError("data.train: no full batch can be formed without repeating a text or image; "
-                                  "lower data.batch_size or add rows")
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        return len(self._plan(epoch))
-
-    def _plan(self, epoch: int) -> list:
-        r = self.recipe
-        if epoch not in self._plans:
-            self._plans.clear()
-            self._plans[epoch] = plan_epoch(
-                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
-                r.train.seed, epoch, lengths=None, weights=[d.weight for d in self.datasets], mixing=r.data.mixing,
-                no_duplicates=r.data.no_duplicates,
-            )
-        return self._plans[epoch]
-
-    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
-        batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
-        return torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
-            pin_memory=pin_memory, generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
-        )
+        super().check_data(world_size)
 
     # -- model ------------------------------------------------------------------------------------
     def build(self, device: torch.device):

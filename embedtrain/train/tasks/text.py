@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from embedtrain.config import task_name
-from embedtrain.data import BatchCollator, PlannedBatches, plan_epoch, pretokenize, token_lengths
+from embedtrain.data import BatchCollator, pretokenize, token_lengths
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
@@ -18,55 +18,41 @@ from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_datase
                                        prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
-from embedtrain.train.task import Task, check_batch_fits, module_with_state
+from embedtrain.train.task import PairsTask, module_with_state
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
 
 
-class TextTask(Task):
+def build_loss(r) -> torch.nn.Module:
+    """The recipe's contrastive loss (no parameters to load: the epoch plan asks it which repeats are harmless)."""
+    return LOSSES.get(r.loss.name)(
+        temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
+        symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
+        mask_false_negatives=r.loss.mask_false_negatives, gather_across_processes=r.train.gather_across_processes,
+    )
+
+
+class TextTask(PairsTask):
     def __init__(self, recipe, log=print, chain: tuple[str, ...] = (), run_stage=None):
-        super().__init__(recipe, log)
+        super().__init__(recipe, log, repeat_documents=build_loss(recipe).masks_repeated_documents)
         self.chain, self.run_stage = chain, run_stage
         # an MoE step leaves the other domains' experts without gradient, which DDP must be told
         self.find_unused_parameters = experts.uses_experts(recipe)
-        self._plans: dict[int, list] = {}
 
     # -- data -------------------------------------------------------------------------------------
     def read_data(self) -> None:
         r = self.recipe
-        self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
+        self.read_training_data()
         self.model_source = r.model.name_or_path
         if r.model.previous_stage:  # stage 2 starts from stage 1's output model
             self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
         self.eval_tasks = [(t, load_beir(t.path, task_name(t))) for t in r.eval.tasks]
         self.has_evaluation = bool(self.eval_tasks)
 
-    def check_data(self, world_size: int) -> None:
-        self.global_batch = check_batch_fits(self.datasets, self.recipe.data.batch_size, world_size)
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        return len(self._plan(epoch))
-
-    def _plan(self, epoch: int) -> list:
+    def read_training_data(self) -> None:
+        """The training datasets alone (``embedtrain plan`` reads these without touching a previous stage)."""
         r = self.recipe
-        if epoch not in self._plans:
-            self._plans.clear()  # keep one epoch in memory
-            self._plans[epoch] = plan_epoch(
-                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
-                r.train.seed, epoch, lengths=self.lengths, weights=[d.weight for d in self.datasets],
-                mixing=r.data.mixing, no_duplicates=r.data.no_duplicates, window=r.data.length_grouping_window,
-            )
-        return self._plans[epoch]
-
-    def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
-        batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
-        return torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
-            pin_memory=pin_memory,
-            # its own generator: creating the iterator must not draw from the global random state
-            # (that would shift dropout after a resume)
-            generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
-        )
+        self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
 
     # -- model ------------------------------------------------------------------------------------
     def _load_encoder(self, device: torch.device, log=print):
@@ -94,11 +80,7 @@ class TextTask(Task):
         self.batch_domains = experts.dataset_domains(encoder, r)
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
-        loss_fn = LOSSES.get(r.loss.name)(
-            temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
-            symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
-            mask_false_negatives=r.loss.mask_false_negatives, gather_across_processes=r.train.gather_across_processes,
-        )
+        loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
         with PartialState().main_process_first():
             for ds in self.datasets:
@@ -107,9 +89,6 @@ class TextTask(Task):
         self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
         self.collator = BatchCollator(self.datasets, encoder.tokenizer, encoder.max_length_for,
                                       prompt_lengths(encoder, self.datasets))
-        if self.batches_in_epoch(0) == 0:
-            raise EmbedtrainError("data.train: no full batch can be formed without repeating a text; "
-                                  "lower data.batch_size or add rows")
         frozen = encoder.freeze_unused_parameters()
         if frozen:
             self.log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
