@@ -1,4 +1,4 @@
-"""Command line: embedtrain train | dml | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
+"""Command line: embedtrain train | dml | plan | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
 
 from __future__ import annotations
 
@@ -55,6 +55,32 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
     from embedtrain.train.merge_run import main
 
     return main(rest)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan a recipe: data accounted for, parameters, memory per device, FLOPs and time; no weights read."""
+    import json
+
+    from embedtrain.config import load_recipe
+    from embedtrain.plan import PlanSettings, format_plan, make_plan
+
+    recipe = load_recipe(args.recipe, list(args.overrides))
+    _quiet_libraries()
+    plan = make_plan(recipe, PlanSettings(
+        accelerate_config=args.accelerate_config, devices=args.devices, device_memory_gb=args.device_memory,
+        device_tflops=args.device_tflops, mfu=args.mfu, model_config=args.model_config), log=print)
+    plan = {"recipe_path": args.recipe, "overrides": list(args.overrides), **plan}
+    for line in format_plan(plan):
+        print(line)
+    if args.output:
+        from pathlib import Path
+
+        from embedtrain.train.checkpoint import atomic_write_text
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.output), json.dumps(plan, indent=2) + "\n")
+        print(f"plan written to {args.output}")
+    return 2 if plan["problems"] else 0
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
@@ -135,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue from the newest complete checkpoint of output.dir ('auto') or from PATH")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output.dir")
+    p = sub.add_parser("plan", help="check a recipe before it runs: data, parameters, memory, FLOPs; no weights read")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as data.batch_size=32")
+    p.add_argument("--accelerate-config", default=None, help="the accelerate config the run will use (engine, processes)")
+    p.add_argument("--devices", type=int, default=None, help="processes (default: the accelerate config's, else 1)")
+    p.add_argument("--device-memory", type=float, default=None, help="GB per device: a peak above it is a problem")
+    p.add_argument("--device-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="share of the peak FLOP/s the run reaches (default 0.4)")
+    p.add_argument("--model-config", default=None, help="a local copy of the model's config.json (for a Hub model)")
+    p.add_argument("--output", default=None, help="also write the plan as JSON here")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
     sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)
     p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware, NV-Embed)")
@@ -180,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "merge":
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
-        commands = {"train": cmd_train, "dml": cmd_train, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
+        commands = {"train": cmd_train, "dml": cmd_train, "plan": cmd_plan, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
         return commands[args.command](args)
     except EmbedtrainError as err:
         if debug:

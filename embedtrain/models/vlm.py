@@ -41,6 +41,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LORA_DEFAULT = r".*language_model.*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def lora_target(lora_targets: Sequence[str] = ()) -> str:
+    """peft's target pattern: the named projections (or the default ones) of the language model only."""
+    return LORA_DEFAULT if not lora_targets else rf".*language_model.*\.(?:{'|'.join(lora_targets)})"
+
+
 def image_placeholder(processor) -> str:
     """The text that stands for one image in this processor's prompts (Qwen2-VL wraps its image pad
     token in vision start/end tokens)."""
@@ -313,7 +318,7 @@ def load_vlm_encoder(
     if finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
-        target = LORA_DEFAULT if not lora_targets else rf".*language_model.*\.(?:{'|'.join(lora_targets)})"
+        target = lora_target(lora_targets)
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target)
         try:
             with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute

@@ -21,6 +21,8 @@ ALLOWED = {
     "train": UTILS | {"config", "data", "models", "losses", "merge", "eval.retrieval", "eval.dml", "hub"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
+    # the plan reads data and builds the model's skeleton with the training code's own pieces (never the reverse)
+    "plan": UTILS | {"config", "data", "models", "train"},
     "cli": None,  # may use everything
     "__main__": {"cli"},
     # embedtrain.load and embedtrain.train import their machinery when called (import embedtrain stays light)

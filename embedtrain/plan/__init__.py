@@ -1,0 +1,278 @@
+"""``embedtrain plan``: what a recipe will do before it costs GPU hours. Reads the data, downloads no weights.
+
+- **Data**: the training datasets read by the same code training uses, the epoch planned on the chosen number of
+  processes, and every row accounted for (:mod:`embedtrain.data.accounting`): rows read, trained per epoch, and
+  dropped per rule. A dataset that yields no batch or loses more than ``data.max_dropped_share`` is a problem.
+- **Model**: built from its configuration on the meta device (:mod:`embedtrain.plan.model`): parameters,
+  trainable parameters.
+- **Memory per device, FLOPs and time** (:mod:`embedtrain.plan.estimate`) for the engine of an accelerate config:
+  the peak over the batches the run will train on (the higher of the end of the forward pass and the update) (the epoch plan is deterministic, so the plan knows them), with
+  token lengths from the model's tokenizer when it is local, else estimated from characters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from embedtrain.plan.estimate import Engine, Work, engine_from_accelerate_config, estimate
+from embedtrain.plan.model import ModelShape, model_shape
+
+CHARS_PER_TOKEN = 4
+"""Characters per token when no tokenizer is at hand (English text with a BPE vocabulary)."""
+
+
+@dataclass
+class PlanSettings:
+    accelerate_config: Optional[str] = None
+    devices: Optional[int] = None
+    device_memory_gb: Optional[float] = None
+    device_tflops: float = 989.0
+    """Dense bf16 peak of one device (H100 SXM: 989; A100: 312)."""
+    mfu: float = 0.4
+    """Share of the peak the run achieves (model FLOPs utilisation)."""
+    model_config: Optional[str] = None
+    max_batches: int = 5000
+    """Batches of the plan scanned for the peak (the first ones the run trains on)."""
+
+
+def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: None) -> dict:
+    """The plan as a JSON-ready dict with ``problems`` (empty when the recipe can run as planned)."""
+    engine = engine_from_accelerate_config(settings.accelerate_config, settings.devices, recipe.train.mixed_precision)
+    problems: list[str] = []
+    data, task = _data(recipe, engine, problems, log)
+    classes = len(task.train_classes) if recipe.kind == "dml" else None
+    shape = model_shape(recipe, settings.model_config, classes)
+    steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
+    lengths_from, works = _step_work(recipe, task, shape, engine, settings)
+    t = recipe.train
+    chunks = _chunks(recipe)
+    checkpointing = bool(getattr(recipe.model, "gradient_checkpointing", False))
+    estimates = [estimate(shape, engine, w, t.optimizer, checkpointing, chunks, first_step=i == 0)
+                 for i, w in enumerate(works)]
+    peak_batch = max(range(len(estimates)), key=lambda i: estimates[i].memory["total"])
+    peak = estimates[peak_batch]
+    flops = sum(e.flops_per_step for e in estimates) / max(1, len(estimates))
+    seconds_per_step = flops / (settings.device_tflops * 1e12 * settings.mfu)
+    gib = 1024 ** 3
+    if settings.device_memory_gb and peak.memory["total"] > settings.device_memory_gb * 1e9:
+        problems.append(f"memory: the peak of {peak.memory['total'] / gib:.1f} GiB per device is more than the "
+                        f"{settings.device_memory_gb:g} GB of a device; shard (an FSDP config), turn on "
+                        "model.gradient_checkpointing or GradCache, or lower data.batch_size")
+    return {
+        "recipe": recipe.kind,
+        "engine": {**engine.to_dict(), "shards": engine.shards},
+        "data": data,
+        "model": shape.to_dict(),
+        "memory_per_device": {**peak.memory, "total_gib": round(peak.memory["total"] / gib, 3),
+                              "peak_batch": peak_batch, "token_lengths": lengths_from,
+                              "gradient_checkpointing": checkpointing,
+                              "gradient_cache_chunks": chunks},
+        "compute": {"steps": steps, "flops_per_step_per_device": flops,
+                    "device_tflops": settings.device_tflops, "mfu": settings.mfu,
+                    "seconds_per_step": seconds_per_step, "hours": steps * seconds_per_step / 3600,
+                    "batches_scanned": len(works)},
+        "problems": problems,
+    }
+
+
+def _data(recipe, engine: Engine, problems: list[str], log):
+    from embedtrain.data.accounting import problems as data_problems
+
+    if recipe.kind == "dml":
+        from embedtrain.train.tasks.dml import MetricLearningTask
+
+        task = MetricLearningTask(recipe, log)
+        task.read_data()
+        batches = task.batches_in_epoch(0)
+        if batches == 0:
+            problems.append("data: no full class-balanced batch can be formed; lower data.batch_size")
+        return {"train_classes": len(task.train_classes), "train_images": len(task.train_images),
+                "test_classes": len(task.test_classes), "test_images": len(task.test_images),
+                "batches_per_epoch": batches}, task
+    if recipe.kind == "text":
+        from embedtrain.data import token_lengths
+        from embedtrain.train.tasks.text import TextTask
+
+        task = TextTask(recipe, log)
+        task.read_training_data()
+        task.check_data(engine.processes)
+        if recipe.data.length_grouping:  # characters stand in for tokens: grouping is by rank, not by size
+            task.lengths = [token_lengths(ds) for ds in task.datasets]
+    else:
+        from embedtrain.train.tasks.multimodal import MultimodalTask
+
+        task = MultimodalTask(recipe, log)
+        task.read_data()
+        task.check_data(engine.processes)
+    accounts = task.data_accounts()
+    problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
+    return {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}, task
+
+
+def _chunks(recipe) -> Optional[dict[str, int]]:
+    t = recipe.train
+    if recipe.kind in ("clip", "vlm2vec"):
+        q = t.gradient_cache_query_chunk_size or t.gradient_cache_chunk_size
+        d = t.gradient_cache_document_chunk_size or t.gradient_cache_chunk_size
+        return {"query": q, "positive": d, "negative": d} if (q or d) else None
+    if recipe.kind == "text" and t.gradient_cache_chunk_size:
+        c = t.gradient_cache_chunk_size
+        return {"query": c, "positive": c, "negative": c}
+    return None
+
+
+def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSettings):
+    """(how token lengths were found, the per-device inputs of each of the run's first batches)."""
+    steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
+    if recipe.kind == "dml":
+        backbone = shape.towers[0]
+        tokens = _vit_tokens(recipe)
+        return "patches", [[Work(backbone.name, "image", recipe.data.batch_size, tokens)]]
+    plan = task._plan(0)[: min(steps, settings.max_batches)]
+    per = recipe.data.batch_size
+    if recipe.kind == "text":
+        how, lengths = _text_lengths(recipe, task, shape)
+        tower = shape.towers[0].name
+        works = []
+        for b in plan:
+            roles = lengths[b.dataset]
+            worst = []
+            for rank in range(engine.processes):
+                rows = b.rows[rank * per:(rank + 1) * per]
+                w = [Work(tower, role, per * (len(v[rows[0]]) if isinstance(v[rows[0]], tuple) else 1),
+                          max(max(v[r]) if isinstance(v[r], tuple) else v[r] for r in rows))
+                     for role, v in roles.items()]
+                worst.append(w)
+            works.append(max(worst, key=lambda w: sum(x.rows * x.length for x in w)))
+        return how, works
+    return _multimodal_work(recipe, task, shape, plan, engine, per)
+
+
+def _text_lengths(recipe, task, shape: ModelShape):
+    """Per dataset, role -> tokens per row (a tuple per row for the negatives), capped at the role's limit."""
+    m = recipe.model
+    tokenizer, how = None, f"estimated from characters ({CHARS_PER_TOKEN} per token; no local tokenizer)"
+    try:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        if Path(shape.source).is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(shape.source)
+            how = f"tokenizer of {shape.source}"
+    except (OSError, ValueError):
+        tokenizer = None
+    limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}
+    out = []
+    for ds in task.datasets:
+        roles = {}
+        for column in ds.role_columns:
+            role = "query" if column == "query" else "document"
+            prompt = ds.query_prompt if role == "query" else ds.document_prompt
+            texts = [prompt + t for t in ds.rows[column]]
+            if tokenizer is not None:
+                ids = tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]
+                roles[column] = [len(x) for x in ids]
+            else:
+                roles[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
+        negatives = [c for c in ds.role_columns if c.startswith("negative_")]
+        lengths = {"query": roles["query"], "positive": roles["positive"]}
+        if negatives:
+            lengths["negative"] = list(zip(*(roles[c] for c in negatives)))
+        out.append(lengths)
+    return how, out
+
+
+def _vit_tokens(recipe) -> int:
+    tu = recipe.model.tuning
+    size = 224
+    return (size // 16) ** 2 + 1 + tu.num_prompts
+
+
+def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per: int):
+    towers = {t.name: t for t in shape.towers}
+    works = []
+    if recipe.kind == "clip":
+        image_tokens = _clip_image_tokens(recipe)
+        context = _clip_context(recipe)
+        for b in plan:
+            ds = task.datasets[b.dataset]
+            w = []
+            for role in ds.roles:
+                n = per * (1 if role != "negative" else ds.num_negatives)
+                if ds.images[role] is not None:
+                    w.append(Work("image", role, n, image_tokens))
+                if ds.texts[role] is not None:
+                    w.append(Work("text", role, n, context))
+            works.append(w)
+        return "open_clip context length and patches", works
+    m = recipe.model
+    merged = (m.image_max_pixels or 12845056) // (28 * 28)  # visual tokens the language model sees per image
+    for b in plan:
+        ds = task.datasets[b.dataset]
+        worst = None
+        for rank in range(engine.processes):
+            rows = b.rows[rank * per:(rank + 1) * per]
+            w = []
+            for role in ds.roles:
+                texts, images = ds.texts[role], ds.images[role]
+                text_tokens = max((min(m.max_length, math.ceil(len(texts[r] or "") / CHARS_PER_TOKEN) + 8)
+                                   for r in rows), default=8) if texts is not None else 8
+                w.append(Work("language", role, len(rows), text_tokens + (merged if images is not None else 0)))
+                if images is not None and "vision" in towers:
+                    w.append(Work("vision", role, len(rows), merged * 4))
+            if worst is None or sum(x.rows * x.length for x in w) > sum(x.rows * x.length for x in worst):
+                worst = w
+        works.append(worst)
+    return (f"text estimated from characters ({CHARS_PER_TOKEN} per token) plus {merged} visual tokens per image "
+            f"(model.image_max_pixels)"), works
+
+
+def _clip_image_tokens(recipe) -> int:
+    from dataclasses import asdict
+
+    from embedtrain.models.clip import architecture_config
+
+    cfg = architecture_config(**asdict(recipe.model.architecture))["vision_cfg"]
+    size = cfg.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return (int(size) // int(cfg.get("patch_size", 16))) ** 2 + 1
+
+
+def _clip_context(recipe) -> int:
+    from dataclasses import asdict
+
+    from embedtrain.models.clip import architecture_config
+
+    return int(architecture_config(**asdict(recipe.model.architecture))["text_cfg"].get("context_length", 77))
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The plan as the lines ``embedtrain plan`` prints."""
+    gib = 1024 ** 3
+    e, m, mem, c = plan["engine"], plan["model"], plan["memory_per_device"], plan["compute"]
+    lines = [f"engine: {e['distributed_type']} on {e['processes']} process(es), mixed precision {e['mixed_precision']}"
+             f" ({e['source']})"]
+    d = plan["data"]
+    if "datasets" in d:
+        lines.append(f"data: global batch {d['global_batch']}")
+        for a in d["datasets"]:
+            drops = ", ".join(f"{n} by {rule}" for rule, n in a["dropped"].items()) or "none"
+            lines.append(f"  {a['name']}: {a['rows_read']:,} rows read, {a['rows_per_epoch']:,} trained per epoch in "
+                         f"{a['batches_per_epoch']:,} batches; dropped: {drops}")
+    else:
+        lines.append(f"data: {d['train_classes']} classes ({d['train_images']} images) to train, "
+                     f"{d['batches_per_epoch']} batches per epoch")
+    lines.append(f"model: {m['total']:,} parameters ({m['base_total']:,} pretrained), {m['trainable']:,} trainable "
+                 f"({100 * m['trainable'] / max(1, m['total']):.2f}%)")
+    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in mem.items()
+                      if type(v) is int and k not in ("total", "peak_batch"))
+    lines.append(f"memory per device: {mem['total'] / gib:.2f} GiB ({parts} GiB); token lengths: {mem['token_lengths']}")
+    lines.append(f"compute: {c['flops_per_step_per_device']:.3g} FLOPs per step per device; at {c['mfu']:.0%} of "
+                 f"{c['device_tflops']:g} TFLOP/s: {c['seconds_per_step']:.3g} s per step, {c['hours']:.2f} h for "
+                 f"{c['steps']:,} steps")
+    for p in plan["problems"]:
+        lines.append(f"problem: {p}")
+    return lines
