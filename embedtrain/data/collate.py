@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from embedtrain.data.readers import PairDataset
+from embedtrain.data.readers import PairDataset, column_lengths
 from embedtrain.errors import EmbedtrainError
 from embedtrain.data.sampler import PlannedBatch
 
@@ -59,9 +59,9 @@ def token_lengths(dataset: PairDataset) -> list[int]:
     """Total tokens per row over all roles (or characters when not pre-tokenized)."""
     columns = dataset.rows.column_names
     if all(f"{c}_ids" in columns for c in dataset.role_columns):
-        per_role = [[len(ids) for ids in dataset.rows[f"{c}_ids"]] for c in dataset.role_columns]
+        per_role = [column_lengths(dataset.rows, f"{c}_ids") for c in dataset.role_columns]
     else:
-        per_role = [[len(t) for t in dataset.rows[c]] for c in dataset.role_columns]
+        per_role = [column_lengths(dataset.rows, c) for c in dataset.role_columns]
     return [sum(v) for v in zip(*per_role)]
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from embedtrain.data.readers import PairDataset, load_columns, pair_dataset, text_hash
+from embedtrain.data.readers import PairDataset, column_list, load_columns, pair_dataset, text_hash
 from embedtrain.errors import EmbedtrainError
 
 
@@ -84,7 +84,7 @@ def read_labeled(
 
     fields = {"text_column": [text_column], "label_column": [label_column]}
     table, source = load_columns(path, where, fields, split, max_rows, subset)
-    texts, labels = table[text_column], table[label_column]
+    texts, labels = column_list(table, text_column), column_list(table, label_column)
     for i, (text, label) in enumerate(zip(texts, labels)):
         if not isinstance(text, str) or not text.strip():
             raise EmbedtrainError(f"{source} row {i + 1}: column '{text_column}' is empty or not text; fix or remove the row")

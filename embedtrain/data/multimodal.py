@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from embedtrain.data.readers import load_table
+from embedtrain.data.readers import column_list, load_table
 from embedtrain.data.sampler import PlannedBatch
 from embedtrain.errors import EmbedtrainError
 
@@ -182,7 +182,7 @@ def read_multimodal_pairs(
     for role, (text_col, image_col) in columns.items():
         texts[role] = None
         if text_col is not None:
-            values = list(ds[text_col])
+            values = column_list(ds, text_col)
             for i, value in enumerate(values):
                 if value is None and image_col is not None:
                     values[i] = value = ""  # an image with no text
@@ -194,7 +194,7 @@ def read_multimodal_pairs(
             texts[role] = values
         images[role] = None
         if image_col is not None:
-            images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(ds[image_col])]
+            images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(column_list(ds, image_col))]
 
     pairs = MultimodalPairs(name=name, source=source, columns=dict(columns), texts=texts, images=images,
                             line_numbers=list(range(1, len(ds) + 1)), query_template=query_template,

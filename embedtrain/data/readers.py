@@ -35,6 +35,12 @@ class PairDataset:
     #: rows of the source left out by a rule before training, per rule (see embedtrain.data.accounting)
     dropped: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def dedup_keys(self) -> list[tuple[int, ...]]:
+        """What the epoch plan keeps apart in a batch: every text of a row, or for labelled rows (whose
+        same-label documents the loss masks by label, wherever they stand) their queries only."""
+        return self.row_keys if self.match_keys is None else [k[:1] for k in self.row_keys]
+
     def ids(self, row: int) -> tuple[int, ...]:
         """The loss's document ids of ``row``'s roles (see ``match_keys``)."""
         return (self.match_keys or self.row_keys)[row]
@@ -50,6 +56,23 @@ class PairDataset:
 def text_hash(text: str) -> int:
     """A hash that is the same in every process and run (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def column_list(ds, name: str) -> list:
+    """A whole column of a ``datasets.Dataset`` as a Python list, read through Arrow in one call (indexing the
+    lazy column element by element costs a table look-up per element: minutes for millions of rows)."""
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+def column_lengths(ds, name: str) -> list[int]:
+    """The length of every value of a list or string column, computed by Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = ds.with_format("arrow")[name]
+    text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    lengths = pc.utf8_length(column) if text else pc.list_value_length(column)
+    return lengths.to_pylist()
 
 
 def json_lines(text: str, source: object, hint: str = "each line must be one JSON object") -> Iterator[tuple[int, Any]]:
@@ -154,7 +177,7 @@ def pair_dataset(
 
     ``wanted`` maps each role to the column name the user gave (for messages).
     """
-    columns = {role: ds[role] for role in wanted}
+    columns = {role: column_list(ds, role) for role in wanted}
     for role, values in columns.items():
         for i, value in enumerate(values):
             if not isinstance(value, str):

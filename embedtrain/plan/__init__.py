@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from embedtrain.data.readers import column_list
 from embedtrain.plan.estimate import Engine, Work, engine_from_accelerate_config, estimate
 from embedtrain.plan.model import ModelShape, model_shape
 
@@ -133,55 +134,63 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
     plan = task._plan(0)[: min(steps, settings.max_batches)]
     per = recipe.data.batch_size
     if recipe.kind == "text":
-        how, lengths = _text_lengths(recipe, task, shape)
+        needed: dict[int, set] = {}
+        for b in plan:  # only the rows of the batches scanned are tokenized
+            needed.setdefault(b.dataset, set()).update(b.rows)
+        how, lengths = _text_lengths(recipe, task, shape, needed)
         tower = shape.towers[0].name
         works = []
         for b in plan:
             roles = lengths[b.dataset]
-            worst = []
+            per_rank = []
             for rank in range(engine.processes):
                 rows = b.rows[rank * per:(rank + 1) * per]
-                w = [Work(tower, role, per * (len(v[rows[0]]) if isinstance(v[rows[0]], tuple) else 1),
-                          max(max(v[r]) if isinstance(v[r], tuple) else v[r] for r in rows))
-                     for role, v in roles.items()]
-                worst.append(w)
-            works.append(max(worst, key=lambda w: sum(x.rows * x.length for x in w)))
+                work = [Work(tower, role, per * len(v[rows[0]]), max(max(v[r]) for r in rows)) for role, v in roles.items()]
+                per_rank.append(work)
+            works.append(max(per_rank, key=lambda w: sum(x.rows * x.length for x in w)))
         return how, works
     return _multimodal_work(recipe, task, shape, plan, engine, per)
 
 
-def _text_lengths(recipe, task, shape: ModelShape):
-    """Per dataset, role -> tokens per row (a tuple per row for the negatives), capped at the role's limit."""
+def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set]):
+    """Per dataset, role -> {row: tokens of each text of the role} for the ``needed`` rows, capped at the role's
+    limit (the model's tokenizer when it is local, else characters / CHARS_PER_TOKEN)."""
+    from pathlib import Path
+
     m = recipe.model
     tokenizer, how = None, f"estimated from characters ({CHARS_PER_TOKEN} per token; no local tokenizer)"
-    try:
-        from pathlib import Path
+    if Path(shape.source).is_dir():
+        try:
+            from transformers import AutoTokenizer
 
-        from transformers import AutoTokenizer
-
-        if Path(shape.source).is_dir():
             tokenizer = AutoTokenizer.from_pretrained(shape.source)
             how = f"tokenizer of {shape.source}"
-    except (OSError, ValueError):
-        tokenizer = None
+        except (OSError, ValueError):
+            tokenizer = None
     limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}
     out = []
-    for ds in task.datasets:
-        roles = {}
-        for column in ds.role_columns:
+    for d, ds in enumerate(task.datasets):
+        rows = sorted(needed.get(d, ()))
+        picked = ds.rows.select(rows) if rows else None
+        roles: dict[str, dict[int, tuple[int, ...]]] = {"query": {}, "positive": {}}
+        negatives = [c for c in ds.role_columns if c.startswith("negative_")]
+        if negatives:
+            roles["negative"] = {}
+        per_column = {}
+        for column in (ds.role_columns if rows else []):
             role = "query" if column == "query" else "document"
             prompt = ds.query_prompt if role == "query" else ds.document_prompt
-            texts = [prompt + t for t in ds.rows[column]]
+            texts = [prompt + t for t in column_list(picked, column)]
             if tokenizer is not None:
-                ids = tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]
-                roles[column] = [len(x) for x in ids]
+                per_column[column] = [len(x) for x in tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]]
             else:
-                roles[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
-        negatives = [c for c in ds.role_columns if c.startswith("negative_")]
-        lengths = {"query": roles["query"], "positive": roles["positive"]}
-        if negatives:
-            lengths["negative"] = list(zip(*(roles[c] for c in negatives)))
-        out.append(lengths)
+                per_column[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
+        for i, r in enumerate(rows):
+            roles["query"][r] = (per_column["query"][i],)
+            roles["positive"][r] = (per_column["positive"][i],)
+            if negatives:
+                roles["negative"][r] = tuple(per_column[c][i] for c in negatives)
+        out.append(roles)
     return how, out
 
 

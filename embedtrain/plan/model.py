@@ -158,6 +158,8 @@ def model_shape(recipe, model_config: Optional[str] = None, num_classes: Optiona
     """The model a recipe trains, on the meta device (see the module docstring). ``num_classes``: the
     training classes of a metric-learning recipe (one proxy each)."""
     kind = recipe.kind
+    if kind == "dml" and recipe.model.backbone.kind == "open_clip":
+        return _dml(recipe, num_classes or 100)  # a local open_clip folder loads its (local) weights with its shape
     with torch.device("meta"):
         if kind == "text":
             return _text(recipe, model_config)

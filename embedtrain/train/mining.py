@@ -134,7 +134,7 @@ def mine_hard_negatives(
         raise EmbedtrainError(f"--output: {out} must end in .jsonl")
     pairs = read_pairs(data, "--data", Path(data).stem, query_column, positive_column, [], split=split,
                        max_rows=max_rows, subset=subset)
-    queries, positives = pairs.rows["query"], pairs.rows["positive"]
+    queries, positives = column_list(pairs.rows, "query"), column_list(pairs.rows, "positive")
 
     texts: list[str] = []
     index: dict[str, int] = {}

@@ -138,12 +138,14 @@ class PairsTask(Task):
     A subclass sets ``self.datasets`` (in ``read_data``), ``self.collator`` and, for length grouping,
     ``self.lengths`` (in ``build``)."""
 
-    def __init__(self, recipe, log=print, repeat_documents: bool = False):
+    def __init__(self, recipe, log=print, loss: Optional[torch.nn.Module] = None):
         super().__init__(recipe, log)
         self._plans: dict[int, list] = {}
         self.lengths: Optional[list] = None
-        self.repeat_documents = repeat_documents
+        self.repeat_documents = bool(getattr(loss, "masks_repeated_documents", False))
         """Documents may repeat in a batch (the loss masks them, see InBatchLoss.masks_repeated_documents)."""
+        self.rows_interact = bool(getattr(loss, "in_batch_negatives", True))
+        """A row's query meets the other rows' documents (in-batch negatives): only then can a repeat harm."""
 
     def check_data(self, world_size: int) -> None:
         self.global_batch = check_batch_fits(self.datasets, self.recipe.data.batch_size, world_size,
@@ -161,9 +163,9 @@ class PairsTask(Task):
         if epoch not in self._plans:
             self._plans.clear()  # keep one epoch in memory
             self._plans[epoch] = plan_epoch(
-                [len(d) for d in self.datasets], [d.row_keys for d in self.datasets], self.global_batch,
-                r.train.seed, epoch, lengths=self.lengths, weights=[d.weight for d in self.datasets],
-                mixing=r.data.mixing, no_duplicates=r.data.no_duplicates,
+                [len(d) for d in self.datasets], [getattr(d, "dedup_keys", d.row_keys) for d in self.datasets],
+                self.global_batch, r.train.seed, epoch, lengths=self.lengths, weights=[d.weight for d in self.datasets],
+                mixing=r.data.mixing, no_duplicates=r.data.no_duplicates and self.rows_interact,
                 window=getattr(r.data, "length_grouping_window", 64), repeat_documents=self.repeat_documents,
             )
         return self._plans[epoch]

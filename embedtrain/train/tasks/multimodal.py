@@ -78,7 +78,7 @@ class MultimodalTask(PairsTask):
     rows_name = "usable rows"
 
     def __init__(self, recipe, log=print):
-        super().__init__(recipe, log, repeat_documents=build_loss(recipe).masks_repeated_documents)
+        super().__init__(recipe, log, loss=build_loss(recipe))
         self.bad_before: list = []
 
     # -- data -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def build_loss(r) -> torch.nn.Module:
 
 class TextTask(PairsTask):
     def __init__(self, recipe, log=print, chain: tuple[str, ...] = (), run_stage=None):
-        super().__init__(recipe, log, repeat_documents=build_loss(recipe).masks_repeated_documents)
+        super().__init__(recipe, log, loss=build_loss(recipe))
         self.chain, self.run_stage = chain, run_stage
         # an MoE step leaves the other domains' experts without gradient, which DDP must be told
         self.find_unused_parameters = experts.uses_experts(recipe)
