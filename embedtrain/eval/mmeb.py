@@ -305,7 +305,9 @@ def run_mmeb(args) -> int:
     encoder = load_multimodal_encoder(args.model)
     if kind == "clip":
         print(f"note: {CLIP_FUSION}", file=sys.stderr)
-    label = args.model
+    from embedtrain.eval.mteb_adapter import default_model_name
+
+    label = default_model_name(args.model)
     revision = model_revision(args.model)
     outcomes = []
     for task in tasks:
