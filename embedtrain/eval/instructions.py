@@ -41,6 +41,15 @@ class InstructionTable:
     tasks_without_instruction: list[str] = field(default_factory=list)
     """Evaluated tasks the table does not cover (filled by :func:`prompts_from_table`)."""
 
+    def experiment_name(self) -> str:
+        """A stable name for the table (mteb caches results per experiment): a hash of template and instructions."""
+        import hashlib
+
+        from embedtrain.models.instructions import QUERY_TEMPLATE
+
+        spec = json.dumps({"template": QUERY_TEMPLATE, "instructions": self.instructions}, sort_keys=True)
+        return "instructions-" + hashlib.sha256(spec.encode()).hexdigest()[:12]
+
     def record(self) -> dict:
         """The entry of results.json: source, query template, the evaluated tasks' instructions, those without."""
         from embedtrain.models.instructions import QUERY_TEMPLATE

@@ -126,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
     runs: list[dict] = []
     for spec in specs:
         table = tables[spec]
-        prompts = None
+        prompts, experiment = None, None
         if table is not None:
             prompts = prompts_from_table(table, encoded_task_names(tasks))
             report_instructions(table, len(prompts))
-        model = MtebEncoder.from_pretrained(spec, task_prompts=prompts)
+            experiment = table.experiment_name()  # results cached per table, whichever of its tasks run
+        model = MtebEncoder.from_pretrained(spec, task_prompts=prompts, experiment=experiment)
         meta = model.mteb_model_meta
         label = str(meta.name)
         if label in labels:

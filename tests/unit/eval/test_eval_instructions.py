@@ -147,24 +147,17 @@ def test_decoder_folder_is_evaluated_with_the_nv_embed_instruction_of_each_task(
     decoder_folder: Path, graded_beir_dir: Path, tmp_path: Path, encoded_texts: list[str],
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
 ) -> None:
-    """mteb's own SciFact task object, filled with local data (nothing is downloaded), run through the command."""
-    import mteb
-
+    """mteb's own SciFact task object with local data, run through the command."""
     import embedtrain.eval.mteb_run as mteb_run
-    from embedtrain.eval.local_tasks import make_local_retrieval_task
 
-    local = make_local_retrieval_task(graded_beir_dir)
-    local.load_data()
-    scifact = mteb.get_task("SciFact")
-    scifact.dataset = {"default": {scifact.metadata.eval_splits[0]: local.dataset["default"]["test"]}}
-    scifact.data_loaded = True
+    scifact = scifact_with_local_data(graded_beir_dir)
     monkeypatch.setattr(mteb_run, "select_tasks", lambda args: [scifact])
 
     out = tmp_path / "out"
     assert main(["--model", str(decoder_folder), "--tasks", "SciFact", "--output", str(out)]) == 0
     instruction = nv_embed_mteb_instructions()["SciFact"]
-    queries = list(local.dataset["default"]["test"]["queries"]["text"])
-    documents = list(local.dataset["default"]["test"]["corpus"]["text"])
+    split = scifact.dataset["default"][scifact.metadata.eval_splits[0]]
+    queries, documents = list(split["queries"]["text"]), list(split["corpus"]["text"])
     assert {f"Instruct: {instruction}\nQuery: {q}" for q in queries} <= set(encoded_texts)
     assert set(documents) <= set(encoded_texts)  # documents carry no instruction
     assert f"instructions: {decoder_folder / 'instructions.json'} (1 evaluated task(s)" in capsys.readouterr().err
@@ -178,3 +171,43 @@ def test_decoder_folder_is_evaluated_with_the_nv_embed_instruction_of_each_task(
                  "none"]) == 0
     assert set(queries) <= set(encoded_texts)
     assert json.loads((out / "results.json").read_text())["models"][0]["instructions"] is None
+
+
+def scifact_with_local_data(folder: Path):
+    """mteb's own SciFact task object, filled with a local BEIR folder's data (nothing is downloaded)."""
+    import mteb
+
+    from embedtrain.eval.local_tasks import make_local_retrieval_task
+
+    local = make_local_retrieval_task(folder)
+    local.load_data()
+    scifact = mteb.get_task("SciFact")
+    scifact.dataset = {"default": {scifact.metadata.eval_splits[0]: local.dataset["default"]["test"]}}
+    scifact.data_loaded = True
+    return scifact
+
+
+def test_results_are_cached_per_table_whichever_of_its_tasks_run(
+    tiny_model_dir: Path, graded_beir_dir: Path, make_beir, tmp_path: Path, encoded_texts: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import embedtrain.eval.mteb_run as mteb_run
+    from embedtrain.eval.local_tasks import make_local_retrieval_task
+
+    scifact = scifact_with_local_data(make_beir("sci/eval", seed=1))
+    selected = [make_local_retrieval_task(graded_beir_dir), scifact]
+    monkeypatch.setattr(mteb_run, "select_tasks", lambda args: selected)
+    table = tmp_path / "instructions.yaml"
+    table.write_text("toy: Find the fruit\nSciFact: Find the evidence\n")
+    argv = ["--model", str(tiny_model_dir), "--tasks", "SciFact", "--instructions", str(table), "--output",
+            str(tmp_path / "out")]  # the task objects come from the patched select_tasks
+    assert main(argv) == 0
+    assert any(t.startswith("Instruct: Find the fruit\nQuery: ") for t in encoded_texts)
+    assert any(t.startswith("Instruct: Find the evidence\nQuery: ") for t in encoded_texts)
+    encoded_texts.clear()
+    selected.pop()  # toy alone: its cached result is reused
+    assert main(argv) == 0
+    assert encoded_texts == []
+    table.write_text("toy: Find the fruit, again\nSciFact: Find the evidence\n")  # another table: computed anew
+    assert main(argv) == 0
+    assert any(t.startswith("Instruct: Find the fruit, again\nQuery: ") for t in encoded_texts)
