@@ -178,7 +178,8 @@ def discover_tasks(root: str | Path, selection: Sequence[str] = ()) -> list[tupl
     ``selection`` (task names or category names) when given."""
     root = Path(root)
     if not root.is_dir():
-        raise EmbedtrainError(f"--mmeb {root}: no such folder; give a TIGER-Lab/MMEB-eval download (one folder per task)")
+        raise EmbedtrainError(f"--mmeb {root}: no such folder; give a TIGER-Lab/MMEB-eval download "
+                              "(one folder per task)")
     found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and data_files(p)}
     if not found:
         raise EmbedtrainError(f"--mmeb {root}: no task folders with .parquet or .jsonl files")
@@ -233,7 +234,9 @@ def encode_items(encoder, items: Sequence[Item], role: str, batch_size: int, des
         if image_only:
             put(image_only, run(image_only, False, True))
         if both:
-            fused = F.normalize(run(both, False, True).float(), dim=-1) + F.normalize(run(both, True, False).float(), dim=-1)
+            image = F.normalize(run(both, False, True).float(), dim=-1)
+            text = F.normalize(run(both, True, False).float(), dim=-1)
+            fused = image + text
             put(both, F.normalize(fused, dim=-1))
     assert out is not None
     return out
@@ -301,7 +304,8 @@ def run_mmeb(args) -> int:
         from embedtrain.config import looks_local
 
         if looks_local(args.model):
-            raise EmbedtrainError(f"--model {args.model}: not a CLIP or VLM2Vec folder; MMEB evaluates image-text models")
+            raise EmbedtrainError(f"--model {args.model}: not a CLIP or VLM2Vec folder; MMEB evaluates "
+                                  "image-text models")
     encoder = load_multimodal_encoder(args.model)
     if kind == "clip":
         print(f"note: {CLIP_FUSION}", file=sys.stderr)

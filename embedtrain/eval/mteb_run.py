@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mmeb-images", metavar="DIR", help="folder the MMEB rows' image paths are relative to "
                         "(default: --mmeb)")
     parser.add_argument("--mmeb-tasks", nargs="+", default=[], metavar="NAME",
-                        help="MMEB task folders or categories (classification, vqa, retrieval, grounding); default: all")
+                        help="MMEB task folders or categories (classification, vqa, retrieval, grounding); "
+                        "default: all")
     return parser
 
 

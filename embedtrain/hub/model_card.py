@@ -274,7 +274,8 @@ def _body_vars(data: ModelCardData) -> dict[str, Any]:
         "other_prompt_names": ", ".join(_code(k) for k in others),
         "eval_note": _eval_note(data.eval_results),
         "eval_table": _eval_table(data.eval_results),
-        "instructions_table": _table(["Task", "Instruction"], [[_code(t), _cell(i)] for t, i in data.instructions.items()])
+        "instructions_table": _table(["Task", "Instruction"],
+                                     [[_code(t), _cell(i)] for t, i in data.instructions.items()])
         if data.instructions else "",
         "instructions_count": len(data.instructions),
         "data_lines": [f"[{d}]({HUB_URL}/datasets/{d})" for d in data.datasets]

@@ -213,7 +213,8 @@ def test_folder_evaluates_end_to_end(folder_fixture: str, request: pytest.Fixtur
     # the grouped, deduplicated encoding equals embedding each item on its own
     task = load_mmeb_task(root / "OK-VQA", root)
     grouped = encode_items(encoder, task.queries + task.targets, "query", batch_size=4, desc="")
-    single = torch.cat([encode_items(encoder, [it], "query", batch_size=1, desc="") for it in task.queries + task.targets])
+    items = task.queries + task.targets
+    single = torch.cat([encode_items(encoder, [it], "query", batch_size=1, desc="") for it in items])
     # float32, a batch of 4 vs 1: padding and matmul blocking change the last bits only
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-4)
 
