@@ -4,7 +4,12 @@ Tasks come from mteb's registry (``--tasks``, ``--benchmark``, ``--task-types``,
 ``--languages``) and from local BEIR folders (``--local-task``). Results are written in mteb's own
 format through its ``ResultCache`` rooted at ``--output`` (``results/<model>/<revision>/<task>.json``),
 so a rerun reuses them unless ``--overwrite`` is given or the task's data changed. The run ends with
-``summary.md``/``summary.csv`` (scores x 100) and, with ``--compare``, ``comparison.md``/``.csv``.
+``summary.md``/``summary.csv`` (scores x 100), ``results.json`` (every score, the averages per task type, and
+the instructions each model was evaluated with) and, with ``--compare``, ``comparison.md``/``.csv``.
+
+``--instructions FILE`` gives each task's queries its own instruction (``embedtrain.eval.instructions``; a decoder
+folder defaults to its NV-Embed table); ``--mmeb DIR`` scores a CLIP or VLM2Vec folder on local MMEB data
+(``embedtrain.eval.mmeb``) and writes the same files.
 
 Exit status: 0 when every task succeeded, 1 when some task failed (each failure is reported on one
 line and the other tasks still run), 2 for a user error (``error: <message>`` on stderr).
@@ -27,6 +32,7 @@ from embedtrain.errors import EmbedtrainError
 if TYPE_CHECKING:
     from mteb import AbsTask, ResultCache, TaskResult
 
+    from embedtrain.eval.instructions import InstructionTable
     from embedtrain.eval.mteb_adapter import MtebEncoder
 
 
@@ -59,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="also evaluate this model on the same tasks and write a comparison")
     parser.add_argument("--batch-size", type=int, default=128, help="texts per forward pass (default: 128)")
     parser.add_argument("--overwrite", action="store_true", help="rerun tasks even if results are cached")
+    parser.add_argument("--instructions", metavar="FILE", help="YAML/JSON file mapping task names to query "
+                        "instructions; 'nv-embed' for NV-Embed's MTEB table (the default for decoder folders), "
+                        "'none' for the model's saved prompts")
+    parser.add_argument("--mmeb", metavar="DIR", help="score a CLIP or VLM2Vec model on local MMEB data (one folder "
+                        "per task, as in TIGER-Lab/MMEB-eval): precision@1 per task and category")
+    parser.add_argument("--mmeb-images", metavar="DIR", help="folder the MMEB rows' image paths are relative to "
+                        "(default: --mmeb)")
+    parser.add_argument("--mmeb-tasks", nargs="+", default=[], metavar="NAME",
+                        help="MMEB task folders or categories (classification, vqa, retrieval, grounding); "
+                        "default: all")
     return parser
 
 
@@ -74,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate ``args.model`` (and ``args.compare``) on the selected tasks and write the summaries."""
+    if args.mmeb:
+        from embedtrain.eval.mmeb import run_mmeb
+
+        return run_mmeb(args)
+    if args.mmeb_images or args.mmeb_tasks:
+        raise EmbedtrainError("--mmeb-images and --mmeb-tasks go with --mmeb DIR")
     if not (args.tasks or args.benchmark or args.task_types or args.local_task):
         raise EmbedtrainError("nothing to evaluate; give --tasks, --benchmark, --task-types or --local-task")
     if args.batch_size < 1:
@@ -81,9 +103,12 @@ def run(args: argparse.Namespace) -> int:
     from embedtrain.eval.multimodal_run import model_kind, run_multimodal
 
     if model_kind(args.model):  # CLIP / VLM2Vec folders: image-text tasks through evaluate_retrieval
+        if args.instructions:
+            raise EmbedtrainError("--instructions: applies to text models; a multimodal model uses its saved templates")
         return run_multimodal(args)
     import mteb
 
+    from embedtrain.eval.instructions import prompts_from_table
     from embedtrain.eval.mteb_adapter import MtebEncoder
 
     for spec in [args.model] + ([args.compare] if args.compare else []):
@@ -95,19 +120,31 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise EmbedtrainError(f"--output {output}: cannot be created ({err.strerror or err})") from None
 
+    specs = [args.model] + ([args.compare] if args.compare else [])
+    tables = {spec: instruction_table(args.instructions, spec, tasks) for spec in specs}  # every check before loading
     outcomes: list[Outcome] = []
     labels: list[str] = []
-    for spec in [args.model] + ([args.compare] if args.compare else []):
-        model = MtebEncoder.from_pretrained(spec)
+    runs: list[dict] = []
+    for spec in specs:
+        table = tables[spec]
+        prompts, experiment = None, None
+        if table is not None:
+            prompts = prompts_from_table(table, encoded_task_names(tasks))
+            report_instructions(table, len(prompts))
+            experiment = table.experiment_name()  # results cached per table, whichever of its tasks run
+        model = MtebEncoder.from_pretrained(spec, task_prompts=prompts, experiment=experiment)
         meta = model.mteb_model_meta
         label = str(meta.name)
         if label in labels:
             label = f"{label}@{meta.revision}"
         labels.append(label)
+        runs.append({"model": label, "revision": str(meta.revision), "source": spec,
+                     "instructions": table.record() if table is not None else None})
         outcomes += evaluate_model(model, label, tasks, cache, batch_size=args.batch_size, overwrite=args.overwrite)
         del model  # free the first model before the second one is loaded
 
     write_summary(outcomes, output)
+    write_results(output, runs, outcomes)
     table = summary_markdown(outcomes)
     if args.compare:
         write_comparison(outcomes, labels, output)
@@ -187,6 +224,45 @@ def _is_registry_task(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+# -- instructions ------------------------------------------------------------------------------
+def encoded_task_names(tasks: Sequence[AbsTask]) -> dict[str, list[str]]:
+    """Each task's name -> the names mteb encodes it under (an aggregate task: its sub-tasks' names)."""
+    names = {}
+    for task in tasks:
+        subtasks = getattr(task.metadata, "tasks", None)
+        names[task.metadata.name] = [t.metadata.name for t in subtasks] if subtasks else [task.metadata.name]
+    return names
+
+
+def instruction_table(spec: str | None, model: str, tasks: Sequence[AbsTask]) -> InstructionTable | None:
+    """The instruction table for ``model`` (``embedtrain.eval.instructions.resolve_instructions``), its task
+    names checked: a name that is neither an mteb task nor an evaluated task is a one-line error."""
+    from embedtrain.eval.instructions import resolve_instructions
+
+    table = resolve_instructions(spec, model)
+    if table is None:
+        return None
+    evaluated = {n for task, subtasks in encoded_task_names(tasks).items() for n in (task, *subtasks)}
+    unknown = [name for name in table.instructions if name not in evaluated and not _is_registry_task(name)]
+    if unknown:
+        from embedtrain.errors import did_you_mean
+
+        hint = did_you_mean(unknown[0], evaluated) if len(unknown) == 1 else ""
+        raise EmbedtrainError(
+            f"--instructions {table.source}: unknown task name(s) {', '.join(unknown)}{hint}; use mteb task names "
+            "or the names of the --local-task folders"
+        )
+    return table
+
+
+def report_instructions(table: InstructionTable, covered: int) -> None:
+    """One line on the table in use, one on the tasks it leaves to the saved prompts (also in results.json)."""
+    print(f"instructions: {table.source} ({covered} evaluated task(s) get their instruction)", file=sys.stderr)
+    if table.tasks_without_instruction:
+        print(f"instructions: no instruction for {', '.join(table.tasks_without_instruction)}; "
+              "they use the model's saved prompts", file=sys.stderr)
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -308,6 +384,32 @@ def write_summary(outcomes: Sequence[Outcome], output: Path) -> None:
     """``summary.md`` and ``summary.csv`` in ``output``."""
     (output / "summary.md").write_text(summary_markdown(outcomes) + "\n", encoding="utf-8")
     _write_csv(output / "summary.csv", SUMMARY_HEADER, summary_rows(outcomes))
+
+
+def averages(outcomes: Sequence[Outcome]) -> list[dict]:
+    """Mean score per model and task type (an MMEB category for MMEB tasks), then over all tasks; failed tasks
+    are left out of the means and counted."""
+    rows = []
+    for model in dict.fromkeys(o.model for o in outcomes):
+        mine = [o for o in outcomes if o.model == model]
+        groups = {t: [o for o in mine if o.task_type == t] for t in dict.fromkeys(o.task_type for o in mine)}
+        for group, members in [*groups.items(), ("all", mine)]:
+            scores = [o.score for o in members if o.score is not None]
+            rows.append({"model": model, "group": group, "score": sum(scores) / len(scores) if scores else None,
+                         "tasks": len(scores), "failed": len(members) - len(scores)})
+    return rows
+
+
+def write_results(output: Path, runs: Sequence[dict], outcomes: Sequence[Outcome]) -> list[dict]:
+    """``results.json``: ``models`` (label, revision, source, instructions, settings), ``results`` (one entry per
+    model and task, scores 0-1) and ``averages`` (:func:`averages`); returns the averages."""
+    import json
+    from dataclasses import asdict
+
+    means = averages(outcomes)
+    data = {"models": list(runs), "results": [asdict(o) for o in outcomes], "averages": means}
+    (output / "results.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return means
 
 
 def comparison_rows(outcomes: Sequence[Outcome], labels: Sequence[str]) -> tuple[list[str], list[list[str]]]:

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 from embedtrain.hub.model_card import ModelCardData
-from embedtrain.models.folders import DECODER, MOE, TEXT, find_model_kind, read_json_object, read_metadata, read_modules
+from embedtrain.models.folders import (
+    DECODER,
+    MOE,
+    TEXT,
+    find_model_kind,
+    read_instructions,
+    read_json_object,
+    read_metadata,
+    read_modules,
+)
 
 CARD_KINDS = (TEXT, MOE, DECODER)
 """Kinds of saved folders whose model card :func:`card_for_folder` can write."""
@@ -32,6 +41,7 @@ def card_for_folder(model_dir: str | Path, repo_id: str) -> ModelCardData:
         normalize=meta.get("normalize"),
         prompts={k: v for k, v in (meta.get("prompts") or {}).items() if v},
         custom_modules=has_custom_modules(model_dir),
+        instructions=read_instructions(model_dir) or {},
     )
 
 

@@ -166,6 +166,8 @@ class ModelCardData:
     """Prompts saved with the model, by name ('query', 'document', ...)."""
     eval_results: list[EvalEntry] = field(default_factory=list)
     """Evaluation results."""
+    instructions: dict[str, str] = field(default_factory=dict)
+    """Instruction per evaluation task saved with the model (its instructions.json), listed in the card."""
     citations: dict[str, str] = field(default_factory=dict)
     """Extra BibTeX entries by title (e.g. {'GradCache': GRADCACHE_CITATION})."""
     custom_modules: bool = False
@@ -272,6 +274,10 @@ def _body_vars(data: ModelCardData) -> dict[str, Any]:
         "other_prompt_names": ", ".join(_code(k) for k in others),
         "eval_note": _eval_note(data.eval_results),
         "eval_table": _eval_table(data.eval_results),
+        "instructions_table": _table(["Task", "Instruction"],
+                                     [[_code(t), _cell(i)] for t, i in data.instructions.items()])
+        if data.instructions else "",
+        "instructions_count": len(data.instructions),
         "data_lines": [f"[{d}]({HUB_URL}/datasets/{d})" for d in data.datasets]
         + [f"{_code(name)} (local file)" for name in data.local_datasets],
         "losses": [_loss_vars(loss) for loss in data.losses],

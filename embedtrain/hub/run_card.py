@@ -9,7 +9,7 @@ from typing import Optional
 from embedtrain.config import TextRecipe, dataset_name, looks_local, to_dict
 from embedtrain.hub.folder_card import embedding_dim, has_custom_modules, moe_summary
 from embedtrain.hub.model_card import GRADCACHE_CITATION, LOSS_CITATIONS, EvalEntry, ModelCardData
-from embedtrain.models.folders import read_metadata
+from embedtrain.models.folders import read_instructions, read_metadata
 
 INFONCE_EQUATION = (
     r"\mathcal{L} = -\frac{1}{N}\sum_i \log \frac{\exp(s(q_i,p_i)/\tau)}{\sum_{d \in D_i} \exp(s(q_i,d)/\tau)}"
@@ -99,4 +99,5 @@ def card_for_run(
         eval_results=entries,
         citations=citations,
         custom_modules=has_custom_modules(model_dir),
+        instructions=read_instructions(model_dir) or {},
     )

@@ -20,6 +20,8 @@ It offers what the training loop and the evaluation use of :class:`~embedtrain.m
     1_LatentAttentionPoolingModule/                     the head's sizes and weights
     adapter/                                            the LoRA adapter alone (peft format), if trained with LoRA
     embedtrain.json                                     embedtrain's settings ("backbone": "bidirectional_decoder")
+    instructions.json                                   the instruction per MTEB task it is evaluated with
+                                                        (NV-Embed's table unless the folder it came from had its own)
 
 ``SentenceTransformer(path, trust_remote_code=True)`` loads it (the module classes are imported from the
 installed embedtrain package, never from the folder) and gives the same embeddings.
@@ -44,10 +46,12 @@ from embedtrain.models.folders import (
     MODEL_KINDS,
     find_model_kind,
     load_failure,
+    read_instructions,
     read_metadata,
+    write_instructions,
     write_metadata,
 )
-from embedtrain.models.instructions import pooling_mask, prefix_token_lengths
+from embedtrain.models.instructions import nv_embed_mteb_instructions, pooling_mask, prefix_token_lengths
 from embedtrain.models.latent_attention import (
     DEFAULT_NUM_HEADS,
     LatentAttentionPooling,
@@ -128,6 +132,8 @@ class DecoderEncoder(TextEncoder):
         self.prompts = {"query": query_prompt, "document": document_prompt}
         self.instruction_masking = instruction_masking and pooling in ("mean", "latent_attention")
         self._prefix_lengths: dict[str, int] = {}
+        self.eval_instructions: Optional[dict[str, str]] = None
+        """Instruction per evaluation task saved as instructions.json; None: NV-Embed's MTEB table."""
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
@@ -232,6 +238,8 @@ class DecoderEncoder(TextEncoder):
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
         write_metadata(path, self._metadata())
+        write_instructions(path, self.eval_instructions if self.eval_instructions is not None
+                           else nv_embed_mteb_instructions())
 
     @classmethod
     def load(cls, name_or_path: str, **settings) -> "DecoderEncoder":
@@ -316,7 +324,7 @@ def load_decoder_encoder(
     st = SentenceTransformer(modules=[transformer], device=str(torch.device(device)))
     prompts = saved.get("prompts") or {}
     qlen, dlen = token_limits(saved, max_length, query_max_length, document_max_length, 512)
-    return DecoderEncoder(
+    encoder = DecoderEncoder(
         st,
         pooling=pooling,
         head=head,
@@ -328,6 +336,9 @@ def load_decoder_encoder(
         instruction_masking=bool(saved.get("instruction_masking", False) if instruction_masking is None
                                  else instruction_masking),
     )
+    if local.is_dir():
+        encoder.eval_instructions = read_instructions(local)
+    return encoder
 
 
 def _latent_head(folder: Path, saved: dict, hidden: int, sizes: dict) -> LatentAttentionPooling:

@@ -35,6 +35,9 @@ PathLike = Union[str, os.PathLike]
 
 METADATA_FILE = "embedtrain.json"
 """embedtrain's own settings of a saved model (pooling, prompts, ...), beside the library's files."""
+INSTRUCTIONS_FILE = "instructions.json"
+"""The instruction per evaluation task (``{task name: instruction}``) a model is evaluated with; decoder folders
+(NV-Embed) have one."""
 MODULES_FILE = "modules.json"
 """sentence-transformers' list of modules."""
 MOE_MODULE_TYPE = "embedtrain.models.moe.MoETransformer"
@@ -108,6 +111,24 @@ def read_metadata(folder: PathLike) -> dict:
 def write_metadata(folder: PathLike, metadata: dict) -> None:
     """Write ``embedtrain.json`` into ``folder``."""
     write_json(Path(folder) / METADATA_FILE, metadata)
+
+
+def read_instructions(folder: PathLike) -> Optional[dict[str, str]]:
+    """The folder's ``instructions.json`` (task name -> instruction); None when it has none. A file that is not
+    an object of strings raises :class:`EmbedtrainError`."""
+    path = Path(folder) / INSTRUCTIONS_FILE
+    if not path.is_file():
+        return None
+    table = read_json_object(path)
+    bad = [k for k, v in table.items() if not isinstance(v, str)]
+    if bad:
+        raise EmbedtrainError(f"{path}: the instruction of {bad[0]!r} is not a string; {DAMAGED}")
+    return table
+
+
+def write_instructions(folder: PathLike, instructions: dict[str, str]) -> None:
+    """Write ``instructions.json`` (task name -> instruction) into ``folder``."""
+    write_json(Path(folder) / INSTRUCTIONS_FILE, dict(instructions))
 
 
 def read_modules(folder: PathLike) -> Optional[list[dict]]:

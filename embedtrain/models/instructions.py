@@ -50,6 +50,26 @@ QUERY_TEMPLATE = "Instruct: {task}\nQuery: {text}"
 PROBE_TEXTS = ("what is it", "The river", "2024 was", "(see also)", '"quoted"', "x")
 
 
+NV_EMBED_TABLE = "nv-embed"
+"""The name of the packaged NV-Embed MTEB instruction table (``embedtrain eval --instructions nv-embed``)."""
+NV_EMBED_TABLE_FILE = "data/nv_embed_mteb_instructions.yaml"
+"""The table's file inside this package; its header cites the paper's table it reproduces."""
+
+
+def nv_embed_mteb_instructions() -> dict[str, str]:
+    """NV-Embed's instruction per MTEB task (the 56 tasks of ``MTEB(eng, v1)``), as ``{task name: instruction}``.
+
+    Lee et al., "NV-Embed", arXiv:2405.17428, appendix A, Table 7; the packaged file's header gives the
+    mapping from the paper's task names to mteb's.
+    """
+    from importlib.resources import files
+
+    import yaml
+
+    table = yaml.safe_load(files("embedtrain.models").joinpath(NV_EMBED_TABLE_FILE).read_text(encoding="utf-8"))
+    return {str(task): str(instruction) for task, instruction in table.items()}
+
+
 def instruction_prefix(task: str) -> str:
     """The text put before a query: ``"Instruct: {task}\\nQuery: "``."""
     task = task.strip()
