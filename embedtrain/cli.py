@@ -68,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
     plan = make_plan(recipe, PlanSettings(
         accelerate_config=args.accelerate_config, devices=args.devices, device_memory_gb=args.device_memory,
-        device_tflops=args.device_tflops, mfu=args.mfu, model_config=args.model_config), log=print)
+        device_tflops=args.device_tflops, mfu=args.mfu, model_config=args.model_config, lengths=args.lengths), log=print)
     plan = {"recipe_path": args.recipe, "overrides": list(args.overrides), **plan}
     for line in format_plan(plan):
         print(line)
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="share of the peak FLOP/s the run reaches (default 0.4)")
     p.add_argument("--model-config", default=None, help="a local copy of the model's config.json (for a Hub model)")
+    p.add_argument("--lengths", choices=["data", "max"], default="data",
+                   help="token lengths: each text's own ('data'), or every text at the recipe's limit ('max')")
     p.add_argument("--output", default=None, help="also write the plan as JSON here")
     sub.add_parser("eval", help="evaluate on MTEB / local tasks (embedtrain eval --help)", add_help=False)
     sub.add_parser("merge", help="merge task models: embedtrain merge RECIPE [key=value ...] (--help)", add_help=False)

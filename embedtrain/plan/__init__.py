@@ -36,6 +36,9 @@ class PlanSettings:
     model_config: Optional[str] = None
     max_batches: int = 5000
     """Batches of the plan scanned for the peak (the first ones the run trains on)."""
+    lengths: str = "data"
+    """'data': every text at its own token length (padded to its batch's longest); 'max': every text at the
+    recipe's token limit (the worst case, whatever the data)."""
 
 
 def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: None) -> dict:
@@ -47,6 +50,8 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     shape = model_shape(recipe, settings.model_config, classes)
     steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
     lengths_from, works = _step_work(recipe, task, shape, engine, settings)
+    if not works:  # no batch at all (a problem above): the model's own memory still tells something
+        lengths_from, works = "no batch to train on", [[]]
     t = recipe.train
     chunks = _chunks(recipe)
     checkpointing = bool(getattr(recipe.model, "gradient_checkpointing", False))
@@ -137,7 +142,7 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
         needed: dict[int, set] = {}
         for b in plan:  # only the rows of the batches scanned are tokenized
             needed.setdefault(b.dataset, set()).update(b.rows)
-        how, lengths = _text_lengths(recipe, task, shape, needed)
+        how, lengths = _text_lengths(recipe, task, shape, needed, settings.lengths == "max")
         tower = shape.towers[0].name
         works = []
         for b in plan:
@@ -149,10 +154,10 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
                 per_rank.append(work)
             works.append(max(per_rank, key=lambda w: sum(x.rows * x.length for x in w)))
         return how, works
-    return _multimodal_work(recipe, task, shape, plan, engine, per)
+    return _multimodal_work(recipe, task, shape, plan, engine, per, settings.lengths == "max")
 
 
-def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set]):
+def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_limit: bool = False):
     """Per dataset, role -> {row: tokens of each text of the role} for the ``needed`` rows, capped at the role's
     limit (the model's tokenizer when it is local, else characters / CHARS_PER_TOKEN)."""
     from pathlib import Path
@@ -168,6 +173,8 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set]):
         except (OSError, ValueError):
             tokenizer = None
     limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}
+    if at_limit:
+        tokenizer, how = None, "every text at the recipe's token limit (--lengths max)"
     out = []
     for d, ds in enumerate(task.datasets):
         rows = sorted(needed.get(d, ()))
@@ -181,7 +188,9 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set]):
             role = "query" if column == "query" else "document"
             prompt = ds.query_prompt if role == "query" else ds.document_prompt
             texts = [prompt + t for t in column_list(picked, column)]
-            if tokenizer is not None:
+            if at_limit:
+                per_column[column] = [limit[role]] * len(rows)
+            elif tokenizer is not None:
                 per_column[column] = [len(x) for x in tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]]
             else:
                 per_column[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
@@ -200,7 +209,7 @@ def _vit_tokens(recipe) -> int:
     return (size // 16) ** 2 + 1 + tu.num_prompts
 
 
-def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per: int):
+def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per: int, at_limit: bool = False):
     towers = {t.name: t for t in shape.towers}
     works = []
     if recipe.kind == "clip":
@@ -227,16 +236,17 @@ def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per:
             w = []
             for role in ds.roles:
                 texts, images = ds.texts[role], ds.images[role]
-                text_tokens = max((min(m.max_length, math.ceil(len(texts[r] or "") / CHARS_PER_TOKEN) + 8)
-                                   for r in rows), default=8) if texts is not None else 8
+                text_tokens = m.max_length if at_limit else max(
+                    (min(m.max_length, math.ceil(len(texts[r] or "") / CHARS_PER_TOKEN) + 8) for r in rows), default=8) \
+                    if texts is not None else 8
                 w.append(Work("language", role, len(rows), text_tokens + (merged if images is not None else 0)))
                 if images is not None and "vision" in towers:
                     w.append(Work("vision", role, len(rows), merged * 4))
             if worst is None or sum(x.rows * x.length for x in w) > sum(x.rows * x.length for x in worst):
                 worst = w
         works.append(worst)
-    return (f"text estimated from characters ({CHARS_PER_TOKEN} per token) plus {merged} visual tokens per image "
-            f"(model.image_max_pixels)"), works
+    text = "text at model.max_length" if at_limit else f"text estimated from characters ({CHARS_PER_TOKEN} per token)"
+    return f"{text} plus {merged} visual tokens per image (model.image_max_pixels)", works
 
 
 def _clip_image_tokens(recipe) -> int:

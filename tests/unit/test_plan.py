@@ -1,0 +1,75 @@
+"""embedtrain plan's pieces: the engine read from an accelerate config, what each engine shards, and the command's
+exit status and JSON."""
+
+import json
+
+import pytest
+
+from embedtrain.cli import main
+from embedtrain.plan.estimate import Engine, Work, activation_bytes, engine_from_accelerate_config, estimate
+from embedtrain.plan.model import ModelShape, Tower
+
+from conftest import REPO, tiny_recipe
+
+
+@pytest.mark.parametrize("config, kind, processes, shards", [
+    ("multi_gpu.yaml", "MULTI_GPU", 8, (1, 1, 1)),
+    ("fsdp.yaml", "FSDP", 8, (8, 8, 8)),
+    ("deepspeed_zero2.yaml", "DEEPSPEED", 8, (1, 8, 8)),
+    ("deepspeed_zero3.yaml", "DEEPSPEED", 8, (8, 8, 8)),
+    ("fsdp_cpu.yaml", "FSDP", 2, (2, 2, 2)),
+])
+def test_engines_from_the_shipped_accelerate_configs(config, kind, processes, shards):
+    e = engine_from_accelerate_config(str(REPO / "recipes" / "accelerate" / config), None, "bf16")
+    assert (e.distributed_type, e.processes) == (kind, processes)
+    assert (e.shards["weights"], e.shards["gradients"], e.shards["optimizer"]) == shards
+    assert engine_from_accelerate_config(None, 4, "no").distributed_type == "MULTI_GPU"
+
+
+def _shape(trainable: int) -> ModelShape:
+    tower = Tower("text", layers=2, hidden=8, intermediate=32, heads=2, kv_dim=8, gated=False, params=1000,
+                  trainable=trainable, backward=True, fused_attention=True, family="vit")
+    return ModelShape("test", 1000, 1000, trainable, 4000, 4 * trainable, 100, [tower])
+
+
+def test_memory_parts_follow_the_engine():
+    work = [Work("text", "query", rows=4, length=10)]
+    one = estimate(_shape(1000), Engine(), work, "adamw", False, None).memory
+    assert (one["weights"], one["gradients"], one["optimizer_states"]) == (4000, 4000, 8000)
+    # activations: 2 layers x 40 tokens x (9h + 2f) float32 elements (the 'vit' block), no scores (fused attention)
+    assert one["activations"] == 2 * 40 * (9 * 8 + 2 * 32) * 4
+    # the peak is the higher of the forward pass's end (weights, states, activations) and the update
+    # (weights, gradients, states, temporaries)
+    assert one["total"] == 4000 + max(one["activations"] + 8000, 4000 + 8000 + 4000)
+    fsdp = estimate(_shape(1000), Engine("FSDP", 4), work, "adamw", False, None).memory
+    assert (fsdp["weights"], fsdp["gradients"], fsdp["optimizer_states"], fsdp["fsdp_gathered_blocks"]) == \
+        (1000, 1000, 2000, 200)
+    ddp = estimate(_shape(1000), Engine("MULTI_GPU", 4), work, "adamw", False, None).memory
+    assert ddp["ddp_buckets"] == 4000 and ddp["weights"] == 4000
+    sgd = estimate(_shape(1000), Engine(), work, "sgd", False, None).memory
+    assert sgd["optimizer_states"] == 4000
+
+
+def test_checkpointing_and_grad_cache_bound_activations():
+    towers = {"text": _shape(10).towers[0]}
+    work = [Work("text", "query", 64, 100), Work("text", "positive", 64, 100)]
+    full = activation_bytes(towers, work, 4, checkpointing=False)
+    ckpt = activation_bytes(towers, work, 4, checkpointing=True)
+    chunked = activation_bytes(towers, work, 4, checkpointing=False, chunks={"query": 8, "positive": 8})
+    assert ckpt < full and chunked == full // 16  # one chunk of 8 rows of one role, of 2 x 64 rows in all
+
+
+def test_plan_command_exit_status_and_json(tiny_bert, tmp_path, capsys):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"anchor": f"text {i}", "positive": ["a", "b", "c"][i % 3]}) + "\n"
+                              for i in range(48)))
+    recipe = tiny_recipe(tiny_bert, labels, tmp_path / "run")
+    recipe["data"] = {"train": [{"path": str(labels), "name": "labels"}], "batch_size": 16}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    assert main(["plan", str(path), "--output", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["data"]["datasets"][0]["rows_per_epoch"] == 48 and plan["problems"] == []
+    # without false-negative masking the three label strings cannot share a batch: a problem, exit 2
+    assert main(["plan", str(path), "loss.mask_false_negatives=false"]) == 2
+    assert "problem: data.train[0] (labels): yields no full batch of 16 rows" in capsys.readouterr().out
