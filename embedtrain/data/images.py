@@ -23,7 +23,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from embedtrain.data.readers import json_lines
+from embedtrain.jsonl import json_lines
 from embedtrain.errors import EmbedtrainError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -7,10 +7,9 @@ After :func:`read_pairs` a dataset has the columns ``query``, ``positive`` and `
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 from embedtrain.errors import EmbedtrainError
 
@@ -73,19 +72,6 @@ def column_lengths(ds, name: str) -> list[int]:
     text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
     lengths = pc.utf8_length(column) if text else pc.list_value_length(column)
     return lengths.to_pylist()
-
-
-def json_lines(text: str, source: object, hint: str = "each line must be one JSON object") -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of JSON-lines ``text``; a line that is not JSON raises
-    ``{source}:{line}: not valid JSON; {hint}``."""
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError:
-            raise EmbedtrainError(f"{source}:{line_no}: not valid JSON; {hint}") from None
-        yield line_no, value
 
 
 def load_table(path: str, where: str, split: str = "train", subset: Optional[str] = None):

@@ -24,7 +24,6 @@ column, a bad row, a missing image) are one line naming the file and row, found 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from embedtrain.errors import EmbedtrainError, did_you_mean
+from embedtrain.jsonl import json_lines
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
@@ -110,17 +110,10 @@ def _rows(path: Path):
         for i, row in enumerate(table.to_pylist(), 1):
             yield f"{path} row {i}", row
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise EmbedtrainError(f"{path}:{line_no}: not valid JSON; each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise EmbedtrainError(f"{path}:{line_no}: not a JSON object; each line must be one MMEB row")
-            yield f"{path}:{line_no}", row
+    for line_no, row in json_lines(path.read_text(encoding="utf-8"), path):
+        if not isinstance(row, dict):
+            raise EmbedtrainError(f"{path}:{line_no}: not a JSON object; each line must be one MMEB row")
+        yield f"{path}:{line_no}", row
 
 
 def _image(path: Any, where: str, field_name: str, images: Path) -> Optional[str]:

@@ -13,7 +13,6 @@ image corpus) or ``i2t`` (the reverse direction, with ``both_directions``), with
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.jsonl import json_lines
 
 
 @dataclass
@@ -48,18 +48,11 @@ def _read_jsonl(path: Path, required: tuple[str, ...], optional_with: tuple[str,
     """Rows of a JSON-lines file; a row that has a field of ``optional_with`` (e.g. an image) may
     leave out the required fields other than ``_id``."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise EmbedtrainError(f"{path}:{line_no}: not valid JSON; each line must be one JSON object") from None
-            missing = [k for k in required if k not in row and not (k != "_id" and any(row.get(o) for o in optional_with))]
-            if missing:
-                raise EmbedtrainError(f"{path}:{line_no}: missing {', '.join(missing)} (have: {', '.join(row)})")
-            rows.append(row)
+    for line_no, row in json_lines(path.read_text(encoding="utf-8"), path):
+        missing = [k for k in required if k not in row and not (k != "_id" and any(row.get(o) for o in optional_with))]
+        if missing:
+            raise EmbedtrainError(f"{path}:{line_no}: missing {', '.join(missing)} (have: {', '.join(row)})")
+        rows.append(row)
     return rows
 
 

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from embedtrain.data.readers import json_lines
+from embedtrain.data.readers import column_list
+from embedtrain.jsonl import json_lines
 from embedtrain.errors import EmbedtrainError
 
 

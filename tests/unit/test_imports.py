@@ -5,10 +5,11 @@ from pathlib import Path
 
 from conftest import REPO
 
-UTILS = {"errors", "registry"}
+UTILS = {"errors", "registry", "jsonl"}
 ALLOWED = {
     "errors": set(),
     "registry": {"errors"},
+    "jsonl": {"errors"},
     "config": {"errors"},  # the one recipe schema: nothing but the error types
     "data": UTILS | {"config"},
     "models": UTILS | {"config"},
