@@ -13,7 +13,9 @@ with the variant's dotted overrides, the split's training file and evaluation fo
 ``eval.before_training=false``. Results accumulate in the JSON (a variant and seed already there is not
 run again unless ``--rerun``); the Markdown table is written from the whole JSON.
 
-Equal steps is the primary comparison (every run takes the recipe's 200 steps). For equal wall-clock each
+Runs write a checkpoint every 50 steps; a run that was stopped (Ctrl-C, SIGTERM) continues from its last
+checkpoint the next time the script is started, and its record says ``resumed`` (its wall seconds then
+cover the last part only; training seconds and seconds per step come from the run's own records). Equal steps is the primary comparison (every run takes the recipe's 200 steps). For equal wall-clock each
 run records its training seconds per step (the median over its 10-step log windows) and the load average
 of the machine before and after (``os.getloadavg()``; the machine is shared), and the table gives each
 variant's time per step relative to the baseline of the same seed; ``--equal-time`` runs a variant for the
@@ -112,10 +114,14 @@ def step_seconds(metrics: Path) -> float | None:
 def run(variant: str, seed: int, split: Path, work: Path, extra: list[str]) -> dict:
     overrides, _ = VARIANTS[variant]
     out = work / f"{variant}-s{seed}"
-    argv = [sys.executable, "-m", "embedtrain", "train", RECIPE, *overrides, *extra,
+    # checkpoints every 50 steps (unless the variant sets its own), so that a run stopped on a busy machine
+    # continues where it was (`--resume auto`, exact) the next time the script runs
+    saving = [] if any(o.startswith("train.save_every=") for o in overrides) else ["train.save_every=50"]
+    resume = (out / "checkpoints").is_dir() and not (out / "results.json").is_file()
+    argv = [sys.executable, "-m", "embedtrain", "train", RECIPE, *overrides, *saving, *extra,
             f"data.train.0.path={split / 'train.jsonl'}", f"eval.tasks.0.path={split / 'valid'}",
             "eval.tasks.0.name=valid", "eval.before_training=false", "output.plot=false", f"train.seed={seed}",
-            f"output.dir={out}", "--overwrite"]
+            f"output.dir={out}", *(["--resume", "auto"] if resume else ["--overwrite"])]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     load_before, start = list(os.getloadavg()), time.time()
@@ -125,6 +131,7 @@ def run(variant: str, seed: int, split: Path, work: Path, extra: list[str]) -> d
         raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return {"variant": variant, "seed": seed, "overrides": overrides + extra, "steps": results["steps"],
+            "resumed": resume, "final_weights": results.get("final_weights"),
             "valid_ndcg@10": 100 * results["final"]["valid/ndcg@10"],
             "valid_mrr@10": 100 * results["final"]["valid/mrr@10"],
             "valid_recall@10": 100 * results["final"]["valid/recall@10"],
