@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     output = Path(args.output)
     report = json.loads(output.read_text(encoding="utf-8")) if output.is_file() else {"runs": []}
     report["recipe"] = RECIPE
-    report["command"] = "python scripts/quickstart_ablation.py --variants ... --seeds ..."
+    command = " ".join(["python", "scripts/quickstart_ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = "python scripts/quickstart_ablation.py --variants NAME ... --seeds S ... (once per set of runs)"
     report["split"] = prepare_split(split)
     for seed in args.seeds:
         for variant in args.variants:
@@ -220,6 +221,7 @@ def main(argv=None) -> int:
             print(f"{variant} seed {seed} {extra} ...", file=sys.stderr, flush=True)
             result = run(variant, seed, split, work, extra)
             result["equal_time"] = args.equal_time
+            result["command"] = command
             print(f"  valid nDCG@10 {result['valid_ndcg@10']:.2f}, {result['seconds_per_step']:.2f} s/step, "
                   f"load {result['load_average_before'][0]:.1f}", file=sys.stderr, flush=True)
             report["runs"] = [r for r in report["runs"] if not (r["variant"] == variant and r["seed"] == seed
