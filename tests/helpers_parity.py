@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from embedtrain.losses import InfoNCELoss
+from embedtrain.losses import LOSSES
 from embedtrain.train.step import grad_cache_step, plain_step
 
 CONFIGS = {
@@ -15,6 +15,9 @@ CONFIGS = {
     "symmetric": dict(chunk=None, loss={"symmetric": True}),
     "grad_cache": dict(chunk=3, loss={}),
     "grad_cache_symmetric": dict(chunk=2, loss={"symmetric": True}),
+    "gte": dict(chunk=None, name="gte", loss={}),
+    "grad_cache_gte_hardness": dict(chunk=3, name="gte", loss={"hardness_weight": 5.0}),
+    "grad_cache_hardness": dict(chunk=2, loss={"hardness_weight": 5.0, "symmetric": True}),
 }
 
 
@@ -50,7 +53,7 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
 
 def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullcontext, gather=True,
          after_replays=lambda: None) -> float:
-    loss_fn = InfoNCELoss(temperature=0.05, gather_across_processes=gather, **cfg["loss"])
+    loss_fn = LOSSES.get(cfg.get("name", "infonce"))(temperature=0.05, gather_across_processes=gather, **cfg["loss"])
     backward = backward or (lambda loss: loss.backward())
     if cfg["chunk"]:
         out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync, after_replays=after_replays)

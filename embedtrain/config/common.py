@@ -118,6 +118,12 @@ class TrainConfig:
     """Intra-op CPU threads (null = torch's default)."""
     compile: bool = False
     """torch.compile the backbone (text recipes only, for now)."""
+    layerwise_lr_decay: float = 1.0
+    """Layer-wise learning-rate decay: block i of L gets lr·decay^(L-i), the embeddings lr·decay^(L+1) (1 = off)."""
+    ema_decay: Optional[float] = None
+    """Final model = exponential moving average of the weights with this decay, e.g. 0.99 (null = off)."""
+    average_last_checkpoints: int = 1
+    """Final model = mean of the last N checkpoints' weights, the final step's included (needs save_every; 1 = off)."""
 
 
 @dataclass
@@ -200,6 +206,21 @@ def check_train(t: TrainConfig, problems: list[str]) -> None:
         v = getattr(t, name)
         if v is not None and v < 1:
             problems.append(f"train.{name}: must be at least 1 or null, got {v}")
+    if not 0 < t.layerwise_lr_decay <= 1:
+        problems.append(f"train.layerwise_lr_decay: must be in (0, 1], got {t.layerwise_lr_decay}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        problems.append(f"train.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
+    if t.average_last_checkpoints < 1:
+        problems.append(f"train.average_last_checkpoints: must be at least 1, got {t.average_last_checkpoints}")
+    elif t.average_last_checkpoints > 1:
+        if t.ema_decay is not None:
+            problems.append("train.average_last_checkpoints: choose one final average; set it to 1 or train.ema_decay "
+                            "to null")
+        if not t.save_every:
+            problems.append("train.average_last_checkpoints: needs checkpoints during training; set train.save_every")
+        elif t.keep_last < t.average_last_checkpoints - 1:
+            problems.append(f"train.keep_last: {t.keep_last} keeps too few checkpoints to average the last "
+                            f"{t.average_last_checkpoints}; set it to at least {t.average_last_checkpoints - 1}")
     for name, low in (("log_every", 1), ("max_consecutive_nonfinite", 1), ("keep_last", 0)):
         if getattr(t, name) < low:
             problems.append(f"train.{name}: must be at least {low}, got {getattr(t, name)}")

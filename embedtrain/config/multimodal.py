@@ -190,8 +190,8 @@ class VlmModelConfig:
 
 @dataclass
 class VlmLossConfig:
-    name: Literal["infonce"] = "infonce"
-    """InfoNCE over in-batch and hard negatives."""
+    name: Literal["infonce", "gte"] = "infonce"
+    """infonce: InfoNCE over in-batch and hard negatives; gte: GTE's loss (q→d, d→q, q→q, d→d in one softmax)."""
     temperature: float = 0.02
     """Softmax temperature τ (scale = 1/τ); VLM2Vec uses 0.02."""
     learnable_temperature: bool = False
@@ -202,6 +202,8 @@ class VlmLossConfig:
     """Use other rows' documents as negatives."""
     mask_false_negatives: bool = True
     """Ignore a negative identical to the row's positive."""
+    hardness_weight: float = 0.0
+    """Weight each negative by exp(β·similarity), normalised to mean 1 per row (β; 0 = off)."""
 
 
 Vlm2VecRecipe = recipe_type(
@@ -364,6 +366,11 @@ def _check_vlm(recipe: Vlm2VecRecipe, problems: list[str], files: bool) -> None:
         problems.append("model.train_vision: needs model.finetune: full (LoRA adapts the language model)")
     if lo.temperature <= 0:
         problems.append(f"loss.temperature: must be positive, got {lo.temperature}")
+    if lo.hardness_weight < 0:
+        problems.append(f"loss.hardness_weight: must be 0 or more, got {lo.hardness_weight}")
+    if lo.name == "gte" and (lo.symmetric or not lo.in_batch_negatives):
+        problems.append("loss.name: the gte loss holds the document→query term and is made of in-batch negatives; "
+                        "set loss.symmetric: false and loss.in_batch_negatives: true")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true")
     if not lo.in_batch_negatives and not any(

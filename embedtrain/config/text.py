@@ -141,6 +141,8 @@ class LossConfig:
     """Use other rows' positives and negatives as negatives; off = only the row's own hard negatives."""
     mask_false_negatives: bool = True
     """Ignore a negative whose text equals the row's positive."""
+    hardness_weight: float = 0.0
+    """infonce and gte: weight each negative by exp(β·similarity), normalised to mean 1 per row (β; 0 = off)."""
 
 
 @dataclass
@@ -233,6 +235,15 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
     if not lo.in_batch_negatives and lo.name == "infonce":
         if not any(ds.negative_columns or ds.label_column for ds in d.train):
             problems.append("loss.in_batch_negatives: false needs hard negatives; set data.train[*].negative_columns")
+    if lo.hardness_weight < 0:
+        problems.append(f"loss.hardness_weight: must be 0 or more, got {lo.hardness_weight}")
+    elif lo.hardness_weight and lo.name not in ("infonce", "gte"):
+        problems.append(f"loss.hardness_weight: the {lo.name} loss has no softmax over negatives to weight; "
+                        "use loss.name infonce or gte, or set it to 0")
+    if lo.name == "gte" and lo.symmetric:
+        problems.append("loss.symmetric: the gte loss holds the document→query term already; set it to false")
+    if lo.name == "gte" and not lo.in_batch_negatives:
+        problems.append("loss.in_batch_negatives: the gte loss is made of in-batch negatives; set it to true")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true (a positive's only candidate would be its query)")
     check_train(t, problems)

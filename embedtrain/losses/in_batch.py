@@ -116,6 +116,28 @@ def candidate_documents(
     return Candidates(documents, labels, keep)
 
 
+def hardness_log_weights(similarities: torch.Tensor, negatives: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""Log-weights that make each row's negatives count by their hardness (zero where ``negatives`` is False).
+
+    .. math::
+        w_{ij} = \frac{\exp(\beta\, s_{ij})}{\frac{1}{|N_i|}\sum_{k \in N_i} \exp(\beta\, s_{ik})}, \qquad j \in N_i
+
+    with :math:`s` the raw similarity (before the temperature) and :math:`N_i` row i's negatives: the weights
+    average 1 over a row, so β = 0 gives every negative weight 1 (plain InfoNCE), and a larger β puts more of
+    the partition function on the negatives most similar to the query. The weights are treated as constants
+    (no gradient flows through them), as in Robinson et al., "Contrastive Learning with Hard Negative Samples",
+    ICLR 2021, arXiv:2010.04592. Adding :math:`\log w_{ij}` to a logit multiplies its term of the softmax
+    denominator by :math:`w_{ij}`. Shapes: similarities and negatives (B, M); returns (B, M).
+    """
+    if beta == 0:
+        return torch.zeros_like(similarities)
+    scaled = (beta * similarities.detach()).masked_fill(~negatives, float("-inf"))
+    count = negatives.sum(dim=1, keepdim=True).clamp(min=1)
+    log_mean = torch.logsumexp(scaled, dim=1, keepdim=True) - count.log()
+    # a row without negatives has log_mean = -inf; where() keeps its entries at 0
+    return torch.where(negatives, scaled - log_mean, torch.zeros_like(scaled))
+
+
 def gatherers(across_processes: bool):
     """(rank, gather with gradients, gather without): the shared helpers, or rank 0 and no-ops for one process."""
     if not across_processes:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from embedtrain.losses.in_batch import Candidates, InBatchLoss, gatherers
+from embedtrain.losses.in_batch import Candidates, InBatchLoss, gatherers, hardness_log_weights
 from embedtrain.losses.registry import LOSSES
 
 
@@ -29,6 +29,10 @@ class InfoNCELoss(InBatchLoss):
     where each positive retrieves its query among the batch's queries. A document whose text equals
     the row's positive (a false negative) is removed from :math:`D_i` when ``mask_false_negatives``.
 
+    With ``hardness_weight`` β > 0 each negative's term of the denominator is multiplied by
+    :math:`w = e^{\beta s(q_i, d)} / \mathrm{mean}_{d' \in N_i} e^{\beta s(q_i, d')}` (constant, no gradient;
+    see :func:`~embedtrain.losses.in_batch.hardness_log_weights`); β = 0 is the plain loss above.
+
     Shapes: query (B, d), positive (B, d), negative (B·k, d) row-major (row i's negatives are
     i·k … i·k+k-1) or None; positive_ids (B,), negative_ids (B·k,) int64 text hashes. Across
     processes the documents (and queries, for the symmetric term) are gathered with gradients, so
@@ -49,19 +53,27 @@ class InfoNCELoss(InBatchLoss):
         in_batch_negatives: bool = True,
         mask_false_negatives: bool = True,
         gather_across_processes: bool = True,
+        hardness_weight: float = 0.0,
     ):
+        if hardness_weight < 0:
+            raise ValueError(f"hardness_weight must be 0 or more, got {hardness_weight}")
         if symmetric and not in_batch_negatives:
             raise ValueError("symmetric InfoNCE needs in-batch negatives: a positive's only candidate would be its query")
         super().__init__(temperature, learnable_temperature, in_batch_negatives, mask_false_negatives,
                          gather_across_processes)
         self.symmetric = symmetric
+        self.hardness_weight = float(hardness_weight)
 
     def score(
         self, query: torch.Tensor, positive: torch.Tensor, positive_ids: Optional[torch.Tensor], candidates: Candidates
     ) -> dict[str, torch.Tensor]:
         documents, labels, keep = candidates
         scale = self.scale()
-        logits = (scale * query @ documents.T).masked_fill(~keep, float("-inf"))  # (B, W·B + W·B·k)
+        rows = torch.arange(query.shape[0], device=query.device)
+        logits = scale * query @ documents.T  # (B, W·B + W·B·k)
+        if self.hardness_weight:
+            logits = logits + self._hardness(query @ documents.T, keep, rows, labels)
+        logits = logits.masked_fill(~keep, float("-inf"))
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
 
@@ -69,10 +81,20 @@ class InfoNCELoss(InBatchLoss):
             _, gather, gather_ids = gatherers(self.gather)
             all_query = gather(query)  # (W·B, d)
             back = scale * positive @ all_query.T  # (B, W·B)
+            same = torch.zeros_like(back, dtype=torch.bool)
             if self.mask_false_negatives and positive_ids is not None:
                 # another query whose positive has the same text is also a correct match
                 same = gather_ids(positive_ids).unsqueeze(0) == positive_ids.unsqueeze(1)
-                same[torch.arange(query.shape[0]), labels] = False
-                back = back.masked_fill(same, float("-inf"))
+                same[rows, labels] = False
+            if self.hardness_weight:
+                back = back + self._hardness(positive @ all_query.T, ~same, rows, labels)
+            back = back.masked_fill(same, float("-inf"))
             loss = 0.5 * (loss + F.cross_entropy(back, labels))
         return {"loss": loss, "accuracy": accuracy.detach(), "temperature": (1.0 / scale).detach()}
+
+    def _hardness(self, similarities: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+        """Hardness log-weights of the kept candidates other than each row's positive."""
+        negatives = keep.clone()
+        negatives[rows, labels] = False
+        return hardness_log_weights(similarities, negatives, self.hardness_weight)

@@ -24,7 +24,7 @@ from embedtrain.config import to_dict
 from embedtrain.errors import EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.accelerator import build_accelerator, engine_of
-from embedtrain.train.optim import build_optimizer, build_scheduler, loss_group
+from embedtrain.train.optim import build_optimizer, build_scheduler, layerwise_lr_decay, loss_group
 from embedtrain.train.signals import StopRequest, any_process
 from embedtrain.train.step import apply_update, to_device
 
@@ -99,7 +99,12 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", figures: dict) -> None: ...
     def on_log(self, trainer: "Trainer", entry: dict) -> None: ...
     def on_evaluate(self, trainer: "Trainer", scores: dict) -> None: ...
+    def on_checkpoint_files(self, trainer: "Trainer", path: Path) -> None:
+        """Add files to a checkpoint being written at ``path`` (main process, before it is marked complete)."""
     def on_save(self, trainer: "Trainer", path: Path) -> None: ...
+    def on_train_loop_end(self, trainer: "Trainer", step: int) -> None:
+        """After the last step, before the final evaluation and save (every process; not on a resume from
+        the final checkpoint): the place to replace the weights by an average."""
     def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None: ...
 
 
@@ -117,6 +122,8 @@ class Trainer:
         self.state = TrainState()
         self.accelerator = self.model = self.loss_fn = self.optimizer = self.scheduler = None
         self.data_seconds = 0.0
+        self.final_weights = "the last step's weights"
+        """What the final model is; a callback that replaces the weights by an average says so here."""
 
     def _say(self, *parts) -> None:  # the task speaks through the trainer: one voice per run
         self.log(*parts)
@@ -171,8 +178,9 @@ class Trainer:
             raise EmbedtrainError(f"loss: a learnable temperature or bias ({', '.join(n for n, _ in loss_fn.named_parameters())})"
                                   f" is not available under {self.engine.distributed_type} yet; set "
                                   "loss.learnable_temperature (and loss.learnable_bias) to false")
-        optimizer = build_optimizer(task.parameter_groups(model) + loss_group(loss_fn), r.train.lr, r.train.optimizer,
-                                    r.train.momentum)
+        groups = layerwise_lr_decay(task.parameter_groups(model), model.named_parameters(), r.train.lr,
+                                    r.train.layerwise_lr_decay)
+        optimizer = build_optimizer(groups + loss_group(loss_fn), r.train.lr, r.train.optimizer, r.train.momentum)
         scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         loss_fn.to(accelerator.device)
@@ -198,6 +206,10 @@ class Trainer:
         elif self.resume and accelerator.is_main_process:
             state.metrics_lines = ckpt.truncate_metrics(self.metrics_path, 0, 0)  # starting again from step 0
         task.counters = state.task
+        self.resumed_from = resume_from
+        from embedtrain.train.averaging import averaging_callbacks  # (averaging builds on this module's Callback)
+
+        self.callbacks = averaging_callbacks(r.train, self.log) + self.callbacks
         self.record({"step": state.step, "engine": self.engine.to_dict()}, track=False)  # each start says what it ran on
 
         if state.step == 0 and task.has_evaluation and r.eval.before_training:
@@ -290,6 +302,7 @@ class Trainer:
 
         # -- finish: evaluate, save the final model -------------------------------------------------
         if state.final_step != step:  # else resumed from the last checkpoint: evaluated and saved already
+            self._emit("on_train_loop_end", step)
             state.final = self.evaluate(step) if task.has_evaluation else {}
             state.update_best(state.final, task.selection_key, step)
             state.final_step = step
@@ -391,6 +404,7 @@ class Trainer:
             )
 
         def write_loss(path: Path) -> None:
+            self._emit("on_checkpoint_files", path)
             params = dict(loss_fn.state_dict())
             if params:
                 from safetensors.torch import save_file
@@ -425,7 +439,7 @@ class Trainer:
                     ckpt.replace_dir(tmp, model_dir)
                     summary = {"kind": self.recipe.kind, "steps": step, "baseline": state.baseline, "final": state.final,
                                "best_step": state.best_step, "seconds": seconds, "train_seconds": state.train_seconds,
-                               "skipped_steps": state.skipped_steps,
+                               "skipped_steps": state.skipped_steps, "final_weights": self.final_weights,
                                "trainable_parameters": trainable, "total_parameters": total,
                                "processes": accelerator.num_processes, "engine": self.engine.to_dict(),
                                "data": [a.to_dict() for a in self.data_accounts], **self.task.results()}

@@ -1,7 +1,8 @@
-"""Parameter groups, AdamW (or SGD) and warmup + decay schedules from transformers."""
+"""Parameter groups (with layer-wise learning-rate decay), AdamW (or SGD) and warmup + decay schedules from transformers."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -58,3 +59,46 @@ def build_scheduler(optimizer, name: str, total_steps: int, warmup_ratio: float)
     kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
     return get_scheduler(kind, optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
                          num_training_steps=total_steps)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|resblocks)\.(\d+)(?:\.|$)")
+"""A transformer block's index in a parameter name: BERT's ``encoder.layer.3.``, Llama's ``layers.3.``,
+GPT-2's ``h.3.``, ViT's ``blocks.3.``, open_clip's ``resblocks.3.``."""
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for block i, ``num_layers`` + 1 for everything above the blocks (final
+    norms, poolers, heads)."""
+    found = _LAYER_INDEX.search(name)
+    if found:
+        return int(found.group(1)) + 1
+    return 0 if "embed" in name.lower() else num_layers + 1
+
+
+def layerwise_lr_decay(groups: list[dict], named: Iterable[tuple[str, nn.Parameter]], lr: float,
+                       decay: float) -> list[dict]:
+    r"""Split each optimizer group by depth and scale its learning rate with depth (layer-wise decay):
+
+    .. math:: \mathrm{lr}_\ell = \mathrm{lr}_\text{group} \cdot \text{decay}^{\,L + 1 - \ell}
+
+    with :math:`\ell` = :func:`layer_depth` (0 embeddings, 1..L the blocks, L + 1 the rest) and L the number
+    of blocks (the largest block index + 1 among ``named``), as in ELECTRA (Clark et al. 2020) and BEiT. A
+    group's own ``lr`` (the MoE router's) is scaled the same way; the schedule scales every group alike.
+    ``decay`` = 1 returns ``groups`` unchanged. Groups keep their order; within a group the top layers come
+    first. Parameters not in ``named`` (a loss's temperature) keep their group's rate.
+    """
+    if decay == 1.0:
+        return groups
+    names = {id(p): n for n, p in named}
+    indices = [int(m.group(1)) for n in names.values() for m in [_LAYER_INDEX.search(n)] if m]
+    num_layers = max(indices) + 1 if indices else 0
+    out = []
+    for group in groups:
+        by_depth: dict[int, list] = {}
+        for p in group["params"]:
+            depth = layer_depth(names[id(p)], num_layers) if id(p) in names else num_layers + 1
+            by_depth.setdefault(depth, []).append(p)
+        for depth in sorted(by_depth, reverse=True):
+            factor = decay ** (num_layers + 1 - depth)
+            out.append({**group, "params": by_depth[depth], "lr": group.get("lr", lr) * factor})
+    return out

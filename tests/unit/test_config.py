@@ -236,3 +236,21 @@ def test_check_files_false_skips_only_file_checks(recipe_dict, tmp_path):
     recipe_dict["data"]["batch_size"] = 1
     with pytest.raises(ConfigError, match="data.batch_size: must be at least 2"):
         recipe_from_dict(recipe_dict, check_files=False)
+
+
+def test_loss_and_averaging_options_default_to_off_and_are_checked(tmp_path):
+    from embedtrain.config import TextRecipe
+
+    r = TextRecipe()
+    assert r.loss.hardness_weight == 0.0 and r.train.layerwise_lr_decay == 1.0
+    assert r.train.ema_decay is None and r.train.average_last_checkpoints == 1
+    base = yaml.safe_load((REPO / "recipes" / "minilm" / "wordnet_quickstart.yaml").read_text())
+    base["output"]["dir"] = str(tmp_path / "run")
+    base["loss"] = {"name": "siglip", "hardness_weight": 2.0}
+    with pytest.raises(ConfigError, match="the siglip loss has no softmax over negatives"):
+        recipe_from_dict(base)
+    base["loss"] = {"name": "gte", "symmetric": True}
+    with pytest.raises(ConfigError, match="the gte loss holds the document→query term"):
+        recipe_from_dict(base)
+    base["loss"] = {"name": "gte", "hardness_weight": 3.0}
+    assert recipe_from_dict(base).loss.name == "gte"

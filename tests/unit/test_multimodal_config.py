@@ -102,3 +102,27 @@ def test_shared_train_section_and_what_multimodal_kinds_refuse(tmp_path):
     assert "optimizer" not in text  # the shared loop's SGD is available to every kind
     assert "train.gradient_cache_document_chunk_size: must be at least 1 or null, got 0" in text
     assert "model.lora.r: must be at least 1, got 0" in text and "target_modules" not in text
+
+
+def test_vlm2vec_takes_the_gte_loss_and_hardness_weights(tmp_path):
+    from embedtrain.losses import GTELoss, InfoNCELoss
+    from embedtrain.train.tasks.multimodal import build_loss
+
+    data = {
+        "kind": "vlm2vec",
+        "model": {"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"},
+        "data": {"train": [{"path": str(REPO / "data/emoji/train.jsonl"), "query_image_column": "image",
+                            "positive_text_column": "name"}]},
+        "loss": {"name": "gte", "hardness_weight": 2.0},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    loss = build_loss(recipe_from_dict(data))
+    assert isinstance(loss, GTELoss) and loss.hardness_weight == 2.0
+    data["loss"] = {"name": "infonce", "hardness_weight": 1.5}
+    loss = build_loss(recipe_from_dict(data))
+    assert type(loss) is InfoNCELoss and loss.hardness_weight == 1.5
+    data["loss"] = {"name": "gte", "symmetric": True, "hardness_weight": -1}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    text = "\n".join(err.value.problems)
+    assert "the gte loss holds the document→query term" in text and "loss.hardness_weight: must be 0 or more" in text

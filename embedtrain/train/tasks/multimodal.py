@@ -13,7 +13,7 @@ import torch
 from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
 from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs, split_inputs
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
-from embedtrain.losses import InfoNCELoss, SigmoidLoss
+from embedtrain.losses import LOSSES, InfoNCELoss, SigmoidLoss
 from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
 from embedtrain.train.task import PairsTask, module_with_state
@@ -55,9 +55,10 @@ def build_loss(r) -> torch.nn.Module:
         # CLIP's loss: symmetric InfoNCE over the global batch with a learnable temperature
         return InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
                            symmetric=True, gather_across_processes=gather)
-    return InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
-                       symmetric=lo.symmetric, in_batch_negatives=lo.in_batch_negatives,
-                       mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather)
+    return LOSSES.get(lo.name)(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                               symmetric=lo.symmetric, in_batch_negatives=lo.in_batch_negatives,
+                               mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather,
+                               hardness_weight=lo.hardness_weight)
 
 
 def evaluate_tasks(encoder, tasks, batch_size: int, show_progress: bool = True) -> dict[str, float]:

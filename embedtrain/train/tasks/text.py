@@ -29,6 +29,8 @@ def build_loss(r) -> torch.nn.Module:
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
         symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
         mask_false_negatives=r.loss.mask_false_negatives, gather_across_processes=r.train.gather_across_processes,
+        # only the softmax losses take it (the recipe check refuses it elsewhere)
+        **({"hardness_weight": r.loss.hardness_weight} if r.loss.hardness_weight else {}),
     )
 
 

@@ -1,0 +1,237 @@
+"""Each training option of the quickstart recipe at the quickstart budget, scored on a validation split carved
+from the training pairs (never on the held-out split).
+
+    python scripts/quickstart_ablation.py --variants baseline gte ema --seeds 42 \\
+        --output benchmarks/quickstart_ablation.json --markdown benchmarks/quickstart_ablation.md
+
+The validation split is 1,000 training rows drawn with a fixed seed; every training row that shares its
+anchor or its positive text with one of them is left out of training too (a lemma can name several
+definitions). Its corpus holds the 1,000 positives, their sibling-synset negatives and 3,000 negatives of
+other training rows as distractors (texts equal to a validation positive excluded), so it is scored as a
+local retrieval task like the held-out split. Each run is `embedtrain train recipes/minilm/wordnet_quickstart.yaml`
+with the variant's dotted overrides, the split's training file and evaluation folder, and
+``eval.before_training=false``. Results accumulate in the JSON (a variant and seed already there is not
+run again unless ``--rerun``); the Markdown table is written from the whole JSON.
+
+Runs write a checkpoint every 50 steps; a run that was stopped (Ctrl-C, SIGTERM) continues from its last
+checkpoint the next time the script is started, and its record says ``resumed`` (its wall seconds then
+cover the last part only; training seconds and seconds per step come from the run's own records). Equal steps is the primary comparison (every run takes the recipe's 200 steps). For equal wall-clock each
+run records its training seconds per step (the median over its 10-step log windows) and the load average
+of the machine before and after (``os.getloadavg()``; the machine is shared), and the table gives each
+variant's time per step relative to the baseline of the same seed; ``--equal-time`` runs a variant for the
+steps that fit into the baseline's training time instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import markdown_table, write_json  # noqa: E402
+
+RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
+TRAIN = REPO / "data" / "wordnet" / "train.jsonl"
+VALIDATION_ROWS = 1000
+DISTRACTORS = 3000
+SPLIT_SEED = 20
+
+#: name -> (dotted overrides, what it tests)
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "baseline": ([], "the recipe as it is (InfoNCE, τ 0.05, lr 2e-4)"),
+    "symmetric": (["loss.symmetric=true"], "InfoNCE plus the document→query term"),
+    "gte": (["loss.name=gte"], "GTE's improved contrastive loss (q→d, d→q, q→q, d→d in one partition)"),
+    "hardness": (["loss.hardness_weight=5.0"], "InfoNCE with hardness-weighted negatives, β 5"),
+    "gte_hardness": (["loss.name=gte", "loss.hardness_weight=5.0"], "GTE loss with hardness-weighted negatives, β 5"),
+    "llrd": (["train.layerwise_lr_decay=0.8"], "layer-wise learning-rate decay 0.8"),
+    "ema": (["train.ema_decay=0.99"], "final model = EMA of the weights, decay 0.99"),
+    "ckpt_avg": (["train.average_last_checkpoints=4", "train.save_every=25", "train.keep_last=3"],
+                 "final model = mean of the last 4 checkpoints (steps 125-200, every 25)"),
+    "temp_0.03": (["loss.temperature=0.03"], "InfoNCE τ 0.03"),
+    "lr_1e-4": (["train.lr=1.0e-4"], "lr 1e-4"),
+}
+
+
+# -- the validation split -----------------------------------------------------------------------
+
+
+def prepare_split(folder: Path) -> dict:
+    """Write ``folder/train.jsonl`` (training rows minus the validation rows and their look-alikes) and the BEIR
+    folder ``folder/valid``; returns counts. Deterministic: the same files every time."""
+    rows = [json.loads(line) for line in TRAIN.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = random.Random(SPLIT_SEED)
+    picked = sorted(rng.sample(range(len(rows)), VALIDATION_ROWS))
+    valid = [rows[i] for i in picked]
+    anchors = {r["anchor"] for r in valid}
+    positives = {r["positive"] for r in valid}
+    train = [r for i, r in enumerate(rows) if r["anchor"] not in anchors and r["positive"] not in positives]
+
+    corpus: dict[str, str] = {}  # text -> id
+    def doc_id(text: str) -> str:
+        return corpus.setdefault(text, f"d{len(corpus)}")
+    qrels = [(f"q{n}", doc_id(r["positive"])) for n, r in enumerate(valid)]
+    for r in valid:
+        if r["negative"] not in positives:
+            doc_id(r["negative"])
+    distractors = [r["negative"] for r in train if r["negative"] not in positives]
+    for text in random.Random(SPLIT_SEED + 1).sample(distractors, DISTRACTORS):
+        doc_id(text)
+
+    out = folder / "valid"
+    out.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train), encoding="utf-8")
+    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{n}", "text": r["anchor"]}, ensure_ascii=False) + "\n"
+                                               for n, r in enumerate(valid)), encoding="utf-8")
+    (out / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}, ensure_ascii=False) + "\n"
+                                              for t, i in corpus.items()), encoding="utf-8")
+    (out / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels),
+                                   encoding="utf-8")
+    return {"training_rows": len(train), "left_out_rows": len(rows) - len(train), "validation_queries": len(valid),
+            "validation_corpus": len(corpus), "split_seed": SPLIT_SEED}
+
+
+# -- one run --------------------------------------------------------------------------------------
+
+
+def step_seconds(metrics: Path) -> float | None:
+    """Median seconds per step over the run's 10-step log windows (``examples_per_s`` of 64-row batches)."""
+    per_step = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry.get("examples_per_s") and entry.get("loss") is not None:
+            per_step.append(64 / entry["examples_per_s"])
+    return statistics.median(per_step) if per_step else None
+
+
+def run(variant: str, seed: int, split: Path, work: Path, extra: list[str]) -> dict:
+    overrides, _ = VARIANTS[variant]
+    out = work / f"{variant}-s{seed}"
+    # checkpoints every 50 steps (unless the variant sets its own), so that a run stopped on a busy machine
+    # continues where it was (`--resume auto`, exact) the next time the script runs
+    saving = [] if any(o.startswith("train.save_every=") for o in overrides) else ["train.save_every=50"]
+    resume = (out / "checkpoints").is_dir() and not (out / "results.json").is_file()
+    argv = [sys.executable, "-m", "embedtrain", "train", RECIPE, *overrides, *saving, *extra,
+            f"data.train.0.path={split / 'train.jsonl'}", f"eval.tasks.0.path={split / 'valid'}",
+            "eval.tasks.0.name=valid", "eval.before_training=false", "output.plot=false", f"train.seed={seed}",
+            f"output.dir={out}", *(["--resume", "auto"] if resume else ["--overwrite"])]
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    load_before, start = list(os.getloadavg()), time.time()
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    wall, load_after = time.time() - start, list(os.getloadavg())
+    if proc.returncode:
+        raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    return {"variant": variant, "seed": seed, "overrides": overrides + extra, "steps": results["steps"],
+            "resumed": resume, "final_weights": results.get("final_weights"),
+            "valid_ndcg@10": 100 * results["final"]["valid/ndcg@10"],
+            "valid_mrr@10": 100 * results["final"]["valid/mrr@10"],
+            "valid_recall@10": 100 * results["final"]["valid/recall@10"],
+            "train_seconds": round(results["train_seconds"], 1), "wall_seconds": round(wall, 1),
+            "seconds_per_step": step_seconds(out / "metrics.jsonl"),
+            "load_average_before": load_before, "load_average_after": load_after}
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def summarise(report: dict) -> list[dict]:
+    """One row per variant: the score per seed, mean ± sd over seeds, time per step relative to the baseline."""
+    runs = report["runs"]
+    base_time = {r["seed"]: r["seconds_per_step"] for r in runs if r["variant"] == "baseline" and r["steps"] == 200}
+    base_score = {r["seed"]: r["valid_ndcg@10"] for r in runs if r["variant"] == "baseline" and r["steps"] == 200}
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        for equal_time in (False, True):
+            mine = [r for r in runs if r["variant"] == variant and r.get("equal_time", False) == equal_time]
+            if not mine:
+                continue
+            scores = [r["valid_ndcg@10"] for r in mine]
+            first = next((r for r in mine if r["seed"] == 42), mine[0])
+            ratios = [r["seconds_per_step"] / base_time[r["seed"]] for r in mine
+                      if r["seed"] in base_time and r["seconds_per_step"]]
+            deltas = [r["valid_ndcg@10"] - base_score[r["seed"]] for r in mine if r["seed"] in base_score]
+            rows.append({
+                "variant": variant + (" (equal time)" if equal_time else ""), "what": VARIANTS[variant][1],
+                "steps": first["steps"], "seed_42": first["valid_ndcg@10"] if first["seed"] == 42 else None,
+                "seeds": len(mine), "mean": statistics.mean(scores),
+                "sd": statistics.stdev(scores) if len(scores) > 1 else None,
+                "delta": statistics.mean(deltas) if deltas else None,
+                "time_ratio": statistics.mean(ratios) if ratios else None,
+                "load": statistics.mean(sum(r["load_average_before"][:1] + r["load_average_after"][:1]) / 2 for r in mine),
+            })
+    return rows
+
+
+def markdown(report: dict) -> str:
+    rows = summarise(report)
+    table = markdown_table(rows, [("variant", "variant", 0), ("what", "what", 0), ("steps", "steps", 0),
+                                  ("seed_42", "nDCG@10 seed 42", 2), ("seeds", "seeds", 0), ("mean", "mean", 2),
+                                  ("sd", "sd", 2), ("delta", "Δ vs baseline (same seeds)", 2),
+                                  ("time_ratio", "time/step vs baseline", 2), ("load", "load avg (1 min)", 1)])
+    split = report.get("split", {})
+    return (f"# Quickstart ablation (validation split)\n\nCommand: `{report['command']}`\n\n"
+            f"Validation split carved from data/wordnet/train.jsonl: {split.get('validation_queries')} queries, "
+            f"{split.get('validation_corpus')} documents; {split.get('training_rows')} rows left for training. "
+            "Scores are nDCG@10 × 100 on that split after 200 steps (equal steps) unless marked equal time. "
+            "Time per step is the median over 10-step windows, relative to the baseline run of the same seed; "
+            "the machine is shared, see the load averages.\n\n" + table + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--work", default=str(REPO / "runs" / "quickstart_ablation"))
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "quickstart_ablation.json"))
+    parser.add_argument("--markdown", default=str(REPO / "benchmarks" / "quickstart_ablation.md"))
+    parser.add_argument("--rerun", action="store_true", help="run a variant and seed again even if the JSON has it")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="run for the steps that fit into the baseline's training time (same seed)")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    split = work / "split"
+    output = Path(args.output)
+    report = json.loads(output.read_text(encoding="utf-8")) if output.is_file() else {"runs": []}
+    report["recipe"] = RECIPE
+    command = " ".join(["python", "scripts/quickstart_ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = "python scripts/quickstart_ablation.py --variants NAME ... --seeds S ... (once per set of runs)"
+    report["split"] = prepare_split(split)
+    for seed in args.seeds:
+        for variant in args.variants:
+            done = [r for r in report["runs"] if r["variant"] == variant and r["seed"] == seed
+                    and r.get("equal_time", False) == args.equal_time]
+            if done and not args.rerun:
+                print(f"{variant} seed {seed}: in the JSON already", file=sys.stderr)
+                continue
+            extra = []
+            if args.equal_time:
+                base = next(r for r in report["runs"] if r["variant"] == "baseline" and r["seed"] == seed)
+                mine = next(r for r in report["runs"] if r["variant"] == variant and r["seed"] == seed
+                            and not r.get("equal_time"))
+                extra = [f"train.max_steps={round(200 * base['seconds_per_step'] / mine['seconds_per_step'])}"]
+            print(f"{variant} seed {seed} {extra} ...", file=sys.stderr, flush=True)
+            result = run(variant, seed, split, work, extra)
+            result["equal_time"] = args.equal_time
+            result["command"] = command
+            print(f"  valid nDCG@10 {result['valid_ndcg@10']:.2f}, {result['seconds_per_step']:.2f} s/step, "
+                  f"load {result['load_average_before'][0]:.1f}", file=sys.stderr, flush=True)
+            report["runs"] = [r for r in report["runs"] if not (r["variant"] == variant and r["seed"] == seed
+                                                                and r.get("equal_time", False) == args.equal_time)]
+            report["runs"].append(result)
+            report["table"] = summarise(report)
+            write_json(report, str(output))
+            Path(args.markdown).write_text(markdown(report), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
