@@ -46,6 +46,12 @@ class DiagnosticsCallback(Callback):
     def on_train_begin(self, trainer) -> None:
         if trainer.state.step == 0:  # the baseline evaluation measured step 0 already, unless there was none
             self.measure(trainer, 0)
+            return
+        probe, saved = trainer.task.probe, trainer.state.diagnostics.get("probe_pairs")
+        if probe is not None and saved is not None and saved != probe.rows:
+            trainer.log(f"diagnostics: the probe now has {probe.rows} pairs, the checkpoint's run held out {saved} "
+                        "(eval.diagnostics.probe_rows or the data changed): this run trains on other rows than "
+                        "the interrupted one, and its warnings compare against another probe's step 0")
 
     def on_step_end(self, trainer, figures: dict) -> None:
         self.step = step = figures["step"]
@@ -69,7 +75,7 @@ class DiagnosticsCallback(Callback):
         values = diagnose(torch.cat([queries, positives]), queries, positives)
         state = trainer.state
         if not state.diagnostics:
-            state.diagnostics = dict(values)
+            state.diagnostics = {**values, "probe_pairs": int(queries.shape[0])}
             if step:  # resumed from a checkpoint written before the run measured its probe
                 trainer.log(f"diagnostics: no step-0 values in the checkpoint; step {step} is the warnings' reference")
         warnings = collapse_warnings(values, state.diagnostics, self.rank_warning, self.uniformity_warning)

@@ -27,15 +27,22 @@ DIAGNOSTICS = {
 """Each diagnostic's plot title and caption (red lines mark the steps with a warning)."""
 
 
-def read_metrics(path: Path) -> dict[int, dict]:
-    """metrics.jsonl merged per step; a resumed run's later line wins for a repeated key."""
-    from embedtrain.data.readers import json_lines
-
+def read_metrics(path: Path) -> tuple[dict[int, dict], int]:
+    """metrics.jsonl merged per step (a resumed run's later line wins for a repeated key), and the number of
+    lines that are not JSON (a line a running or killed process left half-written)."""
     steps: dict[int, dict] = {}
-    for _, entry in json_lines(path.read_text(encoding="utf-8"), path):
+    unreadable = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
         if isinstance(entry, dict) and isinstance(entry.get("step"), int):
             steps.setdefault(entry["step"], {}).update(entry)
-    return steps
+    return steps, unreadable
 
 
 def series(steps: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
@@ -159,13 +166,15 @@ def write_report(run_dir: Path, output: Optional[Path] = None) -> tuple[Path, li
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise EmbedtrainError(f"report: {metrics} not found; give the output.dir of a training run")
-    steps = read_metrics(metrics)
+    steps, unreadable = read_metrics(metrics)
     plots = build_plots(steps)
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     summary = [("run", str(run_dir)), ("kind", str(results.get("kind", "?"))),
                ("steps", str(results.get("steps", max(steps, default=0))))]
     if not results:
         summary.append(("results.json", "not written yet (the run did not finish)"))
+    if unreadable:
+        summary.append(("metrics.jsonl", f"{unreadable} line(s) not JSON, left out (cut off while being written?)"))
     for phase in ("baseline", "final"):
         scores = results.get(phase) or {}
         summary += [(f"{phase} {k}", f"{v:.4f}") for k, v in scores.items() if isinstance(v, (int, float))]

@@ -50,7 +50,7 @@ def test_measures_at_step_zero_every_n_steps_at_evaluations_and_at_the_end_once_
     q, p = spread()
     expected = {f"diag/{k}": v for k, v in diagnose(torch.cat([q, p]), q, p).items()}
     assert trainer.lines[0] == {"step": 0, **expected}
-    assert trainer.state.diagnostics == {k[len("diag/"):]: v for k, v in expected.items()}
+    assert trainer.state.diagnostics == {"probe_pairs": 64, **{k[len("diag/"):]: v for k, v in expected.items()}}
     assert not any("WARNING" in line for line in trainer.logged)
 
 
@@ -86,6 +86,15 @@ def test_a_resumed_run_warns_against_the_saved_step_zero_values():
     assert [line["step"] for line in trainer.lines] == [45]
     assert "below 0.5 x its step-0 value 1000000.0" in trainer.lines[0]["diag/warning"]
     assert trainer.state.diagnostics["rankme"] == 1e6
+    assert trainer.logged[0].startswith("step 45: diagnostics")  # the same probe: nothing to say at the start
+
+
+def test_a_resume_with_another_probe_says_so():
+    trainer = FakeTrainer(lambda step: spread())
+    trainer.state.diagnostics, trainer.state.step = {"rankme": 10.0, "uniformity": -1.0, "probe_pairs": 256}, 40
+    trainer.task.probe.queries = [["q"] * 100]  # this start holds out 100 pairs
+    DiagnosticsCallback(every=5, rank_warning=0.5, uniformity_warning=0.5).on_train_begin(trainer)
+    assert trainer.lines == [] and "the probe now has 100 pairs, the checkpoint's run held out 256" in trainer.logged[0]
 
 
 def test_a_task_without_probe_says_so_once():

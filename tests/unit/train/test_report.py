@@ -23,7 +23,7 @@ def write_run(folder, warning_at=20):
         lines.append({"step": step, "eval/wordnet/ndcg@10": 0.4 + step / 1000, "eval/mean/ndcg@10": 0.4 + step / 1000})
         if step:
             lines.append({"step": step, "loss": 2.0 - step / 30, "lr": 1e-4, "examples_per_s": 50.0 + step})
-    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 31, "lo')
     (folder / "results.json").write_text(json.dumps({"kind": "text", "steps": 30, "baseline": {"mean/ndcg@10": 0.4},
                                                      "final": {"mean/ndcg@10": 0.43}, "seconds": 90.0,
                                                      "diagnostics_probe": {"rows": 256, "excluded_training_rows": 300}}))
@@ -52,6 +52,7 @@ def test_the_page_holds_every_plot_as_a_png_and_the_run_s_text(tmp_path):
     assert "<th>Property</th>" in page and "<code>mean</code>" in page and "no table here" not in page
     assert "&lt;b&gt;not markup&lt;/b&gt;" in page  # the recipe is shown as text
     assert "256 pairs held out" in page
+    assert "1 line(s) not JSON, left out" in page  # a line cut off by a killed process is said, not fatal
 
 
 def test_the_command_writes_the_page_and_refuses_a_folder_without_metrics(tmp_path, capsys):

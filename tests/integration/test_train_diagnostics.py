@@ -45,7 +45,8 @@ def test_the_probe_is_held_out_and_measured_on_schedule_and_a_resume_keeps_it(
     results = json.loads((tmp_path / "full" / "results.json").read_text())
     assert results["diagnostics_probe"]["rows"] == 40 and results["diagnostics_probe"]["excluded_training_rows"] >= 40
     state = json.loads((tmp_path / "full" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
-    assert state["diagnostics"] == {k[len("diag/"):]: v for k, v in diag[0].items() if k.startswith("diag/")}
+    assert state["diagnostics"] == {"probe_pairs": 40,
+                                    **{k[len("diag/"):]: v for k, v in diag[0].items() if k.startswith("diag/")}}
 
     # the same run killed after step 4's checkpoint, resumed: the same rows held out, the same weights
     interrupted = tmp_path / "interrupted"
