@@ -121,7 +121,7 @@ class TrainConfig:
 @dataclass
 class DiagnosticsConfig:
     probe_rows: int = 256
-    """Training rows held out as the label-free probe set (RankMe, alignment, uniformity); 0 = no diagnostics."""
+    """Training pairs held out as the label-free probe set (at most 5% of the rows, none below 16); 0 = no diagnostics."""
     every: Optional[int] = 50
     """Steps between diagnostics besides those at each evaluation (null = at evaluations and the end only)."""
     rank_warning: float = 0.5
