@@ -74,7 +74,26 @@ def correlation(run: Path, command: list[str]) -> dict:
         rho, p = spearmanr(values, ndcg)
         out["spearman"][key] = {"rho": round(float(rho), 4), "p_value": round(float(p), 4)}
     out["probe"] = json.loads((run / "results.json").read_text())["diagnostics_probe"]
+    # how far a healthy run moves from step 0: the room the warning thresholds must leave
+    out["lowest_fraction_of_step0"] = {"rankme": round(min(out["rankme"]) / out["rankme"][0], 4),
+                                       "uniformity": round(min(abs(u) for u in out["uniformity"]) / abs(out["uniformity"][0]), 4)}
+    out["warnings_at_default_thresholds"] = warnings_at_defaults(steps)
     return out
+
+
+def warnings_at_defaults(steps: dict[int, dict]) -> dict:
+    """The warnings the default thresholds give on this run's logged diagnostics (a pure function of them and
+    of step 0's, so the same as the loop would log: a run made with other thresholds can be re-read)."""
+    from embedtrain.config.common import DiagnosticsConfig
+    from embedtrain.eval.diagnostics import collapse_warnings
+
+    d = DiagnosticsConfig()
+    measured = {s: {k[len("diag/"):]: v for k, v in e.items() if k.startswith("diag/")}
+                for s, e in sorted(steps.items()) if "diag/rankme" in e}
+    reference = measured[min(measured)]
+    found = {s: collapse_warnings(v, reference, d.rank_warning, d.uniformity_warning) for s, v in measured.items()}
+    return {"rank_warning": d.rank_warning, "uniformity_warning": d.uniformity_warning,
+            "steps": {s: w for s, w in found.items() if w}}
 
 
 def collapse(run: Path, command: list[str]) -> dict:

@@ -124,9 +124,9 @@ class DiagnosticsConfig:
     """Training pairs held out as the label-free probe set (at most 5% of the rows, none below 16); 0 = no diagnostics."""
     every: Optional[int] = 50
     """Steps between diagnostics besides those at each evaluation (null = at evaluations and the end only)."""
-    rank_warning: float = 0.5
+    rank_warning: float = 0.8
     """Warn when the probe's effective rank falls below this fraction of its step-0 value (0 = never)."""
-    uniformity_warning: float = 0.5
+    uniformity_warning: float = 0.75
     """Warn when the probe's uniformity shrinks below this fraction of its step-0 magnitude (0 = never)."""
 
 
