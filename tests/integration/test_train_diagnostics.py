@@ -36,7 +36,7 @@ def test_the_probe_is_held_out_and_measured_on_schedule_and_a_resume_keeps_it(
     common = dict(train={"max_steps": 8, "save_every": 4, "keep_last": 5, "eval_every": 6},
                   eval={"diagnostics": DIAGNOSTICS})
     said = []
-    full = run(tiny_recipe(tiny_bert, probe_pairs, tmp_path / "full", beir_dir, **common), log=said.append)
+    run(tiny_recipe(tiny_bert, probe_pairs, tmp_path / "full", beir_dir, **common), log=said.append)
     assert any(s.startswith("diagnostics probe: 40 pairs held out of training") for s in said)
     diag = [l for l in lines(tmp_path / "full") if "diag/rankme" in l]
     # step 0 (with the baseline), every 4 steps, at the evaluation of step 6 and at the end (8, once)
