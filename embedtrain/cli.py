@@ -1,4 +1,5 @@
-"""Command line: embedtrain train | dml | plan | eval | merge | mine | push | info. Thin dispatch; nothing imports this module."""
+"""Command line: embedtrain train | dml | plan | eval | merge | mine | push | info | report | inspect. Thin dispatch;
+nothing imports this module."""
 
 from __future__ import annotations
 
@@ -110,6 +111,32 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from embedtrain.train.report import write_report
+
+    path, plots = write_report(args.run_dir, args.output)
+    print(f"wrote {path} ({len(plots)} plots: {', '.join(p['id'] for p in plots)})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    _quiet_libraries()
+    from embedtrain.eval.diagnostics import format_diagnostics
+    from embedtrain.eval.inspect_model import inspect_model
+
+    values = inspect_model(args.model, args.texts, args.query_column, args.positive_column, args.batch_size,
+                           args.max_rows)
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        counted = f"{values['pairs']} pairs" if "pairs" in values else f"{values['rows']} texts"
+        figures = {k: v for k, v in values.items() if k not in ("model", "texts", "pairs", "rows")}
+        print(f"{args.model} on {counted} of {args.texts}: {format_diagnostics(figures)}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
     import typing
@@ -203,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list losses, pooling modes and every recipe field with its default")
     p.add_argument("--kind", choices=["text", "clip", "vlm2vec", "dml"], default="text",
                    help="the recipe kind whose fields to list (default: text)")
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, diagnostics, recipe and model card in one page")
+    p.add_argument("run_dir", help="a training run's output.dir")
+    p.add_argument("--output", default=None, help="where to write the page (default RUN_DIR/report.html)")
+    p = sub.add_parser("inspect", help="label-free diagnostics (RankMe, alignment, uniformity) of a saved model")
+    p.add_argument("model", help="a saved model folder (any kind that embeds text) or pkg:// path")
+    p.add_argument("--texts", required=True,
+                   help="a text file (one text per line) or a .jsonl of pairs (query/positive columns)")
+    p.add_argument("--query-column", default="query", help="the .jsonl's query column (default query)")
+    p.add_argument("--positive-column", default="positive", help="the .jsonl's positive column (default positive)")
+    p.add_argument("--max-rows", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser
 
 
@@ -218,7 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] == "merge":
             return cmd_merge(argparse.Namespace(), argv[1:])
         args = parser.parse_args(argv)
-        commands = {"train": cmd_train, "dml": cmd_train, "plan": cmd_plan, "mine": cmd_mine, "push": cmd_push, "info": cmd_info}
+        commands = {"train": cmd_train, "dml": cmd_train, "plan": cmd_plan, "mine": cmd_mine, "push": cmd_push,
+                    "info": cmd_info, "report": cmd_report, "inspect": cmd_inspect}
         return commands[args.command](args)
     except EmbedtrainError as err:
         if debug:

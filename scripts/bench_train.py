@@ -197,7 +197,8 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
                       "weight_decay": cfg["weight_decay"], "max_grad_norm": cfg["max_grad_norm"], "seed": cfg["seed"],
                       "log_every": 1, "torch_threads": cfg["threads"],
                       "gradient_cache_chunk_size": cfg["chunk"] if cfg["variant"] == "gradcache" else None},
-            "eval": {"tasks": []},
+            # no diagnostics probe: the sentence-transformers side trains on every row and measures nothing
+            "eval": {"tasks": [], "diagnostics": {"probe_rows": 0}},
             "output": {"dir": str(out_dir), "plot": False, "overwrite": True},
         })
         loop_start = time.perf_counter()

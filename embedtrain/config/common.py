@@ -127,11 +127,25 @@ class TrainConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    probe_rows: int = 256
+    """Training pairs held out as the label-free probe set (at most 5% of the rows, none below 16); 0 = no diagnostics."""
+    every: Optional[int] = 50
+    """Steps between diagnostics besides those at each evaluation (null = at evaluations and the end only)."""
+    rank_warning: float = 0.8
+    """Warn when the probe's effective rank falls below this fraction of its step-0 value (0 = never)."""
+    uniformity_warning: float = 0.75
+    """Warn when the probe's uniformity shrinks below this fraction of its step-0 magnitude (0 = never)."""
+
+
+@dataclass
 class EvalConfig:
     before_training: bool = True
     """Also evaluate the model before the first step (the baseline)."""
     batch_size: int = 128
     """Inputs per forward pass when encoding."""
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Label-free diagnostics on a probe set carved from the training data; see DiagnosticsConfig."""
 
 
 @dataclass
@@ -245,9 +259,19 @@ def check_output(o: OutputFolderConfig, problems: list[str]) -> None:
         problems.append(f"output.push_to_hub: {push!r} is not a repo id; use user/name")
 
 
-def check_eval(e: EvalConfig, problems: list[str]) -> None:
+def check_eval(e, problems: list[str]) -> None:
     if e.batch_size < 1:
         problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+    d = getattr(e, "diagnostics", None)  # a merge's evaluation has no training data to probe
+    if d is None:
+        return
+    if d.probe_rows < 0:
+        problems.append(f"eval.diagnostics.probe_rows: must be 0 (off) or more, got {d.probe_rows}")
+    if d.every is not None and d.every < 1:
+        problems.append(f"eval.diagnostics.every: must be at least 1 or null, got {d.every}")
+    for name in ("rank_warning", "uniformity_warning"):
+        if not 0 <= getattr(d, name) < 1:
+            problems.append(f"eval.diagnostics.{name}: must be in [0, 1), got {getattr(d, name)}")
 
 
 def check_lora(lora: LoraSettings, problems: list[str], where: str = "model.lora", targets_required: bool = True) -> None:

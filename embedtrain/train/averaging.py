@@ -14,7 +14,7 @@ import torch
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
-from embedtrain.train.loop import Callback
+from embedtrain.train.callbacks import Callback
 
 EMA_FILE = "ema.safetensors"
 

@@ -24,6 +24,9 @@ from embedtrain.config import to_dict
 from embedtrain.errors import EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.accelerator import build_accelerator, engine_of
+from embedtrain.train.averaging import averaging_callbacks
+from embedtrain.train.callbacks import Callback
+from embedtrain.train.diagnostics import diagnostics_callbacks
 from embedtrain.train.optim import build_optimizer, build_scheduler, layerwise_lr_decay, loss_group
 from embedtrain.train.signals import StopRequest, any_process
 from embedtrain.train.step import apply_update, to_device
@@ -50,6 +53,8 @@ class TrainState:
     """Steps whose update was skipped (a non-finite loss or gradient; an fp16 overflow)."""
     task: dict = field(default_factory=dict)
     """The task's own counters (images replaced during training, ...)."""
+    diagnostics: dict = field(default_factory=dict)
+    """The probe's diagnostics at step 0: the reference of the collapse warnings."""
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -90,24 +95,6 @@ class TrainResult:
     """The task's own entries of results.json."""
 
 
-class Callback:
-    """Hooks into a run; every method is optional. ``trainer`` is the running :class:`Trainer`
-    (its ``accelerator``, ``model``, ``optimizer``, ``state`` ...)."""
-
-    def on_train_begin(self, trainer: "Trainer") -> None: ...
-    def on_step_begin(self, trainer: "Trainer", batch: dict) -> None: ...
-    def on_step_end(self, trainer: "Trainer", figures: dict) -> None: ...
-    def on_log(self, trainer: "Trainer", entry: dict) -> None: ...
-    def on_evaluate(self, trainer: "Trainer", scores: dict) -> None: ...
-    def on_checkpoint_files(self, trainer: "Trainer", path: Path) -> None:
-        """Add files to a checkpoint being written at ``path`` (main process, before it is marked complete)."""
-    def on_save(self, trainer: "Trainer", path: Path) -> None: ...
-    def on_train_loop_end(self, trainer: "Trainer", step: int) -> None:
-        """After the last step, before the final evaluation and save (every process; not on a resume from
-        the final checkpoint): the place to replace the weights by an average."""
-    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None: ...
-
-
 class Trainer:
     """Runs one recipe with the task of its kind. ``resume`` is None, ``'auto'`` or a checkpoint path."""
 
@@ -115,7 +102,8 @@ class Trainer:
                  chain: tuple[str, ...] = ()):
         from embedtrain.train.tasks import task_for
 
-        self.recipe, self.resume, self.callbacks = recipe, resume, list(callbacks)
+        self.recipe, self.resume = recipe, resume
+        self.callbacks = list(callbacks) + diagnostics_callbacks(recipe)
         self.out = Path(recipe.output.dir)
         self.log = log
         self.task = task_for(recipe, log=self._say, chain=chain, run_stage=self._run_stage)
@@ -172,7 +160,7 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
-        total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
+        self.total_steps = total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
         if self.engine.sharding and any(p.requires_grad for p in loss_fn.parameters()):
             # FSDP maps and saves the optimizer's parameters through the model; the loss's own live outside it
             raise EmbedtrainError(f"loss: a learnable temperature or bias ({', '.join(n for n, _ in loss_fn.named_parameters())})"
@@ -207,8 +195,6 @@ class Trainer:
             state.metrics_lines = ckpt.truncate_metrics(self.metrics_path, 0, 0)  # starting again from step 0
         task.counters = state.task
         self.resumed_from = resume_from
-        from embedtrain.train.averaging import averaging_callbacks  # (averaging builds on this module's Callback)
-
         self.callbacks = averaging_callbacks(r.train, self.log) + self.callbacks
         self.record({"step": state.step, "engine": self.engine.to_dict()}, track=False)  # each start says what it ran on
 
@@ -390,6 +376,15 @@ class Trainer:
             scores = broadcast_object_list([scores])[0]
         self._emit("on_evaluate", scores)
         return scores
+
+    def probe_embeddings(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The task's probe (query, positive) embeddings on the main process (None elsewhere, or without a
+        probe); like :meth:`evaluate`, a sharded model's forward runs on every process."""
+        accelerator, embeddings = self.accelerator, None
+        if accelerator.is_main_process or self.engine.sharding:
+            embeddings = self.task.probe_embeddings(accelerator.unwrap_model(self.model))
+            _reshard(self.model)
+        return embeddings if accelerator.is_main_process else None
 
     def save(self, step: int) -> None:
         """A complete checkpoint of the run at ``step`` (every process takes part)."""

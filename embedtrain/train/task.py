@@ -93,6 +93,12 @@ class Task:
 
     # -- evaluation -----------------------------------------------------------------------------
     has_evaluation = True
+    probe = None
+    """The diagnostics probe held out of the training data (:class:`~embedtrain.data.probe.Probe`), or None."""
+
+    def probe_embeddings(self, model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The probe's (query, positive) embeddings, (n, d) each, row i a pair; None without a probe."""
+        return None
 
     def evaluate(self, model, accelerator) -> dict[str, float]:
         return {}

@@ -19,7 +19,8 @@ ALLOWED = {
     # and Self Positioning searches merge coefficients through the model's forward pass
     # and the metric-learning trainer evaluates unseen classes through eval.dml; the trainer writes the
     # model card and pushes the finished model (hub never imports train)
-    "train": UTILS | {"config", "data", "models", "losses", "merge", "eval.retrieval", "eval.dml", "hub"},
+    "train": UTILS | {"config", "data", "models", "losses", "merge", "eval.retrieval", "eval.dml", "eval.diagnostics",
+              "hub"},
     "eval": UTILS | {"config", "models"},
     "hub": UTILS | {"config", "models"},
     # the plan reads data and builds the model's skeleton with the training code's own pieces (never the reverse)

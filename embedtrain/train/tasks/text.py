@@ -10,6 +10,7 @@ import torch
 
 from embedtrain.config import task_name
 from embedtrain.data import BatchCollator, pretokenize, token_lengths
+from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS, carve_probe
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
@@ -52,9 +53,26 @@ class TextTask(PairsTask):
         self.has_evaluation = bool(self.eval_tasks)
 
     def read_training_data(self) -> None:
-        """The training datasets alone (``embedtrain plan`` reads these without touching a previous stage)."""
+        """The training datasets, the diagnostics probe held out (``embedtrain plan`` reads these without touching
+        a previous stage)."""
         r = self.recipe
         self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
+        self._carve_probe()
+
+    def _carve_probe(self) -> None:
+        """Hold the diagnostics probe out of the training rows (the same rows on every start and resume)."""
+        wanted = self.recipe.eval.diagnostics.probe_rows
+        if not wanted:
+            return
+        probe, kept = carve_probe(self.datasets, wanted)
+        total = sum(len(d) for d in self.datasets)
+        if not probe.rows:
+            self.log(f"diagnostics: off; {total} training rows are too few to hold out a probe of {MIN_ROWS} "
+                     f"or more pairs (at most {MAX_FRACTION:.0%} of them); add rows or set eval.diagnostics.probe_rows=0")
+            return
+        self.probe, self.datasets = probe, kept
+        self.log(f"diagnostics probe: {probe.rows} pairs held out of training; {sum(probe.excluded_rows)} of "
+                 f"{total} training rows removed (the probe's and those sharing a text with it)")
 
     # -- model ------------------------------------------------------------------------------------
     def _load_encoder(self, device: torch.device, log=print):
@@ -133,6 +151,27 @@ class TextTask(PairsTask):
 
     def format_scores(self, scores: dict[str, float]) -> str:
         return ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items() if not k.startswith("mean/") or len(scores) > 3)
+
+    def probe_embeddings(self, model):
+        """The probe's (query, positive) embeddings, each dataset's texts with its prompts (and MoE domain)."""
+        if self.probe is None:
+            return None
+        queries, positives = [], []
+        for i, (ds, q, p) in enumerate(zip(self.datasets, self.probe.queries, self.probe.positives)):
+            if not q:
+                continue
+            domain = self.batch_domains[i] if self.batch_domains else None
+            with experts.routed_task(model, domain):
+                queries.append(model.encode(q, role="query", prompt=ds.query_prompt,
+                                            batch_size=self.recipe.eval.batch_size, desc="probe queries"))
+                positives.append(model.encode(p, role="document", prompt=ds.document_prompt,
+                                              batch_size=self.recipe.eval.batch_size, desc="probe positives"))
+        return torch.cat(queries), torch.cat(positives)
+
+    def results(self) -> dict:
+        if self.probe is None:
+            return {}
+        return {"diagnostics_probe": self.probe.summary([d.name for d in self.datasets])}
 
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:

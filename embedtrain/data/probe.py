@@ -1,0 +1,91 @@
+"""The diagnostics probe: a few hundred training pairs held out from training, chosen by their content.
+
+The choice depends only on the rows' texts and the number asked for (not on the seed, the order of the
+rows or the number of processes), so a resumed run carves the same probe and trains on the same rows.
+Rows are taken in order of a stable hash of their texts; a training row that shares any text with the
+probe (as query, positive or negative) is dropped from training too, so that the probe is truly unseen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from embedtrain.data.readers import PairDataset, text_hash
+
+MAX_FRACTION = 0.05
+"""At most this share of the training rows goes to the probe (small datasets keep their rows)."""
+MIN_ROWS = 16
+"""Fewer probe pairs than this say little about a space of hundreds of dimensions: then there is no probe."""
+
+
+@dataclass
+class Probe:
+    """Held-out (query, positive) pairs, grouped by the training dataset they come from."""
+
+    queries: list[list[str]] = field(default_factory=list)
+    positives: list[list[str]] = field(default_factory=list)
+    """Per training dataset (in recipe order), its probe's queries and positives (row i pairs with row i)."""
+    excluded_rows: list[int] = field(default_factory=list)
+    """Per training dataset, the rows removed from training: the probe's own and those sharing a text with it."""
+
+    @property
+    def rows(self) -> int:
+        return sum(len(q) for q in self.queries)
+
+    def summary(self, names: list[str]) -> dict:
+        """What results.json records."""
+        return {"rows": self.rows, "excluded_training_rows": sum(self.excluded_rows),
+                "per_dataset": {n: {"probe_rows": len(q), "excluded_training_rows": e}
+                                for n, q, e in zip(names, self.queries, self.excluded_rows)}}
+
+
+def probe_size(total_rows: int, wanted: int) -> int:
+    """The probe's number of pairs: ``wanted``, at most :data:`MAX_FRACTION` of the rows; 0 below :data:`MIN_ROWS`."""
+    size = min(wanted, int(total_rows * MAX_FRACTION))
+    return size if size >= MIN_ROWS else 0
+
+
+def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[PairDataset]]:
+    """(the probe, the datasets without its rows). Each dataset gives a share proportional to its size."""
+    total = sum(len(d) for d in datasets)
+    size = probe_size(total, wanted)
+    probe = Probe()
+    if size == 0:
+        return probe, datasets
+    shares = _shares([len(d) for d in datasets], size)
+    held: set[int] = set()  # text hashes of every probe text
+    chosen: list[list[int]] = []
+    for d, share in zip(datasets, shares):
+        rows = []
+        # a stable order that is unrelated to the file's order: the hash of the row's query and positive
+        for i in sorted(range(len(d)), key=lambda i: (text_hash(f"{d.row_keys[i][0]}:{d.row_keys[i][1]}"), i)):
+            if len(rows) == share:
+                break
+            query, positive = d.row_keys[i][0], d.row_keys[i][1]
+            if query in held or positive in held or query == positive:
+                continue  # distinct texts: a repeated one would count twice in the rank and the pair figures
+            rows.append(i)
+            held.update((query, positive))
+        chosen.append(rows)
+    kept = []
+    for d, rows in zip(datasets, chosen):
+        picked = d.rows.select(rows)
+        probe.queries.append(list(picked["query"]))
+        probe.positives.append(list(picked["positive"]))
+        keep = [i for i in range(len(d)) if not held.intersection(d.row_keys[i])]
+        probe.excluded_rows.append(len(d) - len(keep))
+        kept.append(dataclasses.replace(
+            d, rows=d.rows.select(keep), row_keys=[d.row_keys[i] for i in keep],
+            match_keys=None if d.match_keys is None else [d.match_keys[i] for i in keep]))
+    return probe, kept
+
+
+def _shares(lengths: list[int], size: int) -> list[int]:
+    """``size`` split in proportion to ``lengths`` (largest remainders; the first dataset wins ties)."""
+    total = sum(lengths)
+    exact = [size * n / total for n in lengths]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(lengths)), key=lambda i: (-(exact[i] - shares[i]), i))[: size - sum(shares)]:
+        shares[i] += 1
+    return shares

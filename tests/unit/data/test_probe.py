@@ -1,0 +1,51 @@
+"""The diagnostics probe: held out of training by content, the same on every start."""
+
+import datasets
+
+from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS, carve_probe, probe_size
+from embedtrain.data.readers import pair_dataset
+
+
+def dataset(rows: list[tuple[str, str, str]], name: str = "d"):
+    table = datasets.Dataset.from_dict({"query": [r[0] for r in rows], "positive": [r[1] for r in rows],
+                                        "negative_0": [r[2] for r in rows]})
+    return pair_dataset(table, f"{name}.jsonl", name, {"query": "q", "positive": "p", "negative_0": "n"})
+
+
+def rows(n: int, prefix: str = "") -> list[tuple[str, str, str]]:
+    return [(f"{prefix}query {i}", f"{prefix}positive {i}", f"{prefix}negative {i}") for i in range(n)]
+
+
+def test_the_probe_is_chosen_by_content_not_by_row_order():
+    data = rows(1000)
+    probe, kept = carve_probe([dataset(data)], 40)
+    again, _ = carve_probe([dataset(list(reversed(data)))], 40)
+    assert probe.rows == 40 and sorted(probe.queries[0]) == sorted(again.queries[0])
+    pairs = dict(zip(probe.queries[0], probe.positives[0]))
+    assert all(pairs[f"query {q.split()[-1]}"] == f"positive {q.split()[-1]}" for q in probe.queries[0])
+    # the probe's rows are gone from training, the rest kept in order
+    assert len(kept[0]) == 960 and not set(probe.queries[0]) & set(kept[0].rows["query"])
+    assert kept[0].rows["query"] == [q for q, _, _ in data if q not in pairs]
+    assert len(kept[0].row_keys) == 960
+
+
+def test_rows_sharing_a_text_with_the_probe_leave_training_too():
+    data = rows(1000)
+    probe, _ = carve_probe([dataset(data)], 20)
+    held_positive = probe.positives[0][0]
+    # another row whose negative is a probe positive, and one repeating a probe query
+    extra = [("unrelated query", "unrelated positive", held_positive), (probe.queries[0][1], "other", "other neg")]
+    probe2, kept = carve_probe([dataset(data + extra)], 20)
+    assert probe2.queries == probe.queries  # the extra rows hash elsewhere; the choice is the same
+    assert probe2.excluded_rows == [22] and "unrelated query" not in kept[0].rows["query"]
+
+
+def test_the_probe_is_shared_among_datasets_by_size_and_capped_for_small_data():
+    probe, kept = carve_probe([dataset(rows(3000, "a "), "a"), dataset(rows(1000, "b "), "b")], 100)
+    assert [len(q) for q in probe.queries] == [75, 25]
+    assert probe.summary(["a", "b"])["per_dataset"]["b"] == {"probe_rows": 25, "excluded_training_rows": 25}
+    assert probe_size(1000, 256) == int(1000 * MAX_FRACTION)  # at most a small share of the rows
+    assert probe_size(MIN_ROWS * 10, 256) == 0  # too few for a meaningful probe: none
+    small = [dataset(rows(100))]
+    none, same = carve_probe(small, 256)
+    assert none.rows == 0 and same is small
