@@ -80,9 +80,15 @@ def main(argv=None) -> int:
     report = {"recipe": args.recipe, "dataset": ds.name, "rows": len(ds), "global_batch": global_batch,
               "processes": args.processes, "window": d.length_grouping_window, "no_duplicates": d.no_duplicates,
               "seed": recipe.train.seed, "epoch": 0}
-    for name, plan_fn in ((f"revision {args.rev}", sampler_at(args.rev)), ("this checkout", plan_epoch)):
+    from embedtrain.train.tasks.text import build_loss
+
+    # this checkout lets a document repeat in a batch when the recipe's loss masks the copies (the revision cannot)
+    repeat = {"repeat_documents": build_loss(recipe).masks_repeated_documents}
+    report["this_checkout_repeat_documents"] = repeat["repeat_documents"]
+    for name, plan_fn, extra in ((f"revision {args.rev}", sampler_at(args.rev), {}), ("this checkout", plan_epoch, repeat)):
         plan = plan_fn([len(ds)], [ds.row_keys], global_batch, recipe.train.seed, 0, lengths=[lengths.tolist()],
-                       weights=[1.0], mixing=d.mixing, no_duplicates=d.no_duplicates, window=d.length_grouping_window)
+                       weights=[1.0], mixing=d.mixing, no_duplicates=d.no_duplicates, window=d.length_grouping_window,
+                       **extra)
         report[name] = coverage(plan, lengths, args.processes)
     write_json(report, args.output)
     return 0

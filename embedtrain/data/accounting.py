@@ -41,6 +41,8 @@ class DatasetAccount:
     """Rows drawn that do not fill a last global batch (back in the next epoch's order)."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Rows left out, per rule (read-time rules, and ``duplicates`` per epoch)."""
+    held_out: int = 0
+    """Rows set aside on purpose (the diagnostics probe): reported, never counted as lost."""
 
     @property
     def lost(self) -> int:
@@ -49,9 +51,10 @@ class DatasetAccount:
     @property
     def lost_share(self) -> float:
         """Share of the source's rows that never train: 1 - (kept when read) x (placed or waiting per epoch)."""
-        if not self.rows_read or not self.rows_drawn:
-            return 1.0 if self.rows_read else 0.0
-        kept = (self.rows / self.rows_read) * ((self.rows_per_epoch + self.incomplete_batch) / self.rows_drawn)
+        if self.rows_read <= self.held_out or not self.rows_drawn:
+            return 1.0 if self.rows_read > self.held_out else 0.0
+        kept = (self.rows / (self.rows_read - self.held_out)) * \
+            ((self.rows_per_epoch + self.incomplete_batch) / self.rows_drawn)
         return max(0.0, 1.0 - kept)
 
     def to_dict(self) -> dict:
@@ -61,6 +64,7 @@ class DatasetAccount:
         drops = ", ".join(f"{n} by {rule}" for rule, n in self.dropped.items() if n)
         return (f"{self.name}: {self.rows_read} rows read, {self.rows_per_epoch} trained per epoch in "
                 f"{self.batches_per_epoch} batches" + (f"; left out: {drops}" if drops else "")
+                + (f"; {self.held_out} held out for the diagnostics probe" if self.held_out else "")
                 + (f"; {self.incomplete_batch} wait for the next epoch (incomplete batch)" if self.incomplete_batch else ""))
 
 
@@ -74,13 +78,14 @@ def account(datasets: Sequence, plan: Sequence[PlannedBatch], global_batch: int)
     out = []
     for i, ds in enumerate(datasets):
         read_drops = dict(getattr(ds, "dropped", {}) or {})
+        held_out = int(getattr(ds, "held_out", 0) or 0)
         drawn = rows_drawn(len(ds), ds.weight)
         fillable = (drawn // global_batch) * global_batch  # what a plan without the duplicate rule would place
         dropped = {**read_drops, "duplicates": max(0, fillable - planned[i])}
         out.append(DatasetAccount(
-            index=i, name=ds.name, rows_read=len(ds) + sum(read_drops.values()), rows=len(ds), weight=ds.weight,
+            index=i, name=ds.name, rows_read=len(ds) + sum(read_drops.values()) + held_out, rows=len(ds), weight=ds.weight,
             rows_drawn=drawn, rows_per_epoch=planned[i], batches_per_epoch=batches[i],
-            incomplete_batch=drawn - fillable, dropped={k: v for k, v in dropped.items() if v}))
+            incomplete_batch=drawn - fillable, dropped={k: v for k, v in dropped.items() if v}, held_out=held_out))
     return out
 
 

@@ -33,6 +33,8 @@ class PairDataset:
     match_keys: Optional[list[tuple[int, ...]]] = None
     #: rows of the source left out by a rule before training, per rule (see embedtrain.data.accounting)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: rows set aside on purpose (the diagnostics probe and the rows sharing a text with it): not a loss
+    held_out: int = 0
 
     @property
     def dedup_keys(self) -> list[tuple[int, ...]]:

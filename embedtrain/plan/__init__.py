@@ -279,8 +279,9 @@ def format_plan(plan: dict) -> list[str]:
         lines.append(f"data: global batch {d['global_batch']}")
         for a in d["datasets"]:
             drops = ", ".join(f"{n} by {rule}" for rule, n in a["dropped"].items()) or "none"
+            held = f"; {a['held_out']:,} held out for the diagnostics probe" if a.get("held_out") else ""
             lines.append(f"  {a['name']}: {a['rows_read']:,} rows read, {a['rows_per_epoch']:,} trained per epoch in "
-                         f"{a['batches_per_epoch']:,} batches; dropped: {drops}")
+                         f"{a['batches_per_epoch']:,} batches; dropped: {drops}{held}")
     else:
         lines.append(f"data: {d['train_classes']} classes ({d['train_images']} images) to train, "
                      f"{d['batches_per_epoch']} batches per epoch")

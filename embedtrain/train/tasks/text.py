@@ -70,6 +70,8 @@ class TextTask(PairsTask):
             self.log(f"diagnostics: off; {total} training rows are too few to hold out a probe of {MIN_ROWS} "
                      f"or more pairs (at most {MAX_FRACTION:.0%} of them); add rows or set eval.diagnostics.probe_rows=0")
             return
+        for before, after in zip(self.datasets, kept):
+            after.held_out = len(before) - len(after)
         self.probe, self.datasets = probe, kept
         self.log(f"diagnostics probe: {probe.rows} pairs held out of training; {sum(probe.excluded_rows)} of "
                  f"{total} training rows removed (the probe's and those sharing a text with it)")

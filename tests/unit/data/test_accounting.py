@@ -75,3 +75,12 @@ def test_a_dataset_losing_more_than_the_allowed_share_is_an_error(tmp_path):
     with pytest.raises(EmbedtrainError, match=r"data.train\[0\] \(emotion\): .*data.max_dropped_share"):
         check_accounts([acc], 0.05 * lost / 80, 16)
     check_accounts([acc], lost / 80, 16)  # allowed explicitly
+
+
+def test_rows_held_out_on_purpose_are_reported_not_lost(tmp_path):
+    ds = read_pairs(str(write_labelled_pairs(tmp_path / "labels.jsonl")), "data.train[0]", "emotion")
+    ds.held_out = 16  # e.g. the diagnostics probe
+    plan = plan_epoch([len(ds)], [ds.row_keys], 16, seed=0, epoch=0, repeat_documents=True)
+    (acc,) = account([ds], plan, 16)
+    assert (acc.rows_read, acc.held_out, acc.lost_share) == (80, 16, 0.0)
+    assert "16 held out for the diagnostics probe" in acc.line()
