@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type
+from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
@@ -141,6 +142,8 @@ class LossConfig:
     """Use other rows' positives and negatives as negatives; off = only the row's own hard negatives."""
     mask_false_negatives: bool = True
     """Ignore a negative whose text equals the row's positive."""
+    compact: Optional[CompactConfig] = None
+    """Also train nested prefixes (Matryoshka) and int8 / binary precisions, and evaluate each (null = off); see CompactConfig."""
 
 
 @dataclass
@@ -235,6 +238,7 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
             problems.append("loss.in_batch_negatives: false needs hard negatives; set data.train[*].negative_columns")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true (a positive's only candidate would be its query)")
+    check_compact(lo.compact, problems)
     check_train(t, problems)
     if e.metric not in RETRIEVAL_METRICS:
         problems.append(f"eval.metric: {e.metric!r} is not allowed{did_you_mean(e.metric, RETRIEVAL_METRICS)}; "
