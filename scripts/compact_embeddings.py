@@ -1,7 +1,11 @@
 """The quickstart trained for compact serving (Matryoshka prefixes + binary-aware) against the plain quickstart
 quantized post hoc: nDCG@10, Recall@10, bytes per document and queries/s at every prefix and precision.
 
-    nice -n 5 python scripts/compact_embeddings.py --work runs/compact_bench --output benchmarks/compact_embeddings.json
+    nice -n 5 python scripts/compact_embeddings.py --work runs/compact_bench --output benchmarks/compact_embeddings.json \
+        --markdown benchmarks/compact_embeddings.md
+
+(``--sides plain`` and ``--sides compact`` train and evaluate one side each, e.g. side by side; a last run
+without ``--sides`` reuses both and writes the report.)
 
 Both runs are `embedtrain train recipes/minilm/wordnet_quickstart.yaml` with the same seed and steps; the
 compact one adds COMPACT_OVERRIDE. Each saved model is then embedded once and every (prefix, precision) is
@@ -27,6 +31,7 @@ from _bench_common import machine_info, offline_env, write_json  # noqa: E402
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
 EVAL = "data/wordnet/eval"
 DIMS = [384, 256, 128, 64]
+RESCORE_TOP_K = 40
 COMPACT_OVERRIDE = ("loss.compact={dims: [384, 256, 128], dim_weights: [0.5, 0.25, 0.25], "
                     "precisions: [float32, binary], precision_weights: [0.5, 0.5]}")
 # both runs: no evaluation inside training (this script evaluates every prefix and precision itself), and one
@@ -61,6 +66,27 @@ def train(side: str, extra: list[str], work: Path) -> dict:
             "steps": results["steps"], "train_seconds": round(results["train_seconds"], 1)}
 
 
+def evaluate(side: str, run: dict, work: Path) -> list[dict]:
+    """The side's table on the held-out split, cached beside the run (keyed by its results.json)."""
+    import torch
+
+    from embedtrain.eval.compact import evaluate_compact, table_markdown
+    from embedtrain.eval.retrieval import load_beir
+    from embedtrain.models import TextEncoder
+
+    stamp = (Path(run["model"]).parent / "results.json").stat().st_mtime
+    cache = work / f"{side}.table.json"
+    if cache.is_file() and json.loads(cache.read_text())["results_mtime"] == stamp:
+        return json.loads(cache.read_text())["table"]
+    torch.set_num_threads(1)  # as in training: a shared CPU
+    t0 = time.time()
+    table = evaluate_compact(TextEncoder.load(run["model"]), load_beir(REPO / EVAL, "wordnet"), DIMS,
+                             ("float32", "int8", "binary"), rescore_top_k=RESCORE_TOP_K)
+    cache.write_text(json.dumps({"results_mtime": stamp, "table": table}) + "\n")
+    print(f"\n{side} ({time.time() - t0:.0f} s)\n{table_markdown(table)}", file=sys.stderr, flush=True)
+    return table
+
+
 def acceptance(models: dict) -> dict:
     """The figures the compact model must reach, each next to the plain model's post-hoc figure."""
     def row(side, dims, precision):
@@ -85,32 +111,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/compact_bench")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--markdown", default=None, help="also write both tables as Markdown here")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the models and stop")
     parser.add_argument("--sides", nargs="+", default=["plain", "compact"], choices=["plain", "compact"],
-                        help="with --train-only: train only these (two machines' worth of runs side by side)")
+                        help="train and evaluate only these (runs side by side); the report needs both")
     args = parser.parse_args(argv)
     offline_env()
     work = (REPO / args.work).resolve()
     extra = {"plain": [], "compact": [COMPACT_OVERRIDE]}
+    runs = {side: train(side, extra[side], work) for side in args.sides}
     if args.train_only:
-        for side in args.sides:
-            train(side, extra[side], work)
         return 0
-    runs = {side: train(side, extra[side], work) for side in ("plain", "compact")}
-    from embedtrain.eval.compact import evaluate_compact, table_markdown
-    from embedtrain.eval.retrieval import load_beir
-    from embedtrain.models import TextEncoder
-
-    data = load_beir(REPO / EVAL, "wordnet")
-    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": COMPACT_OVERRIDE, "runs": runs,
-              "rows": "see embedtrain/eval/compact.py for each precision's index and bytes",
-              "machine": machine_info(), "models": {}}
-    for side, run in runs.items():
-        encoder = TextEncoder.load(run["model"])
-        report["models"][side] = evaluate_compact(encoder, data, DIMS, ("float32", "int8", "binary"), rescore_top_k=40)
-        print(f"\n{side}\n{table_markdown(report['models'][side])}", file=sys.stderr, flush=True)
+    tables = {side: evaluate(side, run, work) for side, run in runs.items()}
+    if set(runs) != {"plain", "compact"}:
+        return 0  # one side's table, cached for the run that writes the report
+    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": COMPACT_OVERRIDE, "common_overrides": COMMON,
+              "runs": runs, "rows": "see embedtrain/eval/compact.py for each precision's index and bytes",
+              "machine": machine_info(), "models": tables}
     report["acceptance"] = acceptance(report["models"])
     write_json(report, args.output)
+    if args.markdown:
+        from embedtrain.eval.compact import table_markdown
+
+        text = "".join(f"## {side}: `{runs[side]['command']}`\n\n{table_markdown(tables[side])}\n\n" for side in runs)
+        Path(args.markdown).write_text(text, encoding="utf-8")
     return 0
 
 
