@@ -186,3 +186,46 @@ def evaluate_compact(encoder, data: RetrievalData, dims: Sequence[int], precisio
     c = encoder.encode(data.corpus_texts, role="document", prompt=document_prompt, batch_size=batch_size,
                        desc=f"{data.name} corpus")
     return add_retention(compact_table(q.numpy(), c.numpy(), data, dims, precisions, rescore_top_k))
+
+
+def run_compact(args) -> int:
+    """``embedtrain eval --compact``: the table of every model (``--model``, ``--compare``) on every
+    ``--local-task``, printed as Markdown and written to ``<output>/compact.json`` and ``compact.md``."""
+    import json
+    from pathlib import Path
+
+    from embedtrain.eval.retrieval import load_beir
+    from embedtrain.models import TextEncoder
+    from embedtrain.models.compact_record import read_record
+
+    if not args.local_task:
+        raise EmbedtrainError("--compact: give the BEIR folders to search with --local-task")
+    if args.tasks or args.benchmark or args.task_types:
+        raise EmbedtrainError("--compact: evaluates --local-task folders only; remove --tasks/--benchmark/--task-types")
+    if args.rescore_top_k is not None and args.rescore_top_k < 1:
+        raise EmbedtrainError(f"--rescore-top-k: {args.rescore_top_k} must be at least 1")
+    tasks = [load_beir(folder) for folder in args.local_task]
+    report, text = [], []
+    for spec in [args.model] + ([args.compare] if args.compare else []):
+        encoder = TextEncoder.load(spec)
+        record = read_record(_local_folder(spec)) or {}
+        dims = args.dims or record.get("dims") or [encoder.embedding_dim]
+        precisions = args.precisions or (["float32"] + [p for p in record["precisions"] if p != "float32"]
+                                         if record else list(PRECISIONS))
+        top_k = args.rescore_top_k or record.get("rescore_top_k", 40)
+        for data in tasks:
+            table = evaluate_compact(encoder, data, dims, precisions, top_k, batch_size=args.batch_size)
+            report.append({"model": spec, "task": data.name, "trained_for": record or None, "table": table})
+            text.append(f"## {spec} on {data.name}\n\n{table_markdown(table)}\n")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compact.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (output / "compact.md").write_text("\n".join(text), encoding="utf-8")
+    print("\n".join(text))
+    return 0
+
+
+def _local_folder(spec: str) -> str:
+    from embedtrain.config import looks_local, resolve_path
+
+    return resolve_path(spec) if looks_local(spec) else spec

@@ -3,7 +3,6 @@ check the prefixes against the model, and record what the saved model was traine
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -12,9 +11,7 @@ from torch import nn
 from embedtrain.config.compact import CompactConfig, compact_dims, compact_weights
 from embedtrain.errors import EmbedtrainError
 from embedtrain.losses.compact import CompactLoss
-
-RECORD_FILE = "compact_embeddings.json"
-"""Written beside a saved model trained with loss.compact: its prefixes and precisions."""
+from embedtrain.models import compact_record
 
 
 def wrap_loss(loss: nn.Module, compact: Optional[CompactConfig], normalize: bool,
@@ -40,26 +37,7 @@ def served_dims(compact: CompactConfig, embedding_dim: int) -> list[int]:
 
 
 def write_record(model_dir: Path, compact: Optional[CompactConfig], embedding_dim: int, normalize: bool) -> None:
-    """compact_embeddings.json in the saved model: the prefixes (``SentenceTransformer(path, truncate_dim=d)``)
-    and precisions (``quantize_embeddings(emb, precision)``, 'binary' being 'ubinary' there) it was trained for."""
-    if compact is None:
-        return
-    record = {
-        "dims": served_dims(compact, embedding_dim),
-        "precisions": list(compact.precisions),
-        "normalize": normalize,
-        "rescore_top_k": compact.rescore_top_k,
-        "sentence_transformers_precision": {p: ("ubinary" if p == "binary" else p) for p in compact.precisions},
-    }
-    (Path(model_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def read_record(model_dir: Path) -> Optional[dict]:
-    """The record of a saved model, or None when it was trained without loss.compact."""
-    path = Path(model_dir) / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise EmbedtrainError(f"{path}: not valid JSON; re-save the model or delete the file") from None
+    """compact_embeddings.json in the saved model (see embedtrain.models.compact_record); nothing when off."""
+    if compact is not None:
+        compact_record.write_record(model_dir, served_dims(compact, embedding_dim), compact.precisions, normalize,
+                                    compact.rescore_top_k)
