@@ -126,20 +126,23 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/compact_bench")
     parser.add_argument("--output", default=None)
     parser.add_argument("--markdown", default=None, help="also write both tables as Markdown here")
+    parser.add_argument("--compact-override", default=COMPACT_OVERRIDE, help="the compact run's loss.compact")
+    parser.add_argument("--compact-name", default="compact", help="folder of the compact run under --work")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the models and stop")
     parser.add_argument("--sides", nargs="+", default=["plain", "compact"], choices=["plain", "compact"],
                         help="train and evaluate only these (runs side by side); the report needs both")
     args = parser.parse_args(argv)
     offline_env()
     work = (REPO / args.work).resolve()
-    extra = {"plain": [], "compact": [COMPACT_OVERRIDE]}
-    runs = {side: train(side, extra[side], work) for side in args.sides}
+    extra = {"plain": [], "compact": [args.compact_override]}
+    folder = {"plain": "plain", "compact": args.compact_name}
+    runs = {side: train(folder[side], extra[side], work) for side in args.sides}
     if args.train_only:
         return 0
-    tables = {side: evaluate(side, run, work) for side, run in runs.items()}
+    tables = {side: evaluate(folder[side], run, work) for side, run in runs.items()}
     if set(runs) != {"plain", "compact"}:
         return 0  # one side's table, cached for the run that writes the report
-    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": COMPACT_OVERRIDE, "common_overrides": COMMON,
+    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": args.compact_override, "common_overrides": COMMON,
               "runs": runs, "rows": "see embedtrain/eval/compact.py for each precision's index and bytes",
               "machine": machine_info(), "models": tables}
     report["acceptance"] = acceptance(report["models"])
