@@ -62,7 +62,10 @@ def train(side: str, extra: list[str], work: Path) -> dict:
             raise SystemExit(f"{side} training failed:\n{log.read_text()[-3000:]}")
         print(f"{side}: trained in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     results = json.loads((out / "results.json").read_text())
-    return {"command": "embedtrain train " + " ".join(args), "model": str(out / "model"),
+    def shown(text: str) -> str:  # paths relative to the checkout, as a reader would type them
+        return text.replace(f"{REPO}/", "")
+
+    return {"command": shown("embedtrain train " + " ".join(args)), "model": shown(str(out / "model")),
             "steps": results["steps"], "train_seconds": round(results["train_seconds"], 1)}
 
 
@@ -74,13 +77,13 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
     from embedtrain.eval.retrieval import load_beir
     from embedtrain.models import TextEncoder
 
-    stamp = (Path(run["model"]).parent / "results.json").stat().st_mtime
+    stamp = (REPO / run["model"]).parent.joinpath("results.json").stat().st_mtime
     cache = work / f"{side}.table.json"
     if cache.is_file() and json.loads(cache.read_text())["results_mtime"] == stamp:
         return json.loads(cache.read_text())["table"]
     torch.set_num_threads(1)  # as in training: a shared CPU
     t0 = time.time()
-    table = evaluate_compact(TextEncoder.load(run["model"]), load_beir(REPO / EVAL, "wordnet"), DIMS,
+    table = evaluate_compact(TextEncoder.load(str(REPO / run["model"])), load_beir(REPO / EVAL, "wordnet"), DIMS,
                              ("float32", "int8", "binary"), rescore_top_k=RESCORE_TOP_K)
     cache.write_text(json.dumps({"results_mtime": stamp, "table": table}) + "\n")
     print(f"\n{side} ({time.time() - t0:.0f} s)\n{table_markdown(table)}", file=sys.stderr, flush=True)
