@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from embedtrain.config.common import EvalConfig, check_eval, check_output, check_train, check_unused, recipe_type
+from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -85,6 +86,8 @@ class DMLLossConfig:
     """Weight of the Metrix term."""
     metrix_beta: float = 2.0
     """λ ~ Beta(metrix_beta, metrix_beta) for each mixed embedding."""
+    compact: Optional[CompactConfig] = None
+    """Also train nested prefixes (Matryoshka) and int8 / binary precisions (null = off); see CompactConfig."""
 
 
 @dataclass
@@ -194,6 +197,7 @@ def _check_values(r: DMLRecipe, problems: list[str], files: bool = True) -> None
         problems.append(f"loss.metrix_weight: must be 0 or more, got {lo.metrix_weight}")
     if lo.metrix_beta <= 0:
         problems.append(f"loss.metrix_beta: must be positive, got {lo.metrix_beta}")
+    check_compact(lo.compact, problems)
     if not d.path:
         problems.append("data.path: missing; give a metadata file (.jsonl/.json/.csv) or a folder of class folders")
     elif files:

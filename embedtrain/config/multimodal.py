@@ -15,6 +15,7 @@ from typing import Literal, Optional, Union
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type, task_name
 from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -144,6 +145,8 @@ class ClipLossConfig:
     """siglip: starting logit bias b."""
     learnable_bias: bool = True
     """siglip: train the bias."""
+    compact: Optional[CompactConfig] = None
+    """Also train nested prefixes (Matryoshka) and int8 / binary precisions (null = off); see CompactConfig."""
 
 
 ClipRecipe = recipe_type(
@@ -204,6 +207,8 @@ class VlmLossConfig:
     """Ignore a negative identical to the row's positive."""
     hardness_weight: float = 0.0
     """Weight each negative by exp(β·similarity), normalised to mean 1 per row (β; 0 = off)."""
+    compact: Optional[CompactConfig] = None
+    """Also train nested prefixes (Matryoshka) and int8 / binary precisions (null = off); see CompactConfig."""
 
 
 Vlm2VecRecipe = recipe_type(
@@ -384,6 +389,7 @@ def _check_values(recipe: MultimodalRecipe, problems: list[str], files: bool = T
     else:
         _check_vlm(recipe, problems, files)
     _check_datasets(recipe, problems, files)
+    check_compact(recipe.loss.compact, problems)
     check_train(recipe.train, problems)
     if recipe.train.compile:
         problems.append("train.compile: not supported for multimodal recipes yet; set it to false")

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type
 from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
 
@@ -143,6 +144,8 @@ class LossConfig:
     """Ignore a negative whose text equals the row's positive."""
     hardness_weight: float = 0.0
     """infonce and gte: weight each negative by exp(β·similarity), normalised to mean 1 per row (β; 0 = off)."""
+    compact: Optional[CompactConfig] = None
+    """Also train nested prefixes (Matryoshka) and int8 / binary precisions, and evaluate each (null = off); see CompactConfig."""
 
 
 @dataclass
@@ -246,6 +249,7 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
         problems.append("loss.in_batch_negatives: the gte loss is made of in-batch negatives; set it to true")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true (a positive's only candidate would be its query)")
+    check_compact(lo.compact, problems)
     check_train(t, problems)
     if e.metric not in RETRIEVAL_METRICS:
         problems.append(f"eval.metric: {e.metric!r} is not allowed{did_you_mean(e.metric, RETRIEVAL_METRICS)}; "

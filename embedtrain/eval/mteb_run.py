@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mmeb-tasks", nargs="+", default=[], metavar="NAME",
                         help="MMEB task folders or categories (classification, vqa, retrieval, grounding); "
                         "default: all")
+    parser.add_argument("--compact", action="store_true", help="with --local-task: nDCG@10, Recall@10, bytes per "
+                        "document and queries/s at every prefix and precision, on faiss indexes (no mteb)")
+    parser.add_argument("--dims", nargs="+", type=int, default=None, metavar="D",
+                        help="--compact: prefixes to evaluate (default: those the model was trained for, else its full size)")
+    parser.add_argument("--precisions", nargs="+", default=None, metavar="P",
+                        help="--compact: float32, int8, binary (default: the model's trained ones plus float32, else all)")
+    parser.add_argument("--rescore-top-k", type=int, default=None, metavar="K",
+                        help="--compact: documents binary search keeps for float rescoring (default: the model's, else 40)")
     return parser
 
 
@@ -94,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         from embedtrain.eval.mmeb import run_mmeb
 
         return run_mmeb(args)
+    if args.compact:
+        from embedtrain.eval.compact import run_compact
+
+        return run_compact(args)
     if args.mmeb_images or args.mmeb_tasks:
         raise EmbedtrainError("--mmeb-images and --mmeb-tasks go with --mmeb DIR")
     if not (args.tasks or args.benchmark or args.task_types or args.local_task):

@@ -170,6 +170,8 @@ class ModelCardData:
     """Instruction per evaluation task saved with the model (its instructions.json), listed in the card."""
     citations: dict[str, str] = field(default_factory=dict)
     """Extra BibTeX entries by title (e.g. {'GradCache': GRADCACHE_CITATION})."""
+    compact: Optional[dict] = None
+    """Prefixes and precisions the model was trained for (its compact_embeddings.json), or None."""
     custom_modules: bool = False
     """The folder uses embedtrain's own module classes (decoder backbone, latent attention, experts):
     loading it needs embedtrain installed and trust_remote_code=True."""
@@ -311,6 +313,9 @@ def _details_rows(data: ModelCardData) -> list[list[str]]:
         ("Pooling", _code(data.pooling) if data.pooling else None),
         ("Normalised", None if data.normalize is None else ("yes (unit length)" if data.normalize else "no")),
         ("Similarity", data.similarity),
+        ("Trained prefixes (`truncate_dim`)", ", ".join(map(str, data.compact["dims"])) if data.compact else None),
+        ("Trained precisions (`quantize_embeddings`)",
+         ", ".join(_code(p) for p in data.compact["sentence_transformers_precision"].values()) if data.compact else None),
         ("Language", ", ".join(data.language) or None),
         ("License", data.license),
     ]

@@ -18,6 +18,7 @@ from embedtrain.losses import PROXY_LOSSES
 from embedtrain.models.semantic_proxies import DMLModel, ProxyBank, save_dml_model
 from embedtrain.models.visual_prompts import PromptedViT, prompt_layout
 from embedtrain.models.vit_backbones import load_vit_backbone
+from embedtrain.train import compact
 from embedtrain.train.optim import parameter_groups
 from embedtrain.train.task import Task, module_with_state
 
@@ -43,8 +44,12 @@ def build_proxy_loss(r) -> torch.nn.Module:
     lo = r.loss
     metrix = {"metrix": lo.metrix, "metrix_weight": lo.metrix_weight, "metrix_beta": lo.metrix_beta}
     if lo.name == "proxy_anchor":
-        return PROXY_LOSSES.get(lo.name)(scale=lo.scale, margin=lo.margin, **metrix)
-    return PROXY_LOSSES.get(lo.name)(temperature=lo.temperature, **metrix)
+        loss = PROXY_LOSSES.get(lo.name)(scale=lo.scale, margin=lo.margin, **metrix)
+    else:
+        loss = PROXY_LOSSES.get(lo.name)(temperature=lo.temperature, **metrix)
+    # the proxy losses compare unit-length embeddings and proxies: each prefix is normalised again, and the
+    # proxies are cut and quantized as the embeddings are
+    return compact.wrap_loss(loss, lo.compact, True, ("embeddings", "proxies"))
 
 
 class MetricLearningTask(Task):
@@ -145,6 +150,7 @@ class MetricLearningTask(Task):
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
         model = module_with_state(model, state_dict, lambda: build_dml_model(self.recipe, len(self.train_classes)))
         save_dml_model(model, path, {"train_classes": self.train_classes, "test_classes": self.test_classes})
+        compact.write_record(path, self.recipe.loss.compact, model.encoder.embed_dim, True)
 
     def results(self) -> dict:
         return {"train_classes": len(self.train_classes), "test_classes": len(self.test_classes),

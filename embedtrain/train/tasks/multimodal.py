@@ -14,6 +14,7 @@ from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
 from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs, split_inputs
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import LOSSES, InfoNCELoss, SigmoidLoss
+from embedtrain.train import compact
 from embedtrain.train.optim import parameter_groups
 from embedtrain.train.step import chunk_sizes, grad_cache_step, plain_step, replay_sync
 from embedtrain.train.task import PairsTask, module_with_state
@@ -47,18 +48,22 @@ def build_encoder(r, device: Optional[torch.device] = None):
 
 
 def build_loss(r) -> torch.nn.Module:
+    """The recipe's contrastive loss, at every prefix and precision of loss.compact when set."""
     lo, gather = r.loss, r.train.gather_across_processes
     if r.kind == "clip":
         if lo.name == "siglip":
-            return SigmoidLoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+            loss = SigmoidLoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
                                bias=lo.bias, learnable_bias=lo.learnable_bias, gather_across_processes=gather)
-        # CLIP's loss: symmetric InfoNCE over the global batch with a learnable temperature
-        return InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
-                           symmetric=True, gather_across_processes=gather)
-    return LOSSES.get(lo.name)(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
-                               symmetric=lo.symmetric, in_batch_negatives=lo.in_batch_negatives,
-                               mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather,
-                               hardness_weight=lo.hardness_weight)
+        else:  # CLIP's loss: symmetric InfoNCE over the global batch with a learnable temperature
+            loss = InfoNCELoss(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                               symmetric=True, gather_across_processes=gather)
+    else:
+        loss = LOSSES.get(lo.name)(temperature=lo.temperature, learnable_temperature=lo.learnable_temperature,
+                                   symmetric=lo.symmetric, in_batch_negatives=lo.in_batch_negatives,
+                                   mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather,
+                                   hardness_weight=lo.hardness_weight)
+    normalize = True if r.kind == "clip" else r.model.normalize  # CLIP's features are always unit length
+    return compact.wrap_loss(loss, lo.compact, normalize, ("query", "positive", "negative"))
 
 
 def evaluate_tasks(encoder, tasks, batch_size: int, show_progress: bool = True) -> dict[str, float]:
@@ -150,6 +155,8 @@ class MultimodalTask(PairsTask):
         loss_state = {k: getattr(loss_fn, k).detach().cpu() for k in ("log_scale", "bias")
                       if isinstance(getattr(loss_fn, k, None), torch.Tensor)}
         model.save(path, loss_state=loss_state)
+        compact.write_record(path, self.recipe.loss.compact, model.embedding_dim,
+                             self.recipe.kind == "clip" or self.recipe.model.normalize)
 
     def results(self) -> dict:
         return {"bad_images": {"skipped_before_training": len(self.bad_before),

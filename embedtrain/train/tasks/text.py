@@ -14,7 +14,7 @@ from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS, carve_probe
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
-from embedtrain.train import experts
+from embedtrain.train import compact, experts
 from embedtrain.train.nv_embed import (load_recipe_decoder, load_training_dataset, previous_stage_model,
                                        prompt_lengths, query_prompt_of)
 from embedtrain.train.optim import parameter_groups
@@ -25,14 +25,16 @@ METRICS = ("ndcg@10", "mrr@10", "recall@10")
 
 
 def build_loss(r) -> torch.nn.Module:
-    """The recipe's contrastive loss (no parameters to load: the epoch plan asks it which repeats are harmless)."""
-    return LOSSES.get(r.loss.name)(
+    """The recipe's contrastive loss (no parameters to load: the epoch plan asks it which repeats are harmless),
+    at every prefix and precision of loss.compact when set."""
+    loss = LOSSES.get(r.loss.name)(
         temperature=r.loss.temperature, learnable_temperature=r.loss.learnable_temperature,
         symmetric=r.loss.symmetric, in_batch_negatives=r.loss.in_batch_negatives,
         mask_false_negatives=r.loss.mask_false_negatives, gather_across_processes=r.train.gather_across_processes,
         # only the softmax losses take it (the recipe check refuses it elsewhere)
         **({"hardness_weight": r.loss.hardness_weight} if r.loss.hardness_weight else {}),
     )
+    return compact.wrap_loss(loss, r.loss.compact, r.model.normalize, ("query", "positive", "negative"))
 
 
 class TextTask(PairsTask):
@@ -102,6 +104,7 @@ class TextTask(PairsTask):
         self.batch_domains = experts.dataset_domains(encoder, r)
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
+        compact.check_dims(r.loss.compact, encoder.embedding_dim)
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
         with PartialState().main_process_first():
@@ -180,6 +183,7 @@ class TextTask(PairsTask):
         # a sharded model is written from a fresh unsharded copy that holds the gathered weights
         model = module_with_state(model, state_dict, lambda: self._load_encoder(torch.device("cpu"), lambda *_: None))
         model.save(path, state_dict=state_dict)
+        compact.write_record(path, self.recipe.loss.compact, model.embedding_dim, self.recipe.model.normalize)
 
     def card(self, model_dir: Path, baseline: dict, final: dict, seconds: float, steps: int, engine):
         from embedtrain.hub.run_card import card_for_run

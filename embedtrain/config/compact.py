@@ -1,0 +1,65 @@
+"""The ``loss.compact`` section: train the embedding for the prefixes and precisions it is served at.
+
+Shared by every kind whose model produces a vector; this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from embedtrain.errors import did_you_mean
+
+PRECISIONS = ("float32", "int8", "binary")
+
+
+@dataclass
+class CompactConfig:
+    dims: list[int] = field(default_factory=list)
+    """Prefix lengths to train (Matryoshka), largest first, e.g. [384, 256, 128, 64]; empty = the whole embedding only."""
+    dim_weights: list[float] = field(default_factory=list)
+    """Weight of each prefix's loss, one per entry of dims (empty = 1 each)."""
+    precisions: list[str] = field(default_factory=lambda: ["float32"])
+    """Precisions trained (straight-through) at every prefix and evaluated: float32, int8, binary."""
+    precision_weights: list[float] = field(default_factory=list)
+    """Weight of each precision's loss, one per entry of precisions (empty = 1 each)."""
+    rescore_top_k: int = 40
+    """Evaluation: binary search keeps this many documents per query, then float32 embeddings re-rank them."""
+
+
+def compact_dims(c: CompactConfig) -> list[Optional[int]]:
+    """The prefixes a run trains and evaluates; None stands for the whole embedding."""
+    return list(c.dims) if c.dims else [None]
+
+
+def compact_weights(c: CompactConfig) -> tuple[list[float], list[float]]:
+    """(weight per prefix, weight per precision), 1 where the recipe gives none."""
+    return (list(c.dim_weights) or [1.0] * len(compact_dims(c)),
+            list(c.precision_weights) or [1.0] * len(c.precisions))
+
+
+def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = "loss.compact") -> None:
+    if c is None:
+        return
+    if any(d < 1 for d in c.dims):
+        problems.append(f"{where}.dims: every prefix must be at least 1 dimension, got {c.dims}")
+    if len(set(c.dims)) != len(c.dims):
+        problems.append(f"{where}.dims: {c.dims} names a prefix twice")
+    if c.dim_weights and len(c.dim_weights) != len(c.dims):
+        problems.append(f"{where}.dim_weights: {len(c.dim_weights)} weights for {len(c.dims)} dims; give one per prefix")
+    if not c.precisions:
+        problems.append(f"{where}.precisions: empty; give at least one of {', '.join(PRECISIONS)}")
+    for p in c.precisions:
+        if p not in PRECISIONS:
+            problems.append(f"{where}.precisions: {p!r} is not a precision{did_you_mean(p, PRECISIONS)}; "
+                            f"choose from {', '.join(PRECISIONS)}")
+    if len(set(c.precisions)) != len(c.precisions):
+        problems.append(f"{where}.precisions: {c.precisions} names a precision twice")
+    if c.precision_weights and len(c.precision_weights) != len(c.precisions):
+        problems.append(f"{where}.precision_weights: {len(c.precision_weights)} weights for {len(c.precisions)} "
+                        "precisions; give one per precision")
+    for name in ("dim_weights", "precision_weights"):
+        if any(w < 0 for w in getattr(c, name)):
+            problems.append(f"{where}.{name}: weights must be 0 or more, got {getattr(c, name)}")
+    if c.rescore_top_k < 1:
+        problems.append(f"{where}.rescore_top_k: must be at least 1, got {c.rescore_top_k}")

@@ -1,0 +1,129 @@
+"""Training for compact embeddings: nested prefixes (Matryoshka) and the precision they are served at.
+
+:class:`CompactLoss` wraps any loss that takes embeddings and applies it to every (prefix, precision) pair
+of the recipe; :func:`binarize_straight_through` and :func:`int8_straight_through` are the quantizers it
+trains through.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("float32", "int8", "binary")
+"""Precisions an embedding is trained and served at: float32, int8 (256 levels per dimension), binary (1 bit)."""
+
+
+def binarize_straight_through(x: torch.Tensor) -> torch.Tensor:
+    r"""The sign code of ``x`` scaled to unit length, with the straight-through gradient.
+
+    Forward: :math:`b = \operatorname{sign}(x) / \sqrt{d}` with sign(0) = -1 (a bit is 1 where x > 0, as
+    ``quantize_embeddings(..., "ubinary")`` packs it), so :math:`b \cdot b' = 1 - 2\,\mathrm{hamming}(b, b')/d`
+    ranks exactly as the Hamming distance does. Backward: :math:`\partial b / \partial x = I` (Bengio et al.,
+    "Estimating or Propagating Gradients Through Stochastic Neurons", arXiv:1308.3432; binary embedding
+    retrieval trained this way as in Gan et al., "Binary Embedding-based Retrieval at Tencent", arXiv:2302.08714).
+    Shapes: (..., d) -> (..., d).
+    """
+    d = x.shape[-1]
+    code = torch.where(x > 0, 1.0, -1.0).to(x.dtype) / d ** 0.5
+    return x + (code - x).detach()
+
+
+def int8_straight_through(x: torch.Tensor, ranges: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""``x`` quantized to 256 levels per dimension and dequantized, with the straight-through gradient.
+
+    The levels are those of ``sentence_transformers.quantization.quantize_embeddings(..., "int8")``: with
+    per-dimension ``ranges`` = (min, max) of shape (2, d) (default: of this batch, detached), step
+    :math:`s = (\max - \min)/255` and code :math:`c = \lfloor (x - \min)/s \rfloor - 128` (cast to int8);
+    the value is :math:`(c + 128)\,s + \min`. Backward: identity. Shapes: (N, d) -> (N, d).
+    """
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if ranges is None:
+        ranges = torch.stack([flat.min(0).values, flat.max(0).values])
+    start, steps = ranges[0], (ranges[1] - ranges[0]) / 255
+    steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # a constant dimension keeps its one level
+    # floor((x - start)/steps) - 128, saturated to int8, as numpy's astype(int8) keeps values in [0, 255] - 128
+    codes = (torch.floor((x.detach() - start) / steps) - 128).clamp(-128, 127)
+    value = (codes + 128) * steps + start
+    return x + (value - x).detach()
+
+
+class CompactLoss(nn.Module):
+    r"""A loss applied at nested prefixes of the embedding and at the precisions it is served at.
+
+    For prefix lengths :math:`d_1 > \dots > d_m` with weights :math:`w_j`, precisions :math:`p` with weights
+    :math:`v_p`, and the wrapped loss :math:`\mathcal{L}` (InfoNCE, sigmoid, a proxy loss, ...):
+
+    .. math::
+        \mathcal{L}_{\text{compact}} = \sum_j w_j \sum_p v_p\,
+            \mathcal{L}\bigl(Q_p(\operatorname{norm}(e_{1:d_j})) \text{ for every embedding argument } e\bigr)
+
+    where :math:`e_{1:d}` keeps the first d dimensions, norm re-normalises it to unit length when the model
+    normalises its embeddings (``normalize``; else the identity), and :math:`Q_p` is the identity for
+    float32, :func:`int8_straight_through` for int8 and :func:`binarize_straight_through` for binary.
+    Matryoshka representation learning: Kusupati et al., arXiv:2205.13147.
+
+    ``embedding_arguments`` names the wrapped loss's arguments that are embeddings (shape (N, d), the same d
+    for all; None passes through); the others (ids, labels) are passed unchanged. Under GradCache the wrapper
+    sees the cached embeddings like any loss, and across processes the wrapped loss gathers each prefix as
+    it gathers whole embeddings. Returns the wrapped loss's figures at the first prefix and precision (the
+    full float embedding, in the usual recipe), with ``loss`` the weighted sum and ``loss/<d>/<precision>``
+    for every term.
+    """
+
+    def __init__(self, inner: nn.Module, dims: Sequence[int], dim_weights: Sequence[float],
+                 precisions: Sequence[str], precision_weights: Sequence[float], normalize: bool,
+                 embedding_arguments: Sequence[str]):
+        super().__init__()
+        if len(dims) != len(dim_weights) or not dims:
+            raise ValueError(f"dims {list(dims)} and dim_weights {list(dim_weights)} need the same, non-zero length")
+        if len(precisions) != len(precision_weights) or not precisions:
+            raise ValueError(f"precisions {list(precisions)} and precision_weights {list(precision_weights)} "
+                             "need the same, non-zero length")
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precisions {unknown}; choose from {', '.join(PRECISIONS)}")
+        self.inner = inner
+        self.dims, self.dim_weights = list(dims), [float(w) for w in dim_weights]
+        self.precisions, self.precision_weights = list(precisions), [float(w) for w in precision_weights]
+        self.normalize = normalize
+        self.embedding_arguments = tuple(embedding_arguments)
+        self._names = list(inspect.signature(inner.forward).parameters)
+
+    def __getattr__(self, name: str):
+        # what the trainer asks of a loss (masks_repeated_documents, in_batch_negatives, ...) is the wrapped loss's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+    def prefix(self, x: torch.Tensor, dim: int, precision: str) -> torch.Tensor:
+        """One embedding argument as the term (dim, precision) sees it."""
+        x = x[..., :dim]
+        if self.normalize:
+            x = F.normalize(x, dim=-1)
+        if precision == "binary":
+            return binarize_straight_through(x)
+        if precision == "int8":
+            return int8_straight_through(x)
+        return x
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        named = dict(zip(self._names, args), **kwargs)
+        full = next(named[a].shape[-1] for a in self.embedding_arguments if named.get(a) is not None)
+        if max(self.dims) > full:
+            raise ValueError(f"a prefix of {max(self.dims)} dimensions is longer than the embedding ({full})")
+        total, first, terms = 0.0, None, {}
+        for dim, w in zip(self.dims, self.dim_weights):
+            for precision, v in zip(self.precisions, self.precision_weights):
+                call = {k: (self.prefix(t, dim, precision) if k in self.embedding_arguments and t is not None else t)
+                        for k, t in named.items()}
+                out = self.inner(**call)
+                total = total + w * v * out["loss"]
+                terms[f"loss/{dim}/{precision}"] = out["loss"].detach()
+                first = out if first is None else first
+        return {**first, "loss": total, **terms}

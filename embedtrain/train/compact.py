@@ -1,0 +1,43 @@
+"""``loss.compact`` in a run: wrap the recipe's loss in :class:`~embedtrain.losses.compact.CompactLoss`,
+check the prefixes against the model, and record what the saved model was trained for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch import nn
+
+from embedtrain.config.compact import CompactConfig, compact_dims, compact_weights
+from embedtrain.errors import EmbedtrainError
+from embedtrain.losses.compact import CompactLoss
+from embedtrain.models import compact_record
+
+
+def wrap_loss(loss: nn.Module, compact: Optional[CompactConfig], normalize: bool,
+              embedding_arguments: Sequence[str]) -> nn.Module:
+    """The recipe's loss, applied at every prefix and precision of ``compact`` (the loss itself when None)."""
+    if compact is None:
+        return loss
+    dim_weights, precision_weights = compact_weights(compact)
+    return CompactLoss(loss, compact_dims(compact), dim_weights, compact.precisions, precision_weights, normalize,
+                       embedding_arguments)
+
+
+def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:
+    """A prefix longer than the model's embedding is a recipe error (found once the model is loaded)."""
+    if compact is not None and compact.dims and max(compact.dims) > embedding_dim:
+        raise EmbedtrainError(f"loss.compact.dims: {max(compact.dims)} is longer than the model's "
+                              f"{embedding_dim}-dimensional embedding; use prefixes of at most {embedding_dim}")
+
+
+def served_dims(compact: CompactConfig, embedding_dim: int) -> list[int]:
+    """The prefixes, the whole embedding standing for None, largest first."""
+    return sorted({d or embedding_dim for d in compact_dims(compact)}, reverse=True)
+
+
+def write_record(model_dir: Path, compact: Optional[CompactConfig], embedding_dim: int, normalize: bool) -> None:
+    """compact_embeddings.json in the saved model (see embedtrain.models.compact_record); nothing when off."""
+    if compact is not None:
+        compact_record.write_record(model_dir, served_dims(compact, embedding_dim), compact.precisions, normalize,
+                                    compact.rescore_top_k)

@@ -1,0 +1,81 @@
+"""A short run with loss.compact: every term is logged, the saved folder records its prefixes and precisions, and
+sentence-transformers reproduces the truncated and quantized embeddings embedtrain evaluates."""
+
+import json
+
+import numpy as np
+
+from embedtrain.config import recipe_from_dict
+from embedtrain.train.loop import train
+
+from conftest import tiny_recipe
+
+COMPACT = {"dims": [32, 16, 8], "dim_weights": [1.0, 0.5, 0.5], "precisions": ["float32", "int8", "binary"]}
+
+
+def test_compact_run_saves_a_folder_sentence_transformers_truncates_and_quantizes_alike(tiny_bert, pairs_file, beir_dir,
+                                                                                      tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from embedtrain.eval.compact import prefix, quantize
+    from embedtrain.models import load_text_encoder
+
+    recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", loss={"compact": COMPACT},
+                         train={"gradient_cache_chunk_size": 4})
+    result = train(recipe_from_dict(recipe), log=lambda *_: None)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = next(line for line in lines if "loss" in line)
+    assert {f"loss/{d}/{p}" for d in COMPACT["dims"] for p in COMPACT["precisions"]} <= set(logged)
+
+    record = json.loads((result.model_dir / "compact_embeddings.json").read_text())
+    assert record["dims"] == [32, 16, 8] and record["precisions"] == COMPACT["precisions"]
+    assert record["sentence_transformers_precision"]["binary"] == "ubinary"
+    card = (result.model_dir / "README.md").read_text()
+    assert "| Trained prefixes (`truncate_dim`) | 32, 16, 8 |" in card
+    assert "`float32`, `int8`, `ubinary`" in card
+
+    texts = ["small red tree", "computer network data", "the river is dark", "music and sound", "open a road",
+             "a fast child", "blue water", "read and write", "the city light", "green plant", "slow machine",
+             "break the tool"]
+    ours = load_text_encoder(str(result.model_dir)).encode(texts).numpy()
+    for dim in record["dims"]:
+        st = SentenceTransformer(str(result.model_dir), device="cpu", truncate_dim=dim)
+        theirs = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        mine = prefix(ours, dim)
+        assert theirs.shape == (len(texts), dim)
+        # 1e-5: the same float32 forward through two wrappers, normalised once more after truncation
+        assert np.allclose(mine, theirs, atol=1e-5)
+        # the codes agree wherever a value is not within that 1e-5 of a bucket edge (where either side may round)
+        sure = np.abs(mine) > 1e-5
+        np.testing.assert_array_equal(np.unpackbits(quantize(mine, "binary"), axis=-1)[sure],
+                                      np.unpackbits(quantize_embeddings(theirs, "ubinary"), axis=-1)[sure])
+        lo, step = mine.min(0), (mine.max(0) - mine.min(0)) / 255
+        position = (mine - lo) / step
+        sure = np.abs(position - np.round(position)) > 1e-5 / step  # per dimension: 1e-5 in bucket units
+        ours_int8 = quantize(mine, "int8", mine)
+        theirs_int8 = quantize_embeddings(theirs, "int8", calibration_embeddings=theirs)
+        assert sure.mean() > 0.5 and np.array_equal(ours_int8[sure], theirs_int8[sure])
+
+    # embedtrain eval --compact reports the table at the prefixes and precisions the folder records
+    from embedtrain.cli import main
+
+    assert main(["eval", "--model", str(result.model_dir), "--local-task", str(beir_dir), "--compact",
+                 "--output", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "compact.json").read_text())
+    rows = {(r["dims"], r["precision"]) for r in report[0]["table"]}
+    assert rows == {(d, p) for d in (32, 16, 8)
+                    for p in ("float32", "int8", "binary", "binary+rescore", "binary+float_rescore")}
+    assert "| 8 | binary | 1 |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(result.model_dir), "--compact", "--output", str(tmp_path / "e2")]) == 2
+    assert "--compact: give the BEIR folders" in capsys.readouterr().err
+
+
+def test_a_prefix_longer_than_the_embedding_is_one_error(tiny_bert, pairs_file, tmp_path):
+    import pytest
+
+    from embedtrain.errors import EmbedtrainError
+
+    recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", loss={"compact": {"dims": [64, 16]}})
+    with pytest.raises(EmbedtrainError, match=r"loss.compact.dims: 64 is longer than the model's 32-dimensional"):
+        train(recipe_from_dict(recipe), log=lambda *_: None)

@@ -1,0 +1,48 @@
+"""loss.compact: defaults, every problem at once with its dotted path, and the CLI override form."""
+
+import pytest
+
+from embedtrain.config import recipe_from_dict
+from embedtrain.config.compact import compact_dims, compact_weights
+from embedtrain.errors import ConfigError
+
+from conftest import tiny_recipe
+
+
+@pytest.fixture
+def recipe_dict(tiny_bert, pairs_file, tmp_path):
+    return tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")
+
+
+def test_off_by_default_and_defaults_fill_in(recipe_dict):
+    assert recipe_from_dict(recipe_dict).loss.compact is None
+    recipe_dict["loss"]["compact"] = {"dims": [32, 16]}
+    c = recipe_from_dict(recipe_dict).loss.compact
+    assert c.precisions == ["float32"] and compact_weights(c) == ([1.0, 1.0], [1.0])
+    recipe_dict["loss"]["compact"] = {"precisions": ["binary"]}
+    assert compact_dims(recipe_from_dict(recipe_dict).loss.compact) == [None]  # the whole embedding
+
+
+def test_every_problem_is_reported_with_its_path(recipe_dict):
+    recipe_dict["loss"]["compact"] = {"dims": [32, 0, 32], "dim_weights": [1.0], "precisions": ["binery", "int8"],
+                                      "precision_weights": [1.0, -1.0], "rescore_top_k": 0}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(recipe_dict)
+    text = "\n".join(err.value.problems)
+    assert "loss.compact.dims: every prefix must be at least 1" in text
+    assert "loss.compact.dims: [32, 0, 32] names a prefix twice" in text
+    assert "loss.compact.dim_weights: 1 weights for 3 dims" in text
+    assert "loss.compact.precisions: 'binery' is not a precision (did you mean 'binary'?)" in text
+    assert "loss.compact.precision_weights: weights must be 0 or more" in text
+    assert "loss.compact.rescore_top_k: must be at least 1" in text
+
+
+def test_the_override_form_the_benchmark_uses(recipe_dict, tmp_path):
+    import yaml
+
+    from embedtrain.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict))
+    r = load_recipe(str(path), ["loss.compact={dims: [32, 16], precisions: [float32, binary]}"])
+    assert r.loss.compact.dims == [32, 16] and r.loss.compact.precisions == ["float32", "binary"]
