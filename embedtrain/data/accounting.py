@@ -99,7 +99,7 @@ def problems(accounts: Sequence[DatasetAccount], max_dropped_share: float, globa
                    if a.dropped.get("duplicates") else f"it has {a.rows_drawn} rows per epoch")
             lines.append(f"{where}: yields no full batch of {global_batch} rows ({why}); lower data.batch_size, "
                          "add rows, or remove the dataset")
-        elif a.lost_share > max_dropped_share:
+        elif a.lost_share > max_dropped_share + 1e-9:  # exactly the allowed share is allowed (float rounding)
             drops = ", ".join(f"{n} by {rule}" for rule, n in a.dropped.items())
             lines.append(f"{where}: {100 * a.lost_share:.1f}% of its rows would never train ({drops}), more than "
                          f"data.max_dropped_share ({max_dropped_share:g}); fix the data, or raise "

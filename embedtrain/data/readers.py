@@ -59,14 +59,31 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def _plain_arrow(ds, name: str) -> bool:
+    """Whether a column's Arrow values are its Python values (plain text or lists of numbers); columns that
+    ``datasets`` decodes on access (JSON of mixed types, images, ...) are not."""
+    import datasets
+
+    feature = ds.features[name]
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    inner = getattr(feature, "feature", None)  # a list column: List(Value) / Sequence(Value)
+    return isinstance(inner, datasets.Value) and inner.dtype not in ("string", "large_string", "binary")
+
+
 def column_list(ds, name: str) -> list:
-    """A whole column of a ``datasets.Dataset`` as a Python list, read through Arrow in one call (indexing the
-    lazy column element by element costs a table look-up per element: minutes for millions of rows)."""
-    return ds.with_format("arrow")[name].to_pylist()
+    """A whole column of a ``datasets.Dataset`` as a Python list, read through Arrow in one call when its values
+    need no decoding (indexing the lazy column element by element costs a table look-up per element: minutes for
+    millions of rows); other columns are decoded by ``datasets`` as usual."""
+    if _plain_arrow(ds, name):
+        return ds.with_format("arrow")[name].to_pylist()
+    return list(ds[name])
 
 
 def column_lengths(ds, name: str) -> list[int]:
-    """The length of every value of a list or string column, computed by Arrow."""
+    """The length of every value of a text or list column (computed by Arrow when the values need no decoding)."""
+    if not _plain_arrow(ds, name):
+        return [len(v) for v in column_list(ds, name)]
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -100,9 +100,14 @@ def test_bad_image_stops_before_training_with_row_and_path(tmp_path, capsys):
 
 def test_bad_images_skipped_and_counted(tmp_path, capsys):
     overrides = _rows_recipe(tmp_path, {3: "missing", 9: "garbage"})
-    assert main(["train", CLIP_TINY, *overrides, "data.bad_images=skip"]) == 0
+    # 2 of the 40 rows (5%) are more than a recipe allowing 4% may lose: an error before training that says so
+    assert main(["train", CLIP_TINY, *overrides, "data.bad_images=skip", "data.max_dropped_share=0.04"]) == 2
+    err = capsys.readouterr().err
+    assert "2 by bad_images" in err and "data.max_dropped_share" in err
+    assert main(["train", CLIP_TINY, *overrides, "data.bad_images=skip"]) == 0  # the default allows 5%
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["bad_images"] == {"skipped_before_training": 2, "replaced_during_training": 0}
+    assert results["data"][0]["dropped"] == {"bad_images": 2} and results["data"][0]["rows_read"] == 40
 
 
 def test_resume_continues_to_the_same_weights(tmp_path):
