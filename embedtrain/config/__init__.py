@@ -126,6 +126,9 @@ def recipe_kind(data: dict) -> str:
         if any(key in data for key in OLD_DML_SECTIONS):
             raise ConfigError(["kind: missing; a metric-learning recipe starts with kind: dml and puts backbone, "
                                "tuning and proxies under model (see recipes/dml/vpt_proxies_emoji.yaml)"])
+        if "models" in data and ("methods" in data or "base" in data):
+            raise ConfigError(["this is a merge document (models, methods), not a training recipe; run it with "
+                               "embedtrain merge RECIPE"])
         return "text"
     kind = data["kind"]
     if kind not in KINDS:

@@ -55,3 +55,13 @@ def test_label_string_datasets_train_in_full_on_eight_gpus(stand_ins, monkeypatc
     assert plan["data"]["global_batch"] == 1024
     for name in MMEB_LABELS:
         assert by_name[name]["batches_per_epoch"] == 1 and "duplicates" not in by_name[name]["dropped"], by_name[name]
+
+
+def test_a_merge_document_is_not_planned_but_named(capsys, monkeypatch):
+    """Merge documents are run by `embedtrain merge`; plan (and train) say so in one line."""
+    from embedtrain.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "recipes/merge/wordnet_foldoc_self_positioning.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "merge document" in err[0] and "embedtrain merge" in err[0]
