@@ -134,8 +134,7 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
     steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
     if recipe.kind == "dml":
         backbone = shape.towers[0]
-        tokens = _vit_tokens(recipe)
-        return "patches", [[Work(backbone.name, "image", recipe.data.batch_size, tokens)]]
+        return "patches", [[Work(backbone.name, "image", recipe.data.batch_size, backbone.tokens)]]
     plan = task._plan(0)[: min(steps, settings.max_batches)]
     per = recipe.data.batch_size
     if recipe.kind == "text":
@@ -203,18 +202,11 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_li
     return how, out
 
 
-def _vit_tokens(recipe) -> int:
-    tu = recipe.model.tuning
-    size = 224
-    return (size // 16) ** 2 + 1 + tu.num_prompts
-
-
 def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per: int, at_limit: bool = False):
     towers = {t.name: t for t in shape.towers}
     works = []
     if recipe.kind == "clip":
-        image_tokens = _clip_image_tokens(recipe)
-        context = _clip_context(recipe)
+        image_tokens, context = towers["image"].tokens, towers["text"].tokens
         for b in plan:
             ds = task.datasets[b.dataset]
             w = []
@@ -247,25 +239,6 @@ def _multimodal_work(recipe, task, shape: ModelShape, plan, engine: Engine, per:
         works.append(worst)
     text = "text at model.max_length" if at_limit else f"text estimated from characters ({CHARS_PER_TOKEN} per token)"
     return f"{text} plus {merged} visual tokens per image (model.image_max_pixels)", works
-
-
-def _clip_image_tokens(recipe) -> int:
-    from dataclasses import asdict
-
-    from embedtrain.models.clip import architecture_config
-
-    cfg = architecture_config(**asdict(recipe.model.architecture))["vision_cfg"]
-    size = cfg.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    return (int(size) // int(cfg.get("patch_size", 16))) ** 2 + 1
-
-
-def _clip_context(recipe) -> int:
-    from dataclasses import asdict
-
-    from embedtrain.models.clip import architecture_config
-
-    return int(architecture_config(**asdict(recipe.model.architecture))["text_cfg"].get("context_length", 77))
 
 
 def format_plan(plan: dict) -> list[str]:

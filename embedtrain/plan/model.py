@@ -51,6 +51,9 @@ class Tower:
     lora_inputs: int = 0
     """Input features of one block's LoRA-adapted linears, summed (each keeps a dropped-out copy of its input)."""
     lora_dropout: bool = False
+    tokens: Optional[int] = None
+    """Tokens of every input when the model fixes them (an image's prefix and patch tokens, a CLIP text tower's
+    padded context); None when they come from the data."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -295,6 +298,9 @@ def _clip(recipe, model_config: Optional[str]) -> ModelShape:
     base = encoder._base()
     visual, text = base.visual, base.transformer
     towers = []
+    size = v.get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    tokens = {"image": (size // int(v.get("patch_size", 16))) ** 2 + 1, "text": int(t.get("context_length", 77))}
     for name, module, cfg, mode in (("image", visual, v, m.image_tower), ("text", text, t, m.text_tower)):
         width = int(cfg.get("width", 768 if name == "image" else 512))
         heads = int(cfg.get("heads", 8)) if name == "text" else max(1, width // int(cfg.get("head_width", 64)))
@@ -302,7 +308,8 @@ def _clip(recipe, model_config: Optional[str]) -> ModelShape:
         tower_total, tower_trainable, _, _ = count(module if name == "text" else visual)
         towers.append(Tower(name, int(cfg.get("layers", 12)), width, mlp, heads, width, False, tower_total,
                             tower_trainable, backward=mode != "frozen", fused_attention=True, family="vit",
-                            lora_inputs=_lora_inputs(module), lora_dropout=mode == "lora" and m.lora.dropout > 0))
+                            lora_inputs=_lora_inputs(module), lora_dropout=mode == "lora" and m.lora.dropout > 0,
+                            tokens=tokens[name]))
     return ModelShape(str(source), base_total, total, trainable, total_b, trainable_b, _block_bytes(visual), towers)
 
 
@@ -321,9 +328,12 @@ def _dml(recipe, classes: int) -> ModelShape:
     blocks = backbone.blocks()
     width = int(backbone.width)
     block_total = sum(p.numel() for blk in blocks for p in blk.parameters())
+    # prefix and patch tokens of one image (its shape alone: works on the meta device), then the first block's prompts
+    pixels = torch.zeros(1, 3, *backbone.image_size, device=next(backbone.parameters()).device)
+    tokens = int(backbone.embed(pixels).shape[1]) + recipe.model.tuning.num_prompts
     tower = Tower("image", len(blocks), width, 4 * width, max(1, width // 64), width, False, block_total,
                   sum(p.numel() for blk in blocks for p in blk.parameters() if p.requires_grad),
-                  backward=True, fused_attention=True, family="vit")
+                  backward=True, fused_attention=True, family="vit", tokens=tokens)
     notes = [f"proxies counted for {classes} training classes"]
     return ModelShape(f"{b.kind}:{b.name_or_path}", base_total, total, trainable, total_b, trainable_b,
                       max((sum(p.numel() * p.element_size() for p in blk.parameters()) for blk in blocks), default=0),
