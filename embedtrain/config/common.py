@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
-from embedtrain.config.schema import DATA_SUFFIXES, looks_local, resolve_path
+from embedtrain.config.schema import local_data_files, looks_local, resolve_path
 from embedtrain.errors import EmbedtrainError
 
 
 @dataclass
 class DatasetSource:
     path: str = ""
-    """A local .jsonl/.json/.csv/.parquet file, or a Hub dataset id."""
+    """A local .jsonl/.json/.csv/.parquet file, a folder or glob of such shards (or of webdataset .tar shards), or a Hub dataset id."""
     name: Optional[str] = None
     """Short name used in logs and for task-homogeneous batching (defaults to the file stem)."""
     split: str = "train"
@@ -296,11 +296,10 @@ def check_datasets(entries: Sequence[DatasetSource], where: str, name_of: Callab
         if not ds.path:
             problems.append(f"{at}.path: missing; give a local file or a Hub dataset id")
         elif files and looks_local(ds.path):
-            p = resolve_path(ds.path)
-            if not os.path.isfile(p):
-                problems.append(f"{at}.path: file {p} does not exist; check the path")
-            elif Path(p).suffix not in DATA_SUFFIXES:
-                problems.append(f"{at}.path: {p} has an unsupported format; use .jsonl, .json, .csv or .parquet")
+            try:
+                local_data_files(ds.path)
+            except EmbedtrainError as err:
+                problems.append(f"{at}.path: {err}")
         name = name_of(ds)
         if name in seen:
             problems.append(f"{at}.name: '{name}' is used twice; give each dataset its own name")

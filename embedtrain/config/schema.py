@@ -21,7 +21,10 @@ import yaml
 from embedtrain.errors import ConfigError, EmbedtrainError, did_you_mean
 
 PACKAGE_SCHEME = "pkg://"
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+#: file suffix -> the ``datasets`` builder that reads it (``.tar``: webdataset shards)
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tar": "webdataset"}
+DATA_SUFFIXES = tuple(DATA_FORMATS)
+_SUFFIX_LIST = ", ".join(DATA_SUFFIXES)
 T = TypeVar("T")
 
 
@@ -232,12 +235,42 @@ def resolve_path(path: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+def local_data_files(path: str) -> tuple[str, list[str]]:
+    """A local dataset path as (``datasets`` builder, files): one file, a folder of shards (its files of one
+    supported format, sorted by name; subfolders are not read) or a glob pattern (``data/train-*.parquet``).
+    Raises :class:`EmbedtrainError` naming what is wrong and the fix."""
+    import glob
+
+    p = resolve_path(path)
+    if any(c in p for c in "*?["):
+        files = sorted(f for f in glob.glob(p) if os.path.isfile(f))
+        if not files:
+            raise EmbedtrainError(f"{p}: no file matches this pattern; check the path")
+    elif os.path.isdir(p):
+        files = sorted(str(f) for f in Path(p).iterdir() if f.is_file() and f.suffix in DATA_FORMATS)
+        if not files:
+            raise EmbedtrainError(f"{p}: a folder with no data file ({_SUFFIX_LIST}); check the path")
+    elif os.path.isfile(p):
+        files = [p]
+    else:
+        raise EmbedtrainError(f"file {p} does not exist; check the path")
+    suffixes = sorted({Path(f).suffix for f in files})
+    if any(s not in DATA_FORMATS for s in suffixes):
+        bad = next(f for f in files if Path(f).suffix not in DATA_FORMATS)
+        raise EmbedtrainError(f"{bad} has an unsupported format; use {_SUFFIX_LIST}")
+    builders = {DATA_FORMATS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise EmbedtrainError(f"{p}: shards of more than one format ({', '.join(suffixes)}); give one format per dataset")
+    return builders.pop(), files
+
+
 def looks_local(path: str) -> bool:
     """True for things that are clearly file-system paths rather than Hub ids."""
     return (
         path.startswith((PACKAGE_SCHEME, "/", "./", "../", "~"))
         or os.path.exists(path)
         or Path(path).suffix in DATA_SUFFIXES
+        or any(c in path for c in "*?[")
         or path.count("/") > 1
     )
 

@@ -13,8 +13,6 @@ from typing import Optional
 
 from embedtrain.errors import EmbedtrainError
 
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 @dataclass
 class PairDataset:
@@ -94,20 +92,21 @@ def column_lengths(ds, name: str) -> list[int]:
 
 
 def load_table(path: str, where: str, split: str = "train", subset: Optional[str] = None):
-    """A local .jsonl/.json/.csv/.parquet file or a Hub dataset (``subset``: its configuration) as a
-    ``datasets.Dataset``, and the name to use for it in messages."""
+    """A local .jsonl/.json/.csv/.parquet/.tar file, a folder or glob of such shards, or a Hub dataset
+    (``subset``: its configuration) as a ``datasets.Dataset``, and the name to use for it in messages."""
     import datasets
 
-    from embedtrain.config import looks_local, resolve_path
+    from embedtrain.config.schema import local_data_files, looks_local
 
     datasets.disable_progress_bars()
     try:
         if looks_local(path):
-            file = resolve_path(path)
-            suffix = Path(file).suffix
-            if suffix not in FORMATS:
-                raise EmbedtrainError(f"{where}.path: {file} has an unsupported format; use .jsonl, .json, .csv or .parquet")
-            return datasets.load_dataset(FORMATS[suffix], data_files=file, split="train"), file
+            try:
+                builder, files = local_data_files(path)
+            except EmbedtrainError as err:
+                raise EmbedtrainError(f"{where}.path: {err}") from None
+            source = files[0] if len(files) == 1 else f"{path} ({len(files)} shards)"
+            return datasets.load_dataset(builder, data_files=files, split="train"), source
         return datasets.load_dataset(path, subset, split=split), path
     except EmbedtrainError:
         raise

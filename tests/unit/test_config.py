@@ -254,3 +254,27 @@ def test_loss_and_averaging_options_default_to_off_and_are_checked(tmp_path):
         recipe_from_dict(base)
     base["loss"] = {"name": "gte", "hardness_weight": 3.0}
     assert recipe_from_dict(base).loss.name == "gte"
+
+
+def test_local_data_files_reads_a_file_a_folder_of_shards_or_a_glob(tmp_path):
+    """One file, a folder (its data files sorted, other files ignored) or a pattern; mixed formats and empty
+    matches are one line naming the path."""
+    from embedtrain.config.schema import local_data_files
+    from embedtrain.errors import EmbedtrainError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("b-01.parquet", "a-00.parquet", "README.md"):
+        (shards / name).write_text("x")
+    assert local_data_files(str(shards)) == ("parquet", [str(shards / "a-00.parquet"), str(shards / "b-01.parquet")])
+    assert local_data_files(str(shards / "b-*.parquet")) == ("parquet", [str(shards / "b-01.parquet")])
+    assert local_data_files(str(shards / "a-00.parquet")) == ("parquet", [str(shards / "a-00.parquet")])
+    (tmp_path / "one.tar").write_text("x")
+    assert local_data_files(str(tmp_path / "one.tar"))[0] == "webdataset"
+    (shards / "c.jsonl").write_text("x")
+    with pytest.raises(EmbedtrainError, match=r"shards of more than one format \(.jsonl, .parquet\)"):
+        local_data_files(str(shards))
+    with pytest.raises(EmbedtrainError, match="no file matches this pattern"):
+        local_data_files(str(shards / "z-*.parquet"))
+    with pytest.raises(EmbedtrainError, match="unsupported format"):
+        local_data_files(str(shards / "README.md"))
