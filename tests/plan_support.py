@@ -2,6 +2,7 @@
 schemas and label sets in tiny local files, and tiny local models; used by the plan tests and by
 scripts/plan_gpu_recipes.py."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -66,7 +67,15 @@ def build_stand_ins(root: Path) -> dict:
             Image.new("RGB", (4, 4), (c, k, 0)).save(folder / f"Bird_{c}_{k}.jpg")
     from embedtrain.models.tiny_vlm import build_tiny_qwen2_vl
 
-    return {"mmeb": mmeb, "msmarco": msmarco, "emotion": emotion, "cub": cub,
+    # the emoji shards recipes/clip/emoji_clip_webdataset.yaml reads (written by a script, not committed)
+    spec = importlib.util.spec_from_file_location("make_webdataset", REPO / "scripts" / "make_webdataset.py")
+    make_webdataset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_webdataset)
+    emoji = REPO / "data" / "emoji"
+    emoji_rows = [json.loads(line) for line in (emoji / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    make_webdataset.write_shards(emoji_rows, root / "emoji_wds", "name", "image", emoji)
+
+    return {"mmeb": mmeb, "msmarco": msmarco, "emotion": emotion, "cub": cub, "emoji_wds": root / "emoji_wds",
             "open_clip": build_tiny_open_clip(root / "emoji_clip_model"),
             "tiny_vlm": build_tiny_qwen2_vl(root / "tiny-qwen2-vl")}
 
@@ -85,6 +94,8 @@ def plan_inputs(path: str, s: dict):
             overrides += [f"data.train.{i}.path={s['msmarco']}", f"data.train.{i}.subset=null"]
         elif ds["path"] == "mteb/emotion":
             overrides.append(f"data.train.{i}.path={s['emotion']}")
+        elif ds["path"].startswith("data/emoji_wds/"):
+            overrides.append(f"data.train.{i}.path={s['emoji_wds'] / Path(ds['path']).name}")
         elif ds["path"].startswith("data/mmeb/"):
             overrides.append(f"data.train.{i}.path={s['mmeb'][ds['name']]}")
     if path.startswith("recipes/mistral-7b/"):

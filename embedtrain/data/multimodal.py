@@ -3,7 +3,9 @@
 :func:`read_multimodal_pairs` reads a local file (or a Hub dataset) with explicit columns per role,
 resolves image paths, and checks every row before training: texts must be non-empty strings, image
 files must exist (and, with ``verify``, decode). A bad image is reported with its file, row, column
-and path; with ``bad_images='skip'`` its row is dropped and counted instead.
+and path; with ``bad_images='skip'`` its row is dropped and counted instead. Webdataset shards (a folder
+or glob of ``.tar`` files, see :mod:`embedtrain.data.webdataset`) are read the same way: image columns are
+named by the members' extension (``png``), and problems name the shard and the sample's key.
 
 :class:`MultimodalCollator` turns planned rows into model inputs. Images are read here, so with
 ``num_workers > 0`` they are decoded in the DataLoader workers; the model-specific part (tokenizer,
@@ -26,6 +28,10 @@ import torch
 
 from embedtrain.data.readers import column_list, load_table
 from embedtrain.data.sampler import PlannedBatch
+from embedtrain.data.webdataset import (
+    KEY_COLUMN, SHARD_COLUMN, flatten_fields, image_identity, is_webdataset, member_name, sample_image,
+    sample_location,
+)
 from embedtrain.errors import EmbedtrainError
 
 ImageRef = Union[str, bytes]
@@ -43,9 +49,11 @@ class BadImage:
     column: str
     image: str  # path, or a description of in-dataset bytes
     reason: str  # "not found" or "cannot be decoded (...)"
+    key: Optional[str] = None  # the sample's key when ``source`` is a webdataset shard
 
     def message(self) -> str:
-        return f"{self.source} row {self.row}: image {self.image} (column '{self.column}') {self.reason}"
+        where = f"{self.source} row {self.row}" if self.key is None else sample_location(self.source, self.key)
+        return f"{where}: image {self.image} (column '{self.column}') {self.reason}"
 
 
 @dataclass
@@ -71,6 +79,8 @@ class MultimodalPairs:
     skipped: list[BadImage] = field(default_factory=list)
     #: rows of the source left out by a rule before training, per rule (see embedtrain.data.accounting)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: (shard, key) of every kept row when the source is webdataset shards, else None
+    samples: Optional[list[tuple[str, str]]] = None
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -88,11 +98,18 @@ class MultimodalPairs:
 
     def describe_image(self, role: str, i: int) -> str:
         ref = self.images[role][i]
-        return ref if isinstance(ref, str) else f"<{len(ref)} bytes in the dataset>"
+        if isinstance(ref, str):
+            return ref
+        if self.samples is not None:
+            return f"{member_name(self.samples[i][1], self.columns[role][1] or '')} ({len(ref)} bytes)"
+        return f"<{len(ref)} bytes in the dataset>"
 
     def bad_image(self, role: str, i: int, reason: str) -> BadImage:
-        return BadImage(self.source, self.line_numbers[i], self.columns[role][1] or "", self.describe_image(role, i),
-                        reason)
+        column = self.columns[role][1] or ""
+        if self.samples is not None:
+            shard, key = self.samples[i]
+            return BadImage(shard, self.line_numbers[i], column, self.describe_image(role, i), reason, key)
+        return BadImage(self.source, self.line_numbers[i], column, self.describe_image(role, i), reason)
 
 
 def content_hash(data: Union[str, bytes]) -> int:
@@ -136,6 +153,18 @@ def _image_ref(value, root: Path, source: str, row: int, column: str) -> ImageRe
     return str(path if path.is_absolute() else root / path)
 
 
+def _sample_image_ref(value, shard: str, key: str, column: str) -> bytes:
+    """A webdataset sample's image as encoded bytes; a sample without the member is one line naming it. (An
+    empty member is kept as no bytes, so that the image check reports it like any undecodable image.)"""
+    image = sample_image(value)
+    if image is not None:
+        return image
+    if value is None:
+        raise EmbedtrainError(f"{sample_location(shard, key)}: no '{column}' member (the image column); "
+                              "add it to the sample or remove the sample")
+    return b""
+
+
 def read_multimodal_pairs(
     path: str,
     where: str,
@@ -165,6 +194,7 @@ def read_multimodal_pairs(
 
     root = Path(resolve_path(image_root)) if image_root else default_root
     wanted = [c for pair in columns.values() for c in pair if c is not None]
+    ds = flatten_fields(ds, wanted)
     missing = [c for c in dict.fromkeys(wanted) if c not in ds.column_names]
     if missing:
         raise EmbedtrainError(
@@ -175,7 +205,13 @@ def read_multimodal_pairs(
         ds = ds.select(range(min(max_rows, len(ds))))
     for column in dict.fromkeys(c for _, c in columns.values() if c is not None):
         if isinstance(ds.features.get(column), datasets.Image):
-            ds = ds.cast_column(column, datasets.Image(decode=False))
+            ds = ds.cast_column(column, datasets.Image(decode=False))  # keep the encoded bytes, decode per batch
+    # webdataset shards: each row is a sample of a shard; messages name the shard and the key, not a row number
+    samples = list(zip(column_list(ds, SHARD_COLUMN), column_list(ds, KEY_COLUMN))) if is_webdataset(ds.column_names) \
+        else None
+
+    def at(i: int) -> str:
+        return f"{source} row {i + 1}" if samples is None else sample_location(*samples[i])
 
     texts: dict[str, Optional[list[str]]] = {}
     images: dict[str, Optional[list[ImageRef]]] = {}
@@ -186,19 +222,26 @@ def read_multimodal_pairs(
             for i, value in enumerate(values):
                 if value is None and image_col is not None:
                     values[i] = value = ""  # an image with no text
+                if value is None and samples is not None:
+                    raise EmbedtrainError(f"{at(i)}: no '{text_col}' member (the text column); "
+                                          "add it to the sample or remove the sample")
                 if not isinstance(value, str):
-                    raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is {type(value).__name__}, "
+                    raise EmbedtrainError(f"{at(i)}: column '{text_col}' is {type(value).__name__}, "
                                           "not text; fix or remove the row")
                 if not value.strip() and image_col is None:
-                    raise EmbedtrainError(f"{source} row {i + 1}: column '{text_col}' is empty; fix or remove the row")
+                    raise EmbedtrainError(f"{at(i)}: column '{text_col}' is empty; fix or remove the row")
             texts[role] = values
         images[role] = None
         if image_col is not None:
-            images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(column_list(ds, image_col))]
+            values = column_list(ds, image_col)
+            if samples is None:
+                images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(values)]
+            else:
+                images[role] = [_sample_image_ref(v, *samples[i], image_col) for i, v in enumerate(values)]
 
     pairs = MultimodalPairs(name=name, source=source, columns=dict(columns), texts=texts, images=images,
                             line_numbers=list(range(1, len(ds) + 1)), query_template=query_template,
-                            document_template=document_template, weight=weight)
+                            document_template=document_template, weight=weight, samples=samples)
     bad = _check_images(pairs, verify)
     if bad:
         if bad_images == "stop":
@@ -240,14 +283,19 @@ def _select(pairs: MultimodalPairs, keep: list[int]) -> MultimodalPairs:
         texts={r: pick(v) for r, v in pairs.texts.items()}, images={r: pick(v) for r, v in pairs.images.items()},
         line_numbers=[pairs.line_numbers[i] for i in keep], query_template=pairs.query_template,
         document_template=pairs.document_template, weight=pairs.weight,
+        samples=None if pairs.samples is None else [pairs.samples[i] for i in keep],
     )
 
 
 def _row_key(pairs: MultimodalPairs, i: int) -> tuple[int, ...]:
+    """Hashes of each role's text and image; an image is identified by its path, a webdataset sample's by its
+    shard and member (as a path), other in-dataset images by their bytes."""
     keys = []
     for role in pairs.roles:
         text = pairs.texts[role][i] if pairs.texts[role] is not None else None
         image = pairs.images[role][i] if pairs.images[role] is not None else None
+        if image is not None and pairs.samples is not None:
+            image = image_identity(*pairs.samples[i], pairs.columns[role][1] or "")
         image_id = b"" if image is None else (image.encode("utf-8") if isinstance(image, str) else image)
         keys.append(content_hash((text or "").encode("utf-8") + b"\0" + image_id))
     return tuple(keys)
