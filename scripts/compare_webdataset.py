@@ -68,14 +68,15 @@ def same_weights(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a / "model" / "open_clip_model.safetensors")), load_file(str(b / "model" / "open_clip_model.safetensors"))
+    x, y = (load_file(str(run / "model" / "open_clip_model.safetensors")) for run in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/webdataset_emoji", help="one run folder per form under this folder")
-    parser.add_argument("--shards", default="data/emoji_wds", help="where to write the shards (the recipe reads data/emoji_wds)")
+    parser.add_argument("--shards", default="data/emoji_wds",
+                        help="where to write the shards (the recipe reads data/emoji_wds)")
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--json", default=None, help="write the comparison here (default: <output>/comparison.json)")
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = (REPO / args.output).resolve()
     shards = (REPO / args.shards).resolve()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                            capture_output=True).stdout.strip()  # the code the runs use
     shard_info = write_emoji_shards(shards, args.rows_per_shard)
     runs = {}
     for form, recipe in RECIPES.items():
@@ -96,10 +99,9 @@ def main(argv=None) -> int:
     identical = {"figures": a["figures"] == b["figures"], "losses_every_step": a["losses"] == b["losses"],
                  "final_weights": same_weights(out / "folder", out / "webdataset")}
     doc = {
-        "what": "the CLIP emoji recipe trained from the JSONL + image folder and from webdataset shards of the same rows",
+        "what": "the CLIP emoji recipe trained from the JSONL + image folder and from webdataset shards of its rows",
         "command": "python scripts/compare_webdataset.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                                 capture_output=True).stdout.strip(),
+        "commit": commit,
         "overrides": args.overrides,
         "shards": shard_info,
         "runs": {form: {k: v for k, v in run.items() if k != "losses"} for form, run in runs.items()},

@@ -60,3 +60,16 @@ def tiny_vlm(tmp_path_factory) -> Path:
 
     texts = [r["name"] for r in emoji_rows(200)]
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), texts=texts)
+
+
+def write_image_text_shards(folder: Path, jsonl: Path, rows_per_shard: int = 4) -> Path:
+    """Webdataset shards ``folder/train-NNNNN.tar`` of a JSONL written by :func:`write_image_text_rows` (with
+    scripts/make_webdataset.py): ``<key>.png``, ``<key>.txt`` (the name) and ``<key>.json`` (the other fields)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_webdataset", REPO / "scripts" / "make_webdataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    module.write_shards(rows, folder, "name", "image", jsonl.parent, rows_per_shard)
+    return folder
