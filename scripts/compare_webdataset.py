@@ -43,7 +43,8 @@ def write_emoji_shards(shards: Path, rows_per_shard: int) -> dict:
     emoji = REPO / "data" / "emoji"
     rows = [json.loads(line) for line in (emoji / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
     paths = _load_script("make_webdataset").write_shards(rows, shards, "name", "image", emoji, rows_per_shard)
-    return {"folder": str(shards), "rows": len(rows), "rows_per_shard": rows_per_shard, "shards": len(paths),
+    where = shards.relative_to(REPO) if shards.is_relative_to(REPO) else shards
+    return {"folder": str(where), "rows": len(rows), "rows_per_shard": rows_per_shard, "shards": len(paths),
             "bytes": sum(p.stat().st_size for p in paths),
             "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}}
 
