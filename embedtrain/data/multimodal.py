@@ -153,12 +153,16 @@ def _image_ref(value, root: Path, source: str, row: int, column: str) -> ImageRe
     return str(path if path.is_absolute() else root / path)
 
 
-def _sample_image_ref(value, shard: str, key: str, column: str) -> bytes:
-    """A webdataset sample's image as encoded bytes; a sample without the member is one line naming it. (An
-    empty member is kept as no bytes, so that the image check reports it like any undecodable image.)"""
+def _sample_image_ref(value, root: Path, shard: str, key: str, column: str) -> ImageRef:
+    """A webdataset sample's image as encoded bytes (or a path, when the column holds one, e.g. a ``.txt``
+    member); a sample without the member is one line naming it. (An empty member is kept as no bytes, so that
+    the image check reports it like any undecodable image.)"""
     image = sample_image(value)
     if image is not None:
         return image
+    if isinstance(value, str) and value.strip():
+        path = Path(os.path.expanduser(value))
+        return str(path if path.is_absolute() else root / path)
     if value is None:
         raise EmbedtrainError(f"{sample_location(shard, key)}: no '{column}' member (the image column); "
                               "add it to the sample or remove the sample")
@@ -183,14 +187,17 @@ def read_multimodal_pairs(
 
     ``columns`` maps each role (``query``, ``positive``, ``negative_0``, ...) to its (text column,
     image column). ``where`` is the recipe path of the dataset (e.g. ``data.train[0]``) for messages.
-    Relative image paths are read from ``image_root`` (default: the data file's folder).
+    Relative image paths are read from ``image_root`` (default: the data file's folder; for a folder or glob
+    of shards, the first shard's).
     """
     import datasets
 
     from embedtrain.config import looks_local, resolve_path
+    from embedtrain.config.schema import local_data_files
 
     ds, source = load_table(path, where, split)
-    default_root = Path(source).parent if looks_local(path) else Path.cwd()
+    # a folder or glob of shards: relative paths are read from the (first) shard's folder, as from one file's
+    default_root = Path(local_data_files(path)[1][0]).parent if looks_local(path) else Path.cwd()
 
     root = Path(resolve_path(image_root)) if image_root else default_root
     wanted = [c for pair in columns.values() for c in pair if c is not None]
@@ -237,7 +244,7 @@ def read_multimodal_pairs(
             if samples is None:
                 images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(values)]
             else:
-                images[role] = [_sample_image_ref(v, *samples[i], image_col) for i, v in enumerate(values)]
+                images[role] = [_sample_image_ref(v, root, *samples[i], image_col) for i, v in enumerate(values)]
 
     pairs = MultimodalPairs(name=name, source=source, columns=dict(columns), texts=texts, images=images,
                             line_numbers=list(range(1, len(ds) + 1)), query_template=query_template,
@@ -294,7 +301,7 @@ def _row_key(pairs: MultimodalPairs, i: int) -> tuple[int, ...]:
     for role in pairs.roles:
         text = pairs.texts[role][i] if pairs.texts[role] is not None else None
         image = pairs.images[role][i] if pairs.images[role] is not None else None
-        if image is not None and pairs.samples is not None:
+        if isinstance(image, bytes) and pairs.samples is not None:
             image = image_identity(*pairs.samples[i], pairs.columns[role][1] or "")
         image_id = b"" if image is None else (image.encode("utf-8") if isinstance(image, str) else image)
         keys.append(content_hash((text or "").encode("utf-8") + b"\0" + image_id))

@@ -139,3 +139,27 @@ def test_the_recipe_check_takes_shards_and_rejects_mixed_formats(tmp_path):
     (shards / "extra.jsonl").write_text(jsonl.read_text())
     with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*shards of more than one format \(.jsonl, .tar\)"):
         load_recipe(recipe, [f"data.train.0.path={shards}", *columns])
+
+
+def test_an_image_path_member_is_read_from_the_shards_folder(tmp_path):
+    """A column may hold image paths (a text member) instead of the image: relative to the shard's folder."""
+    jsonl = write_image_text_rows(tmp_path / "rows", n=6)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    members = []
+    for i, row in enumerate(rows):
+        members += [(f"{i:06d}.image.txt", row["image"].encode()), (f"{i:06d}.txt", row["name"].encode())]
+    _tar(tmp_path / "rows" / "train-00000.tar", members)
+    wds = read_multimodal_pairs(str(tmp_path / "rows" / "train-*.tar"), "data.train[0]", "x",
+                                {"query": ("txt", None), "positive": (None, "image.txt")})
+    folder = read_multimodal_pairs(str(jsonl), "data.train[0]", "x", FOLDER_COLUMNS)
+    assert wds.images["positive"] == folder.images["positive"] and wds.row_keys == folder.row_keys
+
+
+def test_a_folder_of_jsonl_shards_reads_relative_images_from_that_folder(tmp_path):
+    jsonl = write_image_text_rows(tmp_path / "rows", n=6)
+    lines = jsonl.read_text().splitlines(keepends=True)
+    jsonl.unlink()
+    (tmp_path / "rows" / "part-0.jsonl").write_text("".join(lines[:4]))
+    (tmp_path / "rows" / "part-1.jsonl").write_text("".join(lines[4:]))
+    ds = read_multimodal_pairs(str(tmp_path / "rows"), "data.train[0]", "x", FOLDER_COLUMNS)
+    assert ds.images["positive"] == [str(tmp_path / "rows" / json.loads(line)["image"]) for line in lines]
