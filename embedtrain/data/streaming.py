@@ -56,8 +56,9 @@ class StreamSource:
     weight: float = 1.0
     split: str = "train"
     subset: Optional[str] = None
-    rows: Optional[int] = None  # rows in all shards, when the shards say (Parquet footers)
+    rows: Optional[int] = None  # rows in all shards: from Parquet footers, or estimated (rows_estimated)
     num_shards: int = 1
+    rows_estimated: bool = False  # rows is the shards' bytes over the first shard's bytes per row
 
     @property
     def num_negatives(self) -> int:
@@ -87,8 +88,12 @@ class StreamSource:
         return ds.select_columns(list(self.columns.values()))
 
     def line(self) -> str:
-        rows = f"{self.rows:,} rows" if self.rows is not None else "rows unknown until read"
+        rows = "rows unknown until read" if self.rows is None else f"{'about ' * self.rows_estimated}{self.rows:,} rows"
         return f"stream {self.name}: {self.path}, {self.num_shards} shard{'s' * (self.num_shards != 1)}, {rows}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "format": self.builder or "hub", "shards": self.num_shards,
+                "rows": self.rows, "rows_estimated": self.rows_estimated, "weight": self.weight}
 
 
 def open_stream(where: str, name: str, path: str, columns: dict[str, str], query_prompt: str = "",
@@ -128,7 +133,22 @@ def open_stream(where: str, name: str, path: str, columns: dict[str, str], query
         import pyarrow.parquet as pq
 
         source.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    elif builder in ("json", "csv"):
+        source.rows, source.rows_estimated = _estimate_rows(files, header=builder == "csv"), True
     return source
+
+
+def _estimate_rows(files: Sequence[str], header: bool, sample: int = 1 << 20) -> Optional[int]:
+    """Rows of line-per-row shards: their bytes over the bytes per line of the first shard's first megabyte."""
+    import os
+
+    with open(files[0], "rb") as f:
+        head = f.read(sample)
+    lines = head.count(b"\n") - header
+    if lines <= 0:
+        return None
+    total = sum(os.path.getsize(f) for f in files)
+    return max(1, round(total / (len(head) / (lines + header))) - header * len(files))
 
 
 def step_dataset(seed: int, step: int, probabilities: Sequence[float], mixing: str) -> int:

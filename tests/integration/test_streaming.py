@@ -270,3 +270,24 @@ def test_recipe_checks_for_streams(tiny_bert, shards, tmp_path):
     assert "data.train[1].streaming: false while other datasets stream" in text
     assert "train.max_steps: a streaming dataset has no epochs to count; set train.max_steps" in text
     assert "data.train[0].max_rows: a stream is not cut by rows" in text
+
+
+def test_plan_reports_a_streams_shards_and_rows(tiny_bert, shards, tmp_path, capsys):
+    """embedtrain plan reads no row of a stream: its shards and rows (Parquet footers; JSON lines estimated from
+    bytes per line), and memory at the token limit."""
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    for s in range(3):
+        (jsonl / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(50, s * 50)))
+    recipe = _recipe(tiny_bert, shards, tmp_path / "out", 2)
+    recipe["data"]["train"].append({"path": str(jsonl), "name": "lines", "negative_columns": ["negative"],
+                                    "streaming": True})
+    path = _write(tmp_path / "r.yaml", recipe)
+    assert main(["plan", str(path), "--output", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "data: global batch 8, streamed by 2 reader(s) (processes x workers)" in out
+    assert f"  pairs: {shards}, parquet, 6 shard(s), 360 rows" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    (parquet, lines) = plan["data"]["streams"]
+    assert lines["rows_estimated"] and 120 <= lines["rows"] <= 180  # 150 rows of uneven length
+    assert "streaming datasets are not read ahead" in plan["memory_per_device"]["token_lengths"]
