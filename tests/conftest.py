@@ -141,6 +141,24 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started, wherever their sessions are: torch's launcher starts each
+    worker in a session of its own, out of reach of a kill of the launcher's process group."""
+    import psutil  # accelerate depends on it
+
+    try:
+        root = psutil.Process(pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=60)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now, for a launcher's rendezvous (a fixed port can still
     be held by the previous launch's closing sockets)."""

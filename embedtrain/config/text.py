@@ -113,6 +113,8 @@ class DatasetConfig(DatasetSource):
     """Column holding the text of labelled rows (with label_column)."""
     example_negatives: int = 1
     """Negatives per example-based pair, each from a different other label (with label_column)."""
+    streaming: bool = False
+    """Read the dataset as a stream (local shards, a folder or glob of them, or a Hub id) instead of loading it whole: tokenized on the fly in the DataLoader workers, split across processes and workers, resumed at the same row; needs train.max_steps."""
 
 
 @dataclass
@@ -197,6 +199,28 @@ def moe_domains(recipe: TextRecipe) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
+def _check_streaming(d: DataConfig, t, problems: list[str]) -> None:
+    """Streaming datasets: all or none of them, a step budget, pairs as they are (see embedtrain.data.streaming)."""
+    streaming = [ds.streaming for ds in d.train]
+    if not any(streaming):
+        return
+    if not all(streaming):
+        i = streaming.index(False)
+        problems.append(f"data.train[{i}].streaming: false while other datasets stream; a run streams every "
+                        "dataset or none, so set streaming: true here too (or turn it off everywhere)")
+    if t.max_steps is None:
+        problems.append("train.max_steps: a streaming dataset has no epochs to count; set train.max_steps")
+    for i, ds in enumerate(d.train):
+        if not ds.streaming:
+            continue
+        if ds.label_column is not None:
+            problems.append(f"data.train[{i}].label_column: labelled rows are made into pairs from the whole "
+                            "dataset, which a stream never holds; set streaming: false for this dataset")
+        if ds.max_rows is not None:
+            problems.append(f"data.train[{i}].max_rows: a stream is not cut by rows; remove max_rows or give "
+                            "fewer shards (a folder or glob of them)")
+
+
 def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -> None:
     m, d, lo, t, e = recipe.model, recipe.data, recipe.loss, recipe.train, recipe.eval
     if m.previous_stage is not None:
@@ -233,6 +257,7 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
                                 "other labels; remove negative_columns")
             if ds.example_negatives < 1:
                 problems.append(f"{where}.example_negatives: must be at least 1, got {ds.example_negatives}")
+    _check_streaming(d, t, problems)
     if lo.temperature <= 0:
         problems.append(f"loss.temperature: must be positive, got {lo.temperature}")
     if not lo.in_batch_negatives and lo.name == "infonce":

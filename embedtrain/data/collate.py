@@ -41,18 +41,30 @@ def pretokenize(
 
     # The closure holds plain values only: datasets hashes it into the cache key.
     columns = list(dataset.role_columns)
-    prompts = {c: dataset.query_prompt if role_of(c) == "query" else dataset.document_prompt for c in columns}
-    limits = {c: max_length_for(role_of(c)) for c in columns}
+    prompts, limits = role_settings(dataset, max_length_for)
 
     def tokenize(batch):
-        out = {}
-        for column in columns:
-            texts = [prompts[column] + t for t in batch[column]]
-            out[f"{column}_ids"] = tokenizer(texts, truncation=True, max_length=limits[column])["input_ids"]
-        return out
+        return tokenize_roles(tokenizer, batch, columns, prompts, limits)
 
     dataset.rows = dataset.rows.map(tokenize, batched=True, batch_size=2000, num_proc=num_proc,
                                     desc=f"tokenizing {dataset.name}")
+
+
+def role_settings(dataset, max_length_for: Callable[[str], int]) -> tuple[dict[str, str], dict[str, int]]:
+    """Per role column of ``dataset``: the prompt put before its texts and its token limit."""
+    columns = dataset.role_columns
+    prompts = {c: dataset.query_prompt if role_of(c) == "query" else dataset.document_prompt for c in columns}
+    return prompts, {c: max_length_for(role_of(c)) for c in columns}
+
+
+def tokenize_roles(tokenizer, batch: dict, columns: Sequence[str], prompts: dict[str, str],
+                   limits: dict[str, int]) -> dict[str, list]:
+    """``<column>_ids``: the token ids of each role column's texts of ``batch`` (prompt included, truncated)."""
+    out = {}
+    for column in columns:
+        texts = [prompts[column] + t for t in batch[column]]
+        out[f"{column}_ids"] = tokenizer(texts, truncation=True, max_length=limits[column])["input_ids"]
+    return out
 
 
 def token_lengths(dataset: PairDataset) -> list[int]:
@@ -118,8 +130,13 @@ class BatchCollator:
 
     def __call__(self, planned: PlannedBatch, rows: Sequence[int]) -> dict:
         dataset = self.datasets[planned.dataset]
-        data = dataset.rows[list(rows)]
-        n, k = len(rows), dataset.num_negatives
+        return self.collate(planned.dataset, dataset.rows[list(rows)], [dataset.ids(r) for r in rows])
+
+    def collate(self, index: int, data: dict, ids: Sequence[tuple[int, ...]]) -> dict:
+        """The batch of dataset ``index`` whose rows are ``data`` (role columns, or ``<role>_ids`` token columns:
+        a dict of lists) with the loss's document ids ``ids`` (one tuple per row: query, positive, negatives)."""
+        dataset = self.datasets[index]
+        n, k = len(ids), dataset.num_negatives
         negatives = [f"negative_{j}" for j in range(k)]
         tensors = {role: self._tensors(dataset, data, columns, n) if columns else None
                    for role, columns in (("query", ["query"]), ("positive", ["positive"]), ("negative", negatives))}
@@ -127,15 +144,12 @@ class BatchCollator:
             tensors = {role: t if t is None else self._with_pooling_mask(dataset, t, "query" if role == "query" else "document")
                        for role, t in tensors.items()}
         return {
-            "dataset": planned.dataset,
+            "dataset": index,
             "query": tensors["query"],
             "positive": tensors["positive"],
-            "positive_ids": torch.tensor([dataset.ids(r)[1] for r in rows], dtype=torch.long),
+            "positive_ids": torch.tensor([row[1] for row in ids], dtype=torch.long),
             "negative": tensors["negative"],
-            "negative_ids": (
-                torch.tensor([dataset.ids(r)[2 + j] for r in rows for j in range(k)], dtype=torch.long)
-                if k else None
-            ),
+            "negative_ids": torch.tensor([row[2 + j] for row in ids for j in range(k)], dtype=torch.long) if k else None,
         }
 
 

@@ -104,6 +104,10 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         task = TextTask(recipe, log)
         task.read_training_data()
         task.check_data(engine.processes)
+        if task.streams is not None:  # nothing to scan: the shards, their rows, the readers
+            readers = engine.processes * max(1, recipe.data.num_workers)
+            return {"global_batch": task.global_batch, "readers": readers,
+                    "streams": [s.to_dict() for s in task.datasets]}, task
         if recipe.data.length_grouping:  # characters stand in for tokens: grouping is by rank, not by size
             task.lengths = [token_lengths(ds) for ds in task.datasets]
     else:
@@ -135,8 +139,16 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
     if recipe.kind == "dml":
         backbone = shape.towers[0]
         return "patches", [[Work(backbone.name, "image", recipe.data.batch_size, backbone.tokens)]]
-    plan = task._plan(0)[: min(steps, settings.max_batches)]
     per = recipe.data.batch_size
+    if getattr(task, "streams", None) is not None:  # a stream is not read ahead: every text at its token limit
+        tower, m = shape.towers[0].name, recipe.model
+        limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}
+        worst = max(task.datasets, key=lambda s: s.num_negatives)
+        work = [Work(tower, "query", per, limit["query"]), Work(tower, "positive", per, limit["document"])]
+        if worst.num_negatives:
+            work.append(Work(tower, "negative", per * worst.num_negatives, limit["document"]))
+        return "every text at the recipe's token limit (streaming datasets are not read ahead)", [work]
+    plan = task._plan(0)[: min(steps, settings.max_batches)]
     if recipe.kind == "text":
         needed: dict[int, set] = {}
         for b in plan:  # only the rows of the batches scanned are tokenized
@@ -255,6 +267,14 @@ def format_plan(plan: dict) -> list[str]:
             held = f"; {a['held_out']:,} held out for the diagnostics probe" if a.get("held_out") else ""
             lines.append(f"  {a['name']}: {a['rows_read']:,} rows read, {a['rows_per_epoch']:,} trained per epoch in "
                          f"{a['batches_per_epoch']:,} batches; dropped: {drops}{held}")
+    elif "streams" in d:
+        lines.append(f"data: global batch {d['global_batch']}, streamed by {d['readers']} reader(s) "
+                     "(processes x workers)")
+        for st in d["streams"]:
+            rows = "rows unknown until read" if st["rows"] is None else \
+                f"{'about ' * st['rows_estimated']}{st['rows']:,} rows"
+            note = "; fewer shards than readers: each reads every shard" if st["shards"] < d["readers"] else ""
+            lines.append(f"  {st['name']}: {st['path']}, {st['format']}, {st['shards']} shard(s), {rows}{note}")
     else:
         lines.append(f"data: {d['train_classes']} classes ({d['train_images']} images) to train, "
                      f"{d['batches_per_epoch']} batches per epoch")

@@ -64,9 +64,9 @@ class DiagnosticsCallback(Callback):
             return None
         self.measured = step
         if trainer.task.probe is None:
-            if not self.announced:
-                self.announced = True
+            if not self.announced and getattr(trainer.task, "probe_off", None) is None:  # else said when read
                 trainer.log(f"diagnostics: kind {trainer.recipe.kind} holds out no probe set yet; none are measured")
+            self.announced = True
             return None
         embeddings = trainer.probe_embeddings()
         if embeddings is None:  # not the main process

@@ -406,6 +406,7 @@ class Trainer:
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(path / "loss.safetensors"))
 
+        self.task.sync(accelerator)  # e.g. every process's stream positions, into the task's counters
         saved_state = {**self.state.state_dict(), "step": step}
         needed = ckpt.estimate_bytes([accelerator.unwrap_model(self.model), loss_fn], [self.optimizer])
         path = ckpt.save_checkpoint(accelerator, self.out, step, saved_state, {"recipe.yaml": self.recipe_text},
@@ -420,6 +421,7 @@ class Trainer:
         model_dir, problem = out / "model", None
         # every process takes part: under FSDP / ZeRO-3 this gathers the shards into one full state dict
         full_state = accelerator.get_state_dict(self.model)
+        self.task.sync(accelerator)
         if accelerator.is_main_process:
             tmp = out / ".model.tmp"
             needed = int(ckpt.estimate_bytes([accelerator.unwrap_model(self.model)]) * ckpt.SAFETY_FACTOR)

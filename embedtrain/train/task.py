@@ -83,6 +83,10 @@ class Task:
         """A reason to stop before this batch (e.g. an image that broke since the checks), or None."""
         return None
 
+    def sync(self, accelerator) -> None:
+        """Bring what each process knows into ``counters`` before a checkpoint or the final results (every
+        process calls it; streams: their positions)."""
+
     def step(self, model, loss_fn, batch: dict, accelerator) -> dict[str, torch.Tensor]:
         """Forward and backward of one batch; returns detached figures, ``loss`` first."""
         raise NotImplementedError
@@ -144,6 +148,10 @@ class PairsTask(Task):
     A subclass sets ``self.datasets`` (in ``read_data``), ``self.collator`` and, for length grouping,
     ``self.lengths`` (in ``build``)."""
 
+    streams = None
+    """Set in ``read_data`` when the datasets are streams (:mod:`embedtrain.data.streaming`): ``self.datasets`` are
+    then :class:`~embedtrain.data.streaming.StreamSource` and a subclass sets ``self.stream_tokenize`` in ``build``."""
+
     def __init__(self, recipe, log=print, loss: Optional[torch.nn.Module] = None):
         super().__init__(recipe, log)
         self._plans: dict[int, list] = {}
@@ -154,13 +162,43 @@ class PairsTask(Task):
         """A row's query meets the other rows' documents (in-batch negatives): only then can a repeat harm."""
 
     def check_data(self, world_size: int) -> None:
+        if self.streams is not None:
+            self.global_batch = self.recipe.data.batch_size * world_size
+            self._check_streams(world_size)
+            return
         self.global_batch = check_batch_fits(self.datasets, self.recipe.data.batch_size, world_size,
                                              rows=self.rows_name)
 
     rows_name = "rows"
 
     def batches_in_epoch(self, epoch: int) -> int:
+        if self.streams is not None:
+            return STREAM_EPOCH  # a stream has no epochs: the run ends at train.max_steps
         return len(self._plan(epoch))
+
+    # -- streams --------------------------------------------------------------------------------
+    def _check_streams(self, world_size: int) -> None:
+        from embedtrain.data.streaming import StreamSettings, StreamState, mixing_probabilities
+
+        r = self.recipe
+        workers = max(1, r.data.num_workers)
+        readers = world_size * workers
+        for source in self.datasets:
+            if source.num_shards < readers:
+                self.log(f"data: {source.name} has {source.num_shards} shard(s) for {readers} readers ({world_size} "
+                         f"process(es) x {workers} worker(s)): every reader reads all shards and keeps every "
+                         f"{readers}th row; more shards than readers read faster")
+        probabilities, how = mixing_probabilities(self.datasets, r.data.mixing)
+        if len(self.datasets) > 1:
+            shares = ", ".join(f"{s.name} {p:.1%}" for s, p in zip(self.datasets, probabilities))
+            self.log(f"data: each step's dataset drawn by {how}: {shares}")
+        self.streams = StreamState(world_size, workers)
+        self.stream_settings = StreamSettings(
+            seed=r.train.seed, batch_size=r.data.batch_size,
+            pool_rows=max(1, getattr(r.data, "length_grouping_window", 64)) * r.data.batch_size,
+            group_by_length=bool(getattr(r.data, "length_grouping", False)),
+            no_duplicates=r.data.no_duplicates and self.rows_interact, repeat_documents=self.repeat_documents,
+            mixing=r.data.mixing, probabilities=probabilities)
 
     def _plan(self, epoch: int) -> list:
         from embedtrain.data.sampler import plan_epoch
@@ -177,15 +215,22 @@ class PairsTask(Task):
         return self._plans[epoch]
 
     def data_accounts(self) -> list:
-        """Where each dataset's rows go in an epoch (:mod:`embedtrain.data.accounting`)."""
+        """Where each dataset's rows go in an epoch (:mod:`embedtrain.data.accounting`); none for streams (their
+        rows are counted as they are read: results.json "streams")."""
         from embedtrain.data.accounting import account
 
+        if self.streams is not None:
+            return []
         return account(self.datasets, self._plan(0), self.global_batch)
 
     def check_accounts(self) -> list:
         """The accounts, logged; a dataset that yields no batch or loses too many rows is an error."""
         from embedtrain.data.accounting import check_accounts
 
+        if self.streams is not None:
+            for source in self.datasets:
+                self.log(f"data: {source.line()}")
+            return []
         accounts = self.data_accounts()
         for a in accounts:
             self.log(f"data: {a.line()}")
@@ -195,6 +240,9 @@ class PairsTask(Task):
     def loader(self, epoch: int, offset: int, rank: int, world_size: int, pin_memory: bool):
         from embedtrain.data.collate import PlannedBatches
 
+        if self.streams is not None:
+            return self._stream_loader(offset, rank, world_size, pin_memory)
+
         batches = PlannedBatches(self._plan(epoch), self.collator, rank, world_size)
         return torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=list(range(offset, len(batches))), num_workers=self.recipe.data.num_workers,
@@ -203,6 +251,38 @@ class PairsTask(Task):
             # (that would shift dropout after a resume)
             generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
         )
+
+
+    def _stream_loader(self, step: int, rank: int, world_size: int, pin_memory: bool):
+        from embedtrain.data.streaming import PairStream
+
+        positions = self.streams.positions_for(self.counters.get("streams"), rank)
+        if positions:
+            self.log(f"data: streams continue where the checkpoint left them (step {step})")
+        stream = PairStream(self.datasets, self.stream_settings, self.collator.collate, self.stream_tokenize, step,
+                            rank, world_size, self.recipe.data.num_workers, positions)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.recipe.data.num_workers,
+                                           pin_memory=pin_memory,
+                                           # its own generator: the global one drives dropout (see loader)
+                                           generator=torch.Generator().manual_seed(self.recipe.train.seed))
+
+    def check_batch(self, batch: dict, step: int) -> Optional[str]:
+        return self.streams.take(batch) if self.streams is not None else None
+
+    def sync(self, accelerator) -> None:
+        if self.streams is not None:
+            self.counters["streams"] = self.streams.to_dict(accelerator)
+
+    def results(self) -> dict[str, Any]:
+        if self.streams is None:
+            return {}
+        from embedtrain.data.streaming import stream_figures
+
+        return {"streams": stream_figures(self.counters.get("streams", {}), self.datasets)}
+
+
+STREAM_EPOCH = 1 << 62
+"""The batches of a streaming run's one "epoch": more than any run takes (it ends at train.max_steps)."""
 
 
 def check_batch_fits(datasets, batch_size: int, world_size: int, rows: str = "rows") -> int:

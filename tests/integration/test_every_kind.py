@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from embedtrain.config import recipe_from_dict
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.loop import _position, train
 
-from conftest import REPO
+from conftest import REPO, kill_tree
 from kinds_support import KINDS, STEPS, build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 from tests.unit.hub.hub_server import FakeHub
@@ -65,7 +64,7 @@ def _kill_during_checkpoint(recipe_path: Path, out: Path, log: Path) -> None:
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # workers of a launcher too (each in a session of its own)
             proc.wait(timeout=60)
 
 

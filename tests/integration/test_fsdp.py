@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, kill_tree
 from kinds_support import build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 
@@ -78,7 +78,6 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
 def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp_path):
     """SIGKILL inside the step-2 checkpoint write (a sharded checkpoint), then --resume auto under FSDP again:
     the weights of an uninterrupted FSDP run (1e-6: the same operations in the same order on both sides)."""
-    import signal
     import time
 
     from embedtrain.train import checkpoint as ckpt
@@ -105,7 +104,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp
                 time.sleep(0.05)
         finally:
             if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
+                kill_tree(run.pid)  # workers of a launcher too (each in a session of its own)
             run.wait(timeout=60)
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
     assert (out / "checkpoints" / "step-0000001" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint

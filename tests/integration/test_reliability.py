@@ -36,7 +36,7 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
 from embedtrain.train.loop import train
 
-from conftest import REPO, WORDS, free_port, tiny_recipe, write_beir, write_pairs
+from conftest import REPO, WORDS, free_port, kill_tree, tiny_recipe, write_beir, write_pairs
 from helpers_parity import scale_loss_at
 
 STEPS = 12
@@ -130,7 +130,7 @@ class Run:
 
     def kill(self) -> None:
         assert self.proc.poll() is None, "the run ended before the kill"
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        kill_tree(self.proc.pid)  # the launcher's workers too (each in a session of its own)
         self.proc.wait(timeout=60)
         self._file.close()
 

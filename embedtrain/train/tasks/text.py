@@ -58,8 +58,29 @@ class TextTask(PairsTask):
         """The training datasets, the diagnostics probe held out (``embedtrain plan`` reads these without touching
         a previous stage)."""
         r = self.recipe
+        if any(ds.streaming for ds in r.data.train):
+            self._open_streams()
+            return
         self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
         self._carve_probe()
+
+    def _open_streams(self) -> None:
+        """Streaming datasets (all of them stream, the recipe check says): their shards and columns checked, nothing
+        read yet. The diagnostics probe is held out of data read whole, so a streaming run has none."""
+        from embedtrain.config import dataset_name
+        from embedtrain.data.streaming import StreamState, open_stream
+
+        r = self.recipe
+        self.datasets = []
+        for i, ds in enumerate(r.data.train):
+            columns = {"query": ds.query_column, "positive": ds.positive_column}
+            columns.update({f"negative_{j}": c for j, c in enumerate(ds.negative_columns)})
+            self.datasets.append(open_stream(f"data.train[{i}]", dataset_name(ds), ds.path, columns,
+                                             query_prompt_of(ds), ds.document_prompt, ds.weight, ds.split, ds.subset))
+        self.streams = StreamState(1, r.data.num_workers)  # sized for the run's processes in check_data
+        if r.eval.diagnostics.probe_rows:
+            self.probe_off = "the probe is held out of datasets read whole; streaming datasets are not"
+            self.log(f"diagnostics: probe off ({self.probe_off}); no diagnostics are measured")
 
     def _carve_probe(self) -> None:
         """Hold the diagnostics probe out of the training rows (the same rows on every start and resume)."""
@@ -107,11 +128,17 @@ class TextTask(PairsTask):
         compact.check_dims(r.loss.compact, encoder.embedding_dim)
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
-        with PartialState().main_process_first():
-            for ds in self.datasets:
-                if r.data.pretokenize:
-                    pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
-        self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
+        if self.streams is not None:  # streams are tokenized as they are read, in the DataLoader workers
+            from embedtrain.data.streaming import TokenizeRoles
+
+            self.stream_tokenize = TokenizeRoles(encoder.tokenizer, encoder.max_length_for("query"),
+                                                 encoder.max_length_for("document"))
+        else:
+            with PartialState().main_process_first():
+                for ds in self.datasets:
+                    if r.data.pretokenize:
+                        pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
+            self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
         self.collator = BatchCollator(self.datasets, encoder.tokenizer, encoder.max_length_for,
                                       prompt_lengths(encoder, self.datasets))
         frozen = encoder.freeze_unused_parameters()
@@ -174,9 +201,12 @@ class TextTask(PairsTask):
         return torch.cat(queries), torch.cat(positives)
 
     def results(self) -> dict:
-        if self.probe is None:
-            return {}
-        return {"diagnostics_probe": self.probe.summary([d.name for d in self.datasets])}
+        out = super().results()
+        if getattr(self, "probe_off", None):
+            out["diagnostics_probe"] = {"off": self.probe_off}
+        if self.probe is not None:
+            out["diagnostics_probe"] = self.probe.summary([d.name for d in self.datasets])
+        return out
 
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
