@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                  "final model = mean of the last 4 checkpoints (steps 125-200, every 25)"),
     "temp_0.03": (["loss.temperature=0.03"], "InfoNCE τ 0.03"),
     "lr_1e-4": (["train.lr=1.0e-4"], "lr 1e-4"),
+    "steps_260": (["train.max_steps=260"], "260 steps instead of 200 (what the 10-minute budget still holds)"),
 }
 
 
