@@ -141,6 +141,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl while a process may be appending to it (a cut line is ignored)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in entry:
+                steps.append(entry["step"])
+    return steps
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every process it started, wherever their sessions are: torch's launcher starts each
     worker in a session of its own, out of reach of a kill of the launcher's process group."""

@@ -36,7 +36,7 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
 from embedtrain.train.loop import train
 
-from conftest import REPO, WORDS, free_port, kill_tree, tiny_recipe, write_beir, write_pairs
+from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, tiny_recipe, write_beir, write_pairs
 from helpers_parity import scale_loss_at
 
 STEPS = 12
@@ -154,22 +154,7 @@ def _cli_train(recipe: Path, log: Path, *args, **env) -> Run:
 
 
 def _at_step(run_dir: Path, step: int):
-    return lambda: bool(_training_steps_safe(run_dir)) and max(_training_steps_safe(run_dir)) >= step
-
-
-def _training_steps_safe(run_dir: Path) -> list[int]:
-    """Steps in metrics.jsonl while a process may be appending to it (a cut line is ignored)."""
-    path = run_dir / "metrics.jsonl"
-    steps = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in entry:
-                steps.append(entry["step"])
-    return steps
+    return lambda: bool(logged_steps(run_dir)) and max(logged_steps(run_dir)) >= step
 
 
 def _complete_steps(run_dir: Path) -> list[int]:

@@ -28,7 +28,7 @@ from embedtrain.data.readers import text_hash
 from embedtrain.data.streaming import StreamReader, TokenizeRoles, open_stream
 from embedtrain.train import checkpoint as ckpt
 
-from conftest import REPO, WORDS, free_port, kill_tree, tiny_recipe
+from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, tiny_recipe
 from stream_runner import rows_by_step
 
 STEPS = 14
@@ -134,24 +134,11 @@ def _launch(recipe: Path, rows: Path, log: Path, processes: int, *args, **env):
                             start_new_session=True), f
 
 
-def _steps_logged(run: Path) -> list[int]:
-    path, steps = run / "metrics.jsonl", []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in entry:
-                steps.append(entry["step"])
-    return steps
-
-
 def _kill_at(proc, log, run: Path, step: int, timeout: float = 300) -> None:
     """SIGKILL the run's process group once metrics.jsonl shows ``step`` (a resumed run's lines, not the old ones:
     resuming cuts the file back to the checkpoint's step first)."""
     end = time.time() + timeout
-    while not (_steps_logged(run) and max(_steps_logged(run)) >= step):
+    while not (logged_steps(run) and max(logged_steps(run)) >= step):
         assert proc.poll() is None, f"exited with {proc.returncode} before step {step}:\n{log.name}"
         assert time.time() < end, f"step {step} not reached in {timeout}s"
         time.sleep(0.02)
