@@ -51,15 +51,22 @@ class TextTask(PairsTask):
         self.model_source = r.model.name_or_path
         if r.model.previous_stage:  # stage 2 starts from stage 1's output model
             self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
-        self.eval_tasks = [(t, load_beir(t.path, task_name(t))) for t in r.eval.tasks]
+        self.eval_tasks = []
+        for t in r.eval.tasks:
+            with self.startup.phase("evaluation data", f"reading {t.path} ..."):
+                self.eval_tasks.append((t, load_beir(t.path, task_name(t))))
         self.has_evaluation = bool(self.eval_tasks)
 
     def read_training_data(self) -> None:
         """The training datasets, the diagnostics probe held out (``embedtrain plan`` reads these without touching
         a previous stage)."""
         r = self.recipe
-        self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
-        self._carve_probe()
+        self.datasets = []
+        for i, ds in enumerate(r.data.train):
+            with self.startup.phase("training data", f"reading {ds.path} ..."):
+                self.datasets.append(load_training_dataset(ds, i, r.train.seed))
+        with self.startup.phase("diagnostics probe"):
+            self._carve_probe()
 
     def _carve_probe(self) -> None:
         """Hold the diagnostics probe out of the training rows (the same rows on every start and resume)."""
@@ -100,21 +107,24 @@ class TextTask(PairsTask):
         from accelerate import PartialState
 
         r = self.recipe
-        encoder = self._load_encoder(device, self.log)
+        with self.startup.phase("loading model", f"loading model {self.model_source} ..."):
+            encoder = self._load_encoder(device, self.log)
         self.batch_domains = experts.dataset_domains(encoder, r)
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
         compact.check_dims(r.loss.compact, encoder.embedding_dim)
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
-        with PartialState().main_process_first():
+        with PartialState().main_process_first(), self.startup.phase("tokenizing"):
             for ds in self.datasets:
                 if r.data.pretokenize:
                     pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
-        self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
+        with self.startup.phase("token lengths"):
+            self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
         self.collator = BatchCollator(self.datasets, encoder.tokenizer, encoder.max_length_for,
                                       prompt_lengths(encoder, self.datasets))
-        frozen = encoder.freeze_unused_parameters()
+        with self.startup.phase("unused parameters"):  # one forward and backward
+            frozen = encoder.freeze_unused_parameters()
         if frozen:
             self.log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
         if r.train.compile:

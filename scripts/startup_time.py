@@ -1,0 +1,266 @@
+"""Start-up time of ``embedtrain train`` on the quickstart, and the whole-process time of 30 quickstart steps
+against sentence-transformers on the same work.
+
+Three measurements, each run in a fresh process, one after another (never two at a time):
+
+``first_step``
+    Seconds from launching the process to the first training step of
+    ``recipes/minilm/wordnet_quickstart.yaml`` (warm caches: the first, unmeasured run fills datasets' cache of
+    the JSON file and of the token ids). The parent reads its clock just before it launches
+    ``python scripts/startup_time.py --child ...``; the child runs the recipe through the Python API
+    (``embedtrain.train(recipe, overrides, callbacks=...)``, what ``embedtrain train`` calls) with a callback
+    whose ``on_step_begin`` reads the clock at the first step, takes the trainer's start-up phases
+    (``trainer.task.startup``, the figures of the ``start-up: ...`` log line) and ends the process at once.
+    Measured twice: with ``eval.before_training=false`` (the start-up alone) and with the recipe's
+    evaluation before training (its seconds are the stage ``evaluation before training``). The time before
+    the trainer (interpreter, imports, recipe) is the total less the trainer's own start-up.
+
+``whole_process``
+    Wall time of the whole process (launch to exit) for 30 steps of the quickstart setting: embedtrain's
+    command line ``python -m embedtrain train recipes/minilm/wordnet_quickstart.yaml train.max_steps=30 ...``
+    and sentence-transformers' trainer as ``scripts/bench_train.py`` drives it (its ``--child`` for the
+    ``default`` variant: MultipleNegativesRankingLoss, NO_DUPLICATES batches, the same rows, lr, warmup,
+    weight decay, clipping, seed, max length and scale 1/temperature). Runs alternate between the two.
+    The differences in the work are listed under ``notes`` in the output.
+
+The load average is recorded before and after every run: figures taken on a busy machine are not valid.
+
+Examples::
+
+    python scripts/startup_time.py --output benchmarks/startup.json
+    python scripts/startup_time.py --runs 1 --eval-runs 0 --whole-runs 0   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD_STARTED = time.time()  # the child's first moment in Python (before any import of its own)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    REPO,
+    RESULT_MARKER,
+    eprint,
+    machine_info,
+    median,
+    offline_env,
+    run_child,
+    write_json,
+)
+
+RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
+WHOLE_STEPS = 30
+# the same work as sentence-transformers' side does: no evaluation, no diagnostics probe, no plot
+WHOLE_OVERRIDES = [f"train.max_steps={WHOLE_STEPS}", "eval.tasks=[]", "eval.diagnostics.probe_rows=0",
+                   "output.plot=false"]
+
+NOTES = [
+    "first_step: seconds from the parent's clock just before launching the child process to the child's "
+    "on_step_begin of step 1 (time.time() on both sides, the same machine); the child runs the recipe through "
+    "embedtrain.train(path, overrides, callbacks), the function the command line calls.",
+    "first_step.eval_off: eval.before_training=false. first_step.eval_on: the recipe as it is (its evaluation "
+    "before training is the stage 'evaluation before training' of the phases). Both include the diagnostics "
+    "probe's step-0 measurement (stage 'callbacks at train begin'), which the recipe keeps on.",
+    "before_trainer_seconds: launch to the trainer's own clock (interpreter start, imports of torch and the "
+    "loop, reading the recipe); the trainer's stages cover the rest up to step 1.",
+    "Warm caches: one unmeasured run first, so datasets' Arrow cache of the JSON file and of the token ids exist "
+    "(a first run ever also converts the JSON and tokenizes: see the tokenizing progress bar).",
+    "whole_process: launch to exit of one process. embedtrain: python -m embedtrain train "
+    f"{RECIPE} " + " ".join(WHOLE_OVERRIDES) + " output.dir=<temp> output.overwrite=true; "
+    "sentence-transformers: scripts/bench_train.py --child for variant 'default' with 30 steps and no "
+    "evaluation (SentenceTransformerTrainer, MultipleNegativesRankingLoss with scale 1/temperature, "
+    "NO_DUPLICATES batches, dataloader_drop_last, the same rows, lr, linear warmup ratio, weight decay, "
+    "gradient clipping, seed and max length).",
+    "Differences in the work, whole_process: embedtrain checks every row, tokenizes once before the loop "
+    "(cached by datasets), groups rows of similar length (data.length_grouping, its default), and at the end "
+    "writes a full checkpoint (weights, optimizer, scheduler, random states), the final model folder with its "
+    "model card and results.json; sentence-transformers tokenizes in its collator at each step, batches at "
+    "random, and saves nothing (save_strategy='no'). bench_train's child also samples its RSS every 10 ms and "
+    "times its collator (both negligible next to a step). Each uses its own AdamW (see bench_train.py's notes).",
+]
+
+
+# -- child ----------------------------------------------------------------------------------------
+
+
+def child_main(cfg: dict) -> None:
+    """Run the recipe until step 1 begins, report the times and the trainer's phases, end the process."""
+    offline_env()
+    import embedtrain
+    from embedtrain.train.callbacks import Callback
+
+    class FirstStep(Callback):
+        def on_step_begin(self, trainer, batch):
+            now = time.time()
+            result = {"child_started": CHILD_STARTED, "first_step": now,
+                      "trainer_seconds": trainer.task.startup.seconds, "phases": trainer.task.startup.to_dict()}
+            sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
+            sys.stdout.flush()
+            os._exit(0)  # the measurement ends here; nothing else of the run is needed
+
+    embedtrain.train(str(REPO / RECIPE), cfg["overrides"], callbacks=[FirstStep()], log=eprint)
+    raise SystemExit("the run ended without a training step")
+
+
+# -- parent -------------------------------------------------------------------------------------------
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def first_step_run(overrides: list[str], workdir: Path, timeout: float, verbose: bool) -> dict:
+    out = workdir / "first_step"
+    cfg = {"overrides": overrides + [f"output.dir={out}", "output.overwrite=true"]}
+    load_before = _load()
+    launched = time.time()
+    res = run_child([str(Path(__file__).resolve()), "--child", json.dumps(cfg)], timeout, verbose)
+    shutil.rmtree(out, ignore_errors=True)
+    if "error" in res:
+        return {**res, "load_before": load_before, "load_after": _load()}
+    total = res["first_step"] - launched
+    return {
+        "seconds_to_first_step": round(total, 3),
+        "interpreter_seconds": round(res["child_started"] - launched, 3),
+        "before_trainer_seconds": round(total - res["trainer_seconds"], 3),
+        "trainer_seconds": round(res["trainer_seconds"], 3),
+        "phases": res["phases"],
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def whole_process_embedtrain(workdir: Path, timeout: float, verbose: bool) -> dict:
+    out = workdir / "whole_embedtrain"
+    argv = [sys.executable, "-m", "embedtrain", "train", RECIPE, *WHOLE_OVERRIDES, f"output.dir={out}",
+            "output.overwrite=true"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    load_before = _load()
+    start = time.time()
+    proc = subprocess.run(argv, cwd=str(REPO), env=env, text=True, timeout=timeout,
+                          stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.PIPE)
+    seconds = time.time() - start
+    res = {"wall_seconds": round(seconds, 3), "load_before": load_before, "load_after": _load()}
+    if proc.returncode != 0:
+        res["error"] = f"exit status {proc.returncode}"
+        res["stderr_tail"] = (proc.stderr or "")[-2000:]
+    else:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        res["steps"] = results.get("steps")
+        startup = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                   if "startup_seconds" in line]
+        res["startup_seconds"] = startup[-1]["startup_seconds"]["total"] if startup else None
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def whole_process_sentence_transformers(workdir: Path, timeout: float, verbose: bool, index: int) -> dict:
+    import bench_train
+
+    args = bench_train.parse_args(["--suite", "throughput", "--steps", str(WHOLE_STEPS), "--no-quality"])
+    cfg = bench_train._child_config(args, bench_train.ST, "default", args.batch_size, WHOLE_STEPS, workdir, index,
+                                    with_eval=False)
+    load_before = _load()
+    res = run_child([str(Path(bench_train.__file__).resolve()), "--child", json.dumps(cfg)], timeout, verbose)
+    out = {"wall_seconds": round(res["wall_seconds"], 3), "load_before": load_before, "load_after": _load()}
+    if "error" in res:
+        out.update(error=res["error"], stderr_tail=res.get("stderr_tail", "")[-2000:])
+    else:
+        out["steps"] = res.get("steps_done")
+        out["examples_per_s"] = res.get("examples_per_s")
+    return out
+
+
+def summarize_first_step(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    stages = {k for r in good for k in r["phases"]["stages"]}
+    parts = {(s, p) for r in good for s, ps in r["phases"]["parts"].items() for p in ps}
+    return {
+        "runs": len(good),
+        "failed": len(runs) - len(good),
+        "median_seconds_to_first_step": median([r["seconds_to_first_step"] for r in good]),
+        "median_before_trainer_seconds": median([r["before_trainer_seconds"] for r in good]),
+        "median_interpreter_seconds": median([r["interpreter_seconds"] for r in good]),
+        "median_trainer_seconds": median([r["trainer_seconds"] for r in good]),
+        "median_stage_seconds": {s: median([r["phases"]["stages"].get(s) for r in good]) for s in sorted(stages)},
+        "median_part_seconds": {f"{s}/{p}": median([r["phases"]["parts"].get(s, {}).get(p) for r in good])
+                                for s, p in sorted(parts)},
+        "all_runs": runs,
+    }
+
+
+def parent_main(args) -> None:
+    offline_env()
+    workdir = Path(tempfile.mkdtemp(prefix="startup_time_"))
+    doc: dict = {"command": "python scripts/startup_time.py " + " ".join(sys.argv[1:]), "recipe": RECIPE,
+                 "machine": machine_info(), "load_average_before": _load(), "notes": NOTES}
+    started = time.time()
+    try:
+        if args.runs or args.eval_runs:
+            eprint("warming the caches (one unmeasured run) ...")
+            warm = first_step_run(["eval.before_training=false"], workdir, args.timeout, args.verbose)
+            doc["warm_up_run"] = warm
+        first: dict = {}
+        for name, overrides, n in (("eval_off", ["eval.before_training=false"], args.runs),
+                                   ("eval_on", [], args.eval_runs)):
+            runs = []
+            for i in range(n):
+                eprint(f"first step, {name}, run {i + 1}/{n} ...")
+                runs.append(first_step_run(overrides, workdir, args.timeout, args.verbose))
+                eprint(f"  {runs[-1].get('seconds_to_first_step', runs[-1].get('error'))} s")
+            if n:
+                first[name] = {"overrides": overrides, **summarize_first_step(runs)}
+        doc["first_step"] = first
+        whole: dict = {"steps": WHOLE_STEPS, "embedtrain": [], "sentence_transformers": []}
+        for i in range(args.whole_runs):
+            eprint(f"whole process, {WHOLE_STEPS} steps, embedtrain, run {i + 1}/{args.whole_runs} ...")
+            whole["embedtrain"].append(whole_process_embedtrain(workdir, args.timeout, args.verbose))
+            eprint(f"  {whole['embedtrain'][-1]['wall_seconds']} s")
+            eprint(f"whole process, {WHOLE_STEPS} steps, sentence-transformers, run {i + 1}/{args.whole_runs} ...")
+            whole["sentence_transformers"].append(whole_process_sentence_transformers(workdir, args.timeout,
+                                                                                      args.verbose, i))
+            eprint(f"  {whole['sentence_transformers'][-1]['wall_seconds']} s")
+        if args.whole_runs:
+            for side in ("embedtrain", "sentence_transformers"):
+                good = [r["wall_seconds"] for r in whole[side] if "error" not in r]
+                whole[f"{side}_median_wall_seconds"] = median(good)
+            e, s = whole["embedtrain_median_wall_seconds"], whole["sentence_transformers_median_wall_seconds"]
+            whole["embedtrain_over_sentence_transformers"] = round(e / s, 3) if e and s else None
+            doc["whole_process"] = whole
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    doc["seconds"] = round(time.time() - started, 1)
+    doc["load_average_after"] = _load()
+    write_json(doc, args.output)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=5, help="measured runs to the first step, eval.before_training=false")
+    p.add_argument("--eval-runs", type=int, default=3, help="measured runs to the first step with the evaluation "
+                                                             "before training")
+    p.add_argument("--whole-runs", type=int, default=3, help="30-step whole-process runs of each framework")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--verbose", action="store_true", help="show the children's output")
+    p.add_argument("--output", default=None, help="write the JSON here too (e.g. benchmarks/startup.json)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.child:
+        child_main(json.loads(arguments.child))
+    else:
+        parent_main(arguments)
