@@ -29,6 +29,7 @@ Examples::
 
     python scripts/startup_time.py --output benchmarks/startup.json
     python scripts/startup_time.py --runs 1 --eval-runs 0 --whole-runs 0   # a quick look
+    python scripts/startup_time.py --recipe my.yaml --set model.name_or_path=m --model m --data d.jsonl --steps 2
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ CHILD_STARTED = time.time()  # the child's first moment in Python (before any im
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
+    QUICKSTART,
     REPO,
     RESULT_MARKER,
     eprint,
@@ -60,8 +62,7 @@ from _bench_common import (  # noqa: E402
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
 WHOLE_STEPS = 30
 # the same work as sentence-transformers' side does: no evaluation, no diagnostics probe, no plot
-WHOLE_OVERRIDES = [f"train.max_steps={WHOLE_STEPS}", "eval.tasks=[]", "eval.diagnostics.probe_rows=0",
-                   "output.plot=false"]
+WHOLE_OVERRIDES = ["eval.tasks=[]", "eval.diagnostics.probe_rows=0", "output.plot=false"]
 
 NOTES = [
     "first_step: seconds from the parent's clock just before launching the child process to the child's "
@@ -75,7 +76,8 @@ NOTES = [
     "Warm caches: one unmeasured run first, so datasets' Arrow cache of the JSON file and of the token ids exist "
     "(a first run ever also converts the JSON and tokenizes: see the tokenizing progress bar).",
     "whole_process: launch to exit of one process. embedtrain: python -m embedtrain train "
-    f"{RECIPE} " + " ".join(WHOLE_OVERRIDES) + " output.dir=<temp> output.overwrite=true; "
+    f"{RECIPE} train.max_steps={WHOLE_STEPS} " + " ".join(WHOLE_OVERRIDES) + " output.dir=<temp> "
+    "output.overwrite=true; "
     "sentence-transformers: scripts/bench_train.py --child for variant 'default' with 30 steps and no "
     "evaluation (SentenceTransformerTrainer, MultipleNegativesRankingLoss with scale 1/temperature, "
     "NO_DUPLICATES batches, dataloader_drop_last, the same rows, lr, linear warmup ratio, weight decay, "
@@ -107,7 +109,7 @@ def child_main(cfg: dict) -> None:
             sys.stdout.flush()
             os._exit(0)  # the measurement ends here; nothing else of the run is needed
 
-    embedtrain.train(str(REPO / RECIPE), cfg["overrides"], callbacks=[FirstStep()], log=eprint)
+    embedtrain.train(cfg["recipe"], cfg["overrides"], callbacks=[FirstStep()], log=eprint)
     raise SystemExit("the run ended without a training step")
 
 
@@ -118,12 +120,12 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def first_step_run(overrides: list[str], workdir: Path, timeout: float, verbose: bool) -> dict:
+def first_step_run(args, overrides: list[str], workdir: Path) -> dict:
     out = workdir / "first_step"
-    cfg = {"overrides": overrides + [f"output.dir={out}", "output.overwrite=true"]}
+    cfg = {"recipe": args.recipe, "overrides": args.set + overrides + [f"output.dir={out}", "output.overwrite=true"]}
     load_before = _load()
     launched = time.time()
-    res = run_child([str(Path(__file__).resolve()), "--child", json.dumps(cfg)], timeout, verbose)
+    res = run_child([str(Path(__file__).resolve()), "--child", json.dumps(cfg)], args.timeout, args.verbose)
     shutil.rmtree(out, ignore_errors=True)
     if "error" in res:
         return {**res, "load_before": load_before, "load_after": _load()}
@@ -139,16 +141,17 @@ def first_step_run(overrides: list[str], workdir: Path, timeout: float, verbose:
     }
 
 
-def whole_process_embedtrain(workdir: Path, timeout: float, verbose: bool) -> dict:
+def whole_process_embedtrain(args, workdir: Path) -> dict:
     out = workdir / "whole_embedtrain"
-    argv = [sys.executable, "-m", "embedtrain", "train", RECIPE, *WHOLE_OVERRIDES, f"output.dir={out}",
-            "output.overwrite=true"]
+    argv = [sys.executable, "-m", "embedtrain", "train", args.recipe, f"train.max_steps={args.steps}", *args.set,
+            *WHOLE_OVERRIDES, f"output.dir={out}", "output.overwrite=true"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     load_before = _load()
     start = time.time()
-    proc = subprocess.run(argv, cwd=str(REPO), env=env, text=True, timeout=timeout,
-                          stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.PIPE)
+    proc = subprocess.run(argv, cwd=str(REPO), env=env, text=True, timeout=args.timeout,
+                          stdout=None if args.verbose else subprocess.PIPE,
+                          stderr=None if args.verbose else subprocess.PIPE)
     seconds = time.time() - start
     res = {"wall_seconds": round(seconds, 3), "load_before": load_before, "load_after": _load()}
     if proc.returncode != 0:
@@ -164,14 +167,16 @@ def whole_process_embedtrain(workdir: Path, timeout: float, verbose: bool) -> di
     return res
 
 
-def whole_process_sentence_transformers(workdir: Path, timeout: float, verbose: bool, index: int) -> dict:
+def whole_process_sentence_transformers(args, workdir: Path, index: int) -> dict:
     import bench_train
 
-    args = bench_train.parse_args(["--suite", "throughput", "--steps", str(WHOLE_STEPS), "--no-quality"])
-    cfg = bench_train._child_config(args, bench_train.ST, "default", args.batch_size, WHOLE_STEPS, workdir, index,
+    bench = bench_train.parse_args(["--suite", "throughput", "--steps", str(args.steps), "--no-quality",
+                                    "--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size)])
+    cfg = bench_train._child_config(bench, bench_train.ST, "default", bench.batch_size, args.steps, workdir, index,
                                     with_eval=False)
     load_before = _load()
-    res = run_child([str(Path(bench_train.__file__).resolve()), "--child", json.dumps(cfg)], timeout, verbose)
+    res = run_child([str(Path(bench_train.__file__).resolve()), "--child", json.dumps(cfg)], args.timeout,
+                    args.verbose)
     out = {"wall_seconds": round(res["wall_seconds"], 3), "load_before": load_before, "load_after": _load()}
     if "error" in res:
         out.update(error=res["error"], stderr_tail=res.get("stderr_tail", "")[-2000:])
@@ -202,13 +207,14 @@ def summarize_first_step(runs: list[dict]) -> dict:
 def parent_main(args) -> None:
     offline_env()
     workdir = Path(tempfile.mkdtemp(prefix="startup_time_"))
-    doc: dict = {"command": "python scripts/startup_time.py " + " ".join(sys.argv[1:]), "recipe": RECIPE,
+    doc: dict = {"command": "python scripts/startup_time.py " + " ".join(sys.argv[1:]), "recipe": args.recipe,
+                 "overrides": args.set,
                  "machine": machine_info(), "load_average_before": _load(), "notes": NOTES}
     started = time.time()
     try:
         if args.runs or args.eval_runs:
             eprint("warming the caches (one unmeasured run) ...")
-            warm = first_step_run(["eval.before_training=false"], workdir, args.timeout, args.verbose)
+            warm = first_step_run(args, ["eval.before_training=false"], workdir)
             doc["warm_up_run"] = warm
         first: dict = {}
         for name, overrides, n in (("eval_off", ["eval.before_training=false"], args.runs),
@@ -216,19 +222,18 @@ def parent_main(args) -> None:
             runs = []
             for i in range(n):
                 eprint(f"first step, {name}, run {i + 1}/{n} ...")
-                runs.append(first_step_run(overrides, workdir, args.timeout, args.verbose))
+                runs.append(first_step_run(args, overrides, workdir))
                 eprint(f"  {runs[-1].get('seconds_to_first_step', runs[-1].get('error'))} s")
             if n:
                 first[name] = {"overrides": overrides, **summarize_first_step(runs)}
         doc["first_step"] = first
-        whole: dict = {"steps": WHOLE_STEPS, "embedtrain": [], "sentence_transformers": []}
+        whole: dict = {"steps": args.steps, "embedtrain": [], "sentence_transformers": []}
         for i in range(args.whole_runs):
-            eprint(f"whole process, {WHOLE_STEPS} steps, embedtrain, run {i + 1}/{args.whole_runs} ...")
-            whole["embedtrain"].append(whole_process_embedtrain(workdir, args.timeout, args.verbose))
+            eprint(f"whole process, {args.steps} steps, embedtrain, run {i + 1}/{args.whole_runs} ...")
+            whole["embedtrain"].append(whole_process_embedtrain(args, workdir))
             eprint(f"  {whole['embedtrain'][-1]['wall_seconds']} s")
-            eprint(f"whole process, {WHOLE_STEPS} steps, sentence-transformers, run {i + 1}/{args.whole_runs} ...")
-            whole["sentence_transformers"].append(whole_process_sentence_transformers(workdir, args.timeout,
-                                                                                      args.verbose, i))
+            eprint(f"whole process, {args.steps} steps, sentence-transformers, run {i + 1}/{args.whole_runs} ...")
+            whole["sentence_transformers"].append(whole_process_sentence_transformers(args, workdir, i))
             eprint(f"  {whole['sentence_transformers'][-1]['wall_seconds']} s")
         if args.whole_runs:
             for side in ("embedtrain", "sentence_transformers"):
@@ -252,6 +257,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-runs", type=int, default=3, help="measured runs to the first step with the evaluation "
                                                              "before training")
     p.add_argument("--whole-runs", type=int, default=3, help="30-step whole-process runs of each framework")
+    p.add_argument("--steps", type=int, default=WHOLE_STEPS, help="training steps of the whole-process runs")
+    p.add_argument("--recipe", default=RECIPE, help="the embedtrain recipe (default: the quickstart)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for every embedtrain run (e.g. model.name_or_path=...)")
+    p.add_argument("--model", default=QUICKSTART["model"], help="sentence-transformers' side: the model")
+    p.add_argument("--data", default=QUICKSTART["data"], help="sentence-transformers' side: the training pairs")
+    p.add_argument("--batch-size", type=int, default=QUICKSTART["batch_size"], help="sentence-transformers' side")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.add_argument("--output", default=None, help="write the JSON here too (e.g. benchmarks/startup.json)")
