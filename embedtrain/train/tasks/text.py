@@ -50,7 +50,8 @@ class TextTask(PairsTask):
         self.read_training_data()
         self.model_source = r.model.name_or_path
         if r.model.previous_stage:  # stage 2 starts from stage 1's output model
-            self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
+            with self.startup.phase("previous stage"):  # a whole run of its own when not trained yet
+                self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
         self.eval_tasks = []
         for t in r.eval.tasks:
             with self.startup.phase("evaluation data", f"reading {t.path} ..."):
