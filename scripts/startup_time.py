@@ -75,6 +75,9 @@ NOTES = [
     "loop, reading the recipe); the trainer's stages cover the rest up to step 1.",
     "Warm caches: one unmeasured run first, so datasets' Arrow cache of the JSON file and of the token ids exist "
     "(a first run ever also converts the JSON and tokenizes: see the tokenizing progress bar).",
+    "whole_process.embedtrain also records what the command printed before its training loop (the training "
+    "progress bar): first_output_seconds, and longest_silence_before_loop_seconds, the longest time without any "
+    "output from the launch on (the child runs unbuffered, PYTHONUNBUFFERED=1, so lines arrive as printed).",
     "whole_process: launch to exit of one process. embedtrain: python -m embedtrain train "
     f"{RECIPE} train.max_steps={WHOLE_STEPS} " + " ".join(WHOLE_OVERRIDES) + " output.dir=<temp> "
     "output.overwrite=true; "
@@ -141,7 +144,34 @@ def first_step_run(args, overrides: list[str], workdir: Path) -> dict:
     }
 
 
+def _timed_output(argv: list[str], env: dict, timeout: float) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``argv``; every piece of its stdout and stderr with the time it arrived (unbuffered child)."""
+    import threading
+
+    proc = subprocess.Popen(argv, cwd=str(REPO), env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    pieces: list[tuple[float, str]] = []
+
+    def read(stream) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            pieces.append((time.time(), chunk.decode(errors="replace")))
+
+    readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
+    for r in readers:
+        r.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    for r in readers:
+        r.join()
+    return code, sorted(pieces, key=lambda p: p[0])
+
+
 def whole_process_embedtrain(args, workdir: Path) -> dict:
+    """The command line's whole process, and what it printed before its training loop began: the first output
+    and the longest silence (seconds without any output, the progress lines' purpose)."""
     out = workdir / "whole_embedtrain"
     argv = [sys.executable, "-m", "embedtrain", "train", args.recipe, f"train.max_steps={args.steps}", *args.set,
             *WHOLE_OVERRIDES, f"output.dir={out}", "output.overwrite=true"]
@@ -149,14 +179,20 @@ def whole_process_embedtrain(args, workdir: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     load_before = _load()
     start = time.time()
-    proc = subprocess.run(argv, cwd=str(REPO), env=env, text=True, timeout=args.timeout,
-                          stdout=None if args.verbose else subprocess.PIPE,
-                          stderr=None if args.verbose else subprocess.PIPE)
+    code, pieces = _timed_output(argv, env, args.timeout)
     seconds = time.time() - start
     res = {"wall_seconds": round(seconds, 3), "load_before": load_before, "load_after": _load()}
-    if proc.returncode != 0:
-        res["error"] = f"exit status {proc.returncode}"
-        res["stderr_tail"] = (proc.stderr or "")[-2000:]
+    loop = next((t for t, text in pieces if "training:" in text), None)  # the training progress bar appears
+    before = [start] + [t for t, _ in pieces if loop is None or t <= loop]
+    res["first_output_seconds"] = round(pieces[0][0] - start, 3) if pieces else None
+    res["loop_begins_seconds"] = round(loop - start, 3) if loop else None
+    res["longest_silence_before_loop_seconds"] = round(max(b - a for a, b in zip(before, before[1:])), 3) \
+        if len(before) > 1 else None
+    if args.verbose:
+        eprint("".join(text for _, text in pieces))
+    if code != 0:
+        res["error"] = f"exit status {code}"
+        res["output_tail"] = "".join(text for _, text in pieces)[-2000:]
     else:
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
         res["steps"] = results.get("steps")

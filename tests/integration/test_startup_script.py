@@ -61,5 +61,9 @@ def test_startup_time_script_end_to_end(tmp_path):
         assert "error" not in run, run
         assert positive(run["wall_seconds"]) and run["steps"] == 2
         assert positive(whole[f"{side}_median_wall_seconds"])
-    assert positive(whole["embedtrain"][0]["startup_seconds"])
+    ours = whole["embedtrain"][0]
+    assert positive(ours["startup_seconds"])
+    # the command printed before its loop began (at least the start-up line) and the loop began before it ended
+    assert 0 < ours["first_output_seconds"] <= ours["loop_begins_seconds"] < ours["wall_seconds"]
+    assert 0 < ours["longest_silence_before_loop_seconds"] <= ours["loop_begins_seconds"]
     assert positive(whole["embedtrain_over_sentence_transformers"])
