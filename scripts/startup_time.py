@@ -240,6 +240,13 @@ def summarize_first_step(runs: list[dict]) -> dict:
     }
 
 
+def _save_partial(doc: dict, output) -> None:
+    """The document so far (a run stopped midway keeps what it measured); the last write is the whole one."""
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({**doc, "partial": True}, indent=2) + "\n", encoding="utf-8")
+
+
 def parent_main(args) -> None:
     offline_env()
     workdir = Path(tempfile.mkdtemp(prefix="startup_time_"))
@@ -260,8 +267,9 @@ def parent_main(args) -> None:
                 eprint(f"first step, {name}, run {i + 1}/{n} ...")
                 runs.append(first_step_run(args, overrides, workdir))
                 eprint(f"  {runs[-1].get('seconds_to_first_step', runs[-1].get('error'))} s")
-            if n:
                 first[name] = {"overrides": overrides, **summarize_first_step(runs)}
+                doc["first_step"] = first
+                _save_partial(doc, args.output)
         doc["first_step"] = first
         whole: dict = {"steps": args.steps, "embedtrain": [], "sentence_transformers": []}
         for i in range(args.whole_runs):
@@ -271,6 +279,8 @@ def parent_main(args) -> None:
             eprint(f"whole process, {args.steps} steps, sentence-transformers, run {i + 1}/{args.whole_runs} ...")
             whole["sentence_transformers"].append(whole_process_sentence_transformers(args, workdir, i))
             eprint(f"  {whole['sentence_transformers'][-1]['wall_seconds']} s")
+            doc["whole_process"] = whole
+            _save_partial(doc, args.output)
         if args.whole_runs:
             for side in ("embedtrain", "sentence_transformers"):
                 good = [r["wall_seconds"] for r in whole[side] if "error" not in r]
