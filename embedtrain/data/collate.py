@@ -69,12 +69,14 @@ def tokenize_roles(tokenizer, batch: dict, columns: Sequence[str], prompts: dict
 
 def token_lengths(dataset: PairDataset) -> list[int]:
     """Total tokens per row over all roles (or characters when not pre-tokenized)."""
+    import numpy as np
+
     columns = dataset.rows.column_names
     if all(f"{c}_ids" in columns for c in dataset.role_columns):
         per_role = [column_lengths(dataset.rows, f"{c}_ids") for c in dataset.role_columns]
     else:
         per_role = [column_lengths(dataset.rows, c) for c in dataset.role_columns]
-    return [sum(v) for v in zip(*per_role)]
+    return np.sum(np.asarray(per_role, dtype=np.int64).reshape(len(per_role), len(dataset)), axis=0).tolist()
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

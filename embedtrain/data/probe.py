@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from embedtrain.data.readers import PairDataset, text_hash
+import numpy as np
+
+from embedtrain.data.readers import PairDataset, column_list, text_hash
 
 MAX_FRACTION = 0.05
 """At most this share of the training rows goes to the probe (small datasets keep their rows)."""
@@ -58,8 +60,7 @@ def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[P
     chosen: list[list[int]] = []
     for d, share in zip(datasets, shares):
         rows = []
-        # a stable order that is unrelated to the file's order: the hash of the row's query and positive
-        for i in sorted(range(len(d)), key=lambda i: (text_hash(f"{d.row_keys[i][0]}:{d.row_keys[i][1]}"), i)):
+        for i in _probe_order(d.row_keys).tolist():
             if len(rows) == share:
                 break
             query, positive = d.row_keys[i][0], d.row_keys[i][1]
@@ -69,16 +70,25 @@ def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[P
             held.update((query, positive))
         chosen.append(rows)
     kept = []
+    held_keys = np.fromiter(held, dtype=np.int64, count=len(held))
     for d, rows in zip(datasets, chosen):
         picked = d.rows.select(rows)
-        probe.queries.append(list(picked["query"]))
-        probe.positives.append(list(picked["positive"]))
-        keep = [i for i in range(len(d)) if not held.intersection(d.row_keys[i])]
+        probe.queries.append(column_list(picked, "query"))
+        probe.positives.append(column_list(picked, "positive"))
+        keys = np.asarray(d.row_keys, dtype=np.int64).reshape(len(d), len(d.role_columns))
+        keep = np.flatnonzero(~np.isin(keys, held_keys).any(axis=1)).tolist()  # no text shared with the probe
         probe.excluded_rows.append(len(d) - len(keep))
         kept.append(dataclasses.replace(
             d, rows=d.rows.select(keep), row_keys=[d.row_keys[i] for i in keep],
             match_keys=None if d.match_keys is None else [d.match_keys[i] for i in keep]))
     return probe, kept
+
+
+def _probe_order(row_keys) -> np.ndarray:
+    """Rows in a stable order that is unrelated to the file's order: by the hash of the row's query and positive
+    (ties by row number)."""
+    hashes = np.fromiter((text_hash(f"{k[0]}:{k[1]}") for k in row_keys), dtype=np.int64, count=len(row_keys))
+    return np.argsort(hashes, kind="stable")
 
 
 def _shares(lengths: list[int], size: int) -> list[int]:

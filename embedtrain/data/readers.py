@@ -179,20 +179,11 @@ def pair_dataset(
 ) -> PairDataset:
     """Check the texts of a table with role columns (query, positive, negative_0..) and wrap it.
 
-    ``wanted`` maps each role to the column name the user gave (for messages).
+    ``wanted`` maps each role to the column name the user gave (for messages). The first bad row of the
+    first role that has one is reported (a value that is not text, or one that is empty or blank).
     """
-    columns = {role: column_list(ds, role) for role in wanted}
-    for role, values in columns.items():
-        for i, value in enumerate(values):
-            if not isinstance(value, str):
-                raise EmbedtrainError(
-                    f"{source} row {i + 1}: column '{wanted[role]}' is {type(value).__name__}, not text; "
-                    "fix or remove the row"
-                )
-            if not value.strip():
-                raise EmbedtrainError(f"{source} row {i + 1}: column '{wanted[role]}' is empty; fix or remove the row")
-    roles = list(wanted)
-    row_keys = [tuple(text_hash(columns[r][i]) for r in roles) for i in range(len(ds))]
+    for role in wanted:
+        _check_texts(ds, role, source, wanted[role])
     return PairDataset(
         name=name,
         rows=ds,
@@ -200,5 +191,66 @@ def pair_dataset(
         query_prompt=query_prompt,
         document_prompt=document_prompt,
         weight=weight,
-        row_keys=row_keys,
+        row_keys=text_keys(ds, list(wanted)),
     )
+
+
+# What str.strip() removes: every character whose str.isspace() is true (a test checks the list against
+# Python's own definition), for Arrow's regular expressions (RE2, which knows no Python whitespace class).
+PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def _is_text(ds, role: str) -> bool:
+    """Whether a column holds plain Arrow strings (else its values are checked one by one in Python)."""
+    import datasets
+
+    feature = ds.features[role]
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _check_texts(ds, role: str, source: str, column: str) -> None:
+    """Raise for the first row whose ``role`` value is not text or is blank. Text columns are checked by Arrow
+    (a null is the only non-text value they can hold); other columns, which fail anyway, value by value."""
+    if not _is_text(ds, role):
+        for i, value in enumerate(column_list(ds, role)):
+            _check_text(value, i, source, column)
+        return
+    import pyarrow.compute as pc
+
+    values = ds.with_format("arrow")[role]
+    blank = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in PYTHON_WHITESPACE) + "]*$"
+    bad = pc.or_kleene(pc.is_null(values), pc.match_substring_regex(values, blank))
+    first = pc.index(pc.fill_null(bad, True), True).as_py()
+    if first >= 0:
+        _check_text(values[first].as_py(), first, source, column)
+
+
+def _check_text(value, i: int, source: str, column: str) -> None:
+    if not isinstance(value, str):
+        raise EmbedtrainError(
+            f"{source} row {i + 1}: column '{column}' is {type(value).__name__}, not text; fix or remove the row"
+        )
+    if not value.strip():
+        raise EmbedtrainError(f"{source} row {i + 1}: column '{column}' is empty; fix or remove the row")
+
+
+def text_keys(ds, roles: list[str]) -> list[tuple[int, ...]]:
+    """Per row, the :func:`text_hash` of its text in each of ``roles`` (checked text columns). Arrow numbers the
+    distinct texts of all roles together (one dictionary encoding); each is hashed once (labels and shared
+    documents repeat a lot)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")
+    chunks = []
+    for role in roles:
+        column = table[role]
+        column = column.cast(pa.large_string()) if not pa.types.is_large_string(column.type) else column
+        chunks += column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    encoded = pc.dictionary_encode(pa.chunked_array(chunks, type=pa.large_string()).combine_chunks())
+    distinct = encoded.dictionary.to_pylist()
+    hashes = np.fromiter((text_hash(t) for t in distinct), dtype=np.int64, count=len(distinct))
+    per_role = hashes[encoded.indices.to_numpy()].reshape(len(roles), len(ds))
+    return list(zip(*(keys.tolist() for keys in per_role)))

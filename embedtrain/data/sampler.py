@@ -99,11 +99,12 @@ def _dataset_batches(
     if lengths is None:
         return _fill_batches(order.tolist(), row_keys, global_batch, no_duplicates, repeat_documents=repeat_documents)
     pool = max(1, window) * global_batch
+    lengths = np.asarray(lengths)
     batches: list[list[int]] = []
     carried: list[int] = []  # rows the previous pool could not place in a full batch
     for start in range(0, len(order), pool):
         chunk = np.concatenate([np.asarray(carried, dtype=np.int64), order[start : start + pool]])
-        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         carried = []
         batches += _fill_batches(chunk.tolist(), row_keys, global_batch, no_duplicates, carried, repeat_documents)
     return batches

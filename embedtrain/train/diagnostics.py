@@ -45,7 +45,11 @@ class DiagnosticsCallback(Callback):
 
     def on_train_begin(self, trainer) -> None:
         if trainer.state.step == 0:  # the baseline evaluation measured step 0 already, unless there was none
-            self.measure(trainer, 0)
+            probe = trainer.task.probe
+            line = (f"step 0: embedding the diagnostics probe ({probe.rows} pairs) ..."
+                    if probe is not None and self.measured != 0 else None)
+            with trainer.task.startup.phase("diagnostics at step 0", line):
+                self.measure(trainer, 0)
             return
         probe, saved = trainer.task.probe, trainer.state.diagnostics.get("probe_pairs")
         if probe is not None and saved is not None and saved != probe.rows:

@@ -8,15 +8,23 @@ the dataset it comes from; the loop routes each step with :func:`routed_batch`.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Optional
 
 from embedtrain.config import TextRecipe, dataset_name, looks_local, moe_domains, resolve_path
 from embedtrain.errors import EmbedtrainError
-from embedtrain.models.moe import MoETextEncoder, is_moe_folder, upcycle_encoder
+from embedtrain.models.folders import MOE, find_model_kind
 
 # settings a recipe may change when it continues training a saved MoE model
 _ROUTING_FIELDS = ("routing", "top_k", "router_loss_weight", "load_balancing_weight")
+
+
+def is_moe(encoder) -> bool:
+    """Whether ``encoder`` is an MoE encoder. embedtrain.models.moe subclasses sentence-transformers' modules,
+    so a run without experts never imports it (seconds of start-up); an MoE encoder exists only once it was."""
+    moe = sys.modules.get("embedtrain.models.moe")
+    return moe is not None and isinstance(encoder, moe.MoETextEncoder)
 
 
 def uses_experts(recipe: TextRecipe) -> bool:
@@ -24,7 +32,7 @@ def uses_experts(recipe: TextRecipe) -> bool:
     if recipe.model.moe is not None:
         return True
     name = recipe.model.name_or_path
-    return looks_local(name) and is_moe_folder(Path(resolve_path(name)))
+    return looks_local(name) and find_model_kind(Path(resolve_path(name))) == MOE
 
 
 def prepare_encoder(encoder, recipe: TextRecipe, log=print):
@@ -33,8 +41,10 @@ def prepare_encoder(encoder, recipe: TextRecipe, log=print):
     moe = recipe.model.moe
     if moe is None:
         return encoder
+    from embedtrain.models.moe import upcycle_encoder
+
     domains = moe_domains(recipe)
-    if not isinstance(encoder, MoETextEncoder):
+    if not is_moe(encoder):
         return upcycle_encoder(
             encoder, domains, layers=moe.layers, routing=moe.routing, router=moe.router, top_k=moe.top_k,
             router_loss_weight=moe.router_loss_weight, load_balancing_weight=moe.load_balancing_weight,
@@ -66,7 +76,7 @@ def learning_rates(recipe: TextRecipe) -> Optional[dict[str, float]]:
 
 def dataset_domains(encoder, recipe: TextRecipe) -> Optional[list[Optional[str]]]:
     """The domain of each training dataset (None: left to the router); None for a dense model."""
-    if not isinstance(encoder, MoETextEncoder):
+    if not is_moe(encoder):
         return None
     out: list[Optional[str]] = []
     for i, ds in enumerate(recipe.data.train):
@@ -82,7 +92,7 @@ def dataset_domains(encoder, recipe: TextRecipe) -> Optional[list[Optional[str]]
 
 def check_eval_tasks(encoder, recipe: TextRecipe) -> None:
     """Every evaluation task must be routable: a domain of the model, or a router to decide."""
-    moe = isinstance(encoder, MoETextEncoder)
+    moe = is_moe(encoder)
     for i, task in enumerate(recipe.eval.tasks):
         where = f"eval.tasks[{i}].domain"
         if task.domain is not None and not moe:
@@ -111,11 +121,11 @@ def routed_batch(encoder, domains: Optional[list[Optional[str]]], batch: dict, l
 
 def routed_task(encoder, domain: Optional[str]):
     """Route an evaluation task's texts (``domain`` None: the router decides)."""
-    if not isinstance(encoder, MoETextEncoder):
+    if not is_moe(encoder):
         return contextlib.nullcontext()
     return encoder.routed_to(domain)
 
 
 def routing_log(encoder) -> dict[str, float]:
     """Routing figures since the last call (empty for a dense model)."""
-    return encoder.routing_statistics() if isinstance(encoder, MoETextEncoder) else {}
+    return encoder.routing_statistics() if is_moe(encoder) else {}

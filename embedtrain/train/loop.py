@@ -136,6 +136,7 @@ class Trainer:
         # -- build: data first (cheap, and its errors should come before the model loads) ------
         _check_output_dir(out, r.output.overwrite, resuming=self.resume is not None)
         task.read_data()
+        task.startup.lap("reading data")
         self.accelerator = accelerator = build_accelerator(
             r.train.mixed_precision, r.output.report_to or None, str(out),
             find_unused_parameters=task.find_unused_parameters)
@@ -153,10 +154,13 @@ class Trainer:
                      f"train.mixed_precision ({self.engine.mixed_precision}) is used")
         task.check_data(world_size)
         resume_from = self._resume_point()
+        task.startup.lap("accelerator")
 
         set_seed(r.train.seed)
         model, loss_fn = task.build(accelerator.device)
+        task.startup.lap("building the model")
         self.data_accounts = task.check_accounts()  # no dataset is dropped or cut without an error
+        task.startup.lap("epoch plan")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
@@ -198,11 +202,16 @@ class Trainer:
         self.callbacks = averaging_callbacks(r.train, self.log) + self.callbacks
         self.record({"step": state.step, "engine": self.engine.to_dict()}, track=False)  # each start says what it ran on
 
+        task.startup.lap("preparing the run")
         if state.step == 0 and task.has_evaluation and r.eval.before_training:
             state.baseline = self.evaluate(0)
             if state.baseline:
                 self.log(f"before training: {task.format_scores(state.baseline)}")
+            task.startup.lap("evaluation before training")
         self._emit("on_train_begin")
+        task.startup.lap("callbacks at train begin")
+        self.log(task.startup.line())
+        self.record({"step": state.step, "startup_seconds": task.startup.to_dict()}, track=False)
 
         # -- loop ----------------------------------------------------------------------------------
         loss_params = [p for p in loss_fn.parameters() if p.requires_grad]

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.train.startup import StartupPhases
 
 
 class Task:
@@ -43,6 +44,8 @@ class Task:
         self.log = log
         self.counters: dict = {}
         """The task's own figures that a checkpoint keeps (the loop hands in the training state's)."""
+        self.startup = StartupPhases(log)
+        """The run's start-up, timed: the loop marks its stages, the task times its long parts in them."""
 
     # -- data -------------------------------------------------------------------------------
     def read_data(self) -> None:

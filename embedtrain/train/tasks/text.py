@@ -50,8 +50,12 @@ class TextTask(PairsTask):
         self.read_training_data()
         self.model_source = r.model.name_or_path
         if r.model.previous_stage:  # stage 2 starts from stage 1's output model
-            self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
-        self.eval_tasks = [(t, load_beir(t.path, task_name(t))) for t in r.eval.tasks]
+            with self.startup.phase("previous stage"):  # a whole run of its own when not trained yet
+                self.model_source = previous_stage_model(r, self.run_stage, self.log, self.chain)
+        self.eval_tasks = []
+        for t in r.eval.tasks:
+            with self.startup.phase("evaluation data", f"reading {t.path} ..."):
+                self.eval_tasks.append((t, load_beir(t.path, task_name(t))))
         self.has_evaluation = bool(self.eval_tasks)
 
     def read_training_data(self) -> None:
@@ -61,8 +65,12 @@ class TextTask(PairsTask):
         if any(ds.streaming for ds in r.data.train):
             self._open_streams()
             return
-        self.datasets = [load_training_dataset(ds, i, r.train.seed) for i, ds in enumerate(r.data.train)]
-        self._carve_probe()
+        self.datasets = []
+        for i, ds in enumerate(r.data.train):
+            with self.startup.phase("training data", f"reading {ds.path} ..."):
+                self.datasets.append(load_training_dataset(ds, i, r.train.seed))
+        with self.startup.phase("diagnostics probe"):
+            self._carve_probe()
 
     def _open_streams(self) -> None:
         """Streaming datasets (all of them stream, the recipe check says): their shards and columns checked, nothing
@@ -121,7 +129,8 @@ class TextTask(PairsTask):
         from accelerate import PartialState
 
         r = self.recipe
-        encoder = self._load_encoder(device, self.log)
+        with self.startup.phase("loading model", f"loading model {self.model_source} ..."):
+            encoder = self._load_encoder(device, self.log)
         self.batch_domains = experts.dataset_domains(encoder, r)
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
@@ -134,14 +143,16 @@ class TextTask(PairsTask):
             self.stream_tokenize = TokenizeRoles(encoder.tokenizer, encoder.max_length_for("query"),
                                                  encoder.max_length_for("document"))
         else:
-            with PartialState().main_process_first():
+            with PartialState().main_process_first(), self.startup.phase("tokenizing"):
                 for ds in self.datasets:
                     if r.data.pretokenize:
                         pretokenize(ds, encoder.tokenizer, encoder.max_length_for)
-            self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
+            with self.startup.phase("token lengths"):
+                self.lengths = [token_lengths(ds) for ds in self.datasets] if r.data.length_grouping else None
         self.collator = BatchCollator(self.datasets, encoder.tokenizer, encoder.max_length_for,
                                       prompt_lengths(encoder, self.datasets))
-        frozen = encoder.freeze_unused_parameters()
+        with self.startup.phase("unused parameters"):  # one forward and backward
+            frozen = encoder.freeze_unused_parameters()
         if frozen:
             self.log(f"not trained (no influence on the embedding): {', '.join(frozen)}")
         if r.train.compile:

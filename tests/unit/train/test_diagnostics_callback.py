@@ -9,6 +9,7 @@ from embedtrain.data.probe import Probe
 from embedtrain.eval.diagnostics import diagnose
 from embedtrain.train.diagnostics import DiagnosticsCallback
 from embedtrain.train.loop import TrainState
+from embedtrain.train.startup import StartupPhases
 
 
 class FakeTrainer:
@@ -16,7 +17,8 @@ class FakeTrainer:
 
     def __init__(self, embeddings, total_steps=100):
         self.embeddings = embeddings  # step -> (queries, positives)
-        self.task = SimpleNamespace(probe=Probe(queries=[["q"]], positives=[["p"]]))
+        self.task = SimpleNamespace(probe=Probe(queries=[["q"]], positives=[["p"]]),
+                                    startup=StartupPhases(lambda *_: None))  # its progress lines: not checked here
         self.recipe = SimpleNamespace(kind="text", output=SimpleNamespace(report_to=[]))
         self.state, self.total_steps, self.lines, self.logged, self.step = TrainState(), total_steps, [], [], 0
 
