@@ -1,0 +1,172 @@
+"""Streaming at scale: peak memory, time to the first step and examples/s, streamed vs loaded whole.
+
+    python scripts/stream_scale.py --output benchmarks/streaming_scale.json
+
+Runs the quickstart setting (all-MiniLM-L6-v2, batch 64, max_length 128, InfoNCE with one hard negative, length
+grouping) for ``--steps`` steps, without evaluation, as separate processes:
+
+- ``loaded_wordnet``: data/wordnet/train.jsonl read whole (the quickstart as it is);
+- ``streamed_wordnet``: the same file streamed (one shard, one DataLoader worker tokenizing);
+- ``streamed_50k``: 50,000 rows in 50 Parquet shards, streamed;
+- ``streamed_5m``: 5,000,000 rows in 50 Parquet shards, streamed.
+
+The generated rows are WordNet's training rows again and again, each text prefixed with its row number so that
+no two rows are the same (the texts are one token longer than WordNet's). They are written once under
+``runs/stream_scale/`` and reused. Memory is the proportional set size (PSS: shared pages split between the
+processes that share them) of the training process and its DataLoader workers together, sampled every 0.2 s;
+time to the first step is from the process start (measured by this script) to the first step's start (a
+callback). examples/s is the median over 10-step log windows, the first window left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import REPO, machine_info, offline_env, write_json  # noqa: E402
+
+WORK = REPO / "runs" / "stream_scale"
+RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
+
+CHILD = r"""
+import json, sys, time
+import embedtrain
+from embedtrain.train.loop import Callback
+
+class FirstStep(Callback):
+    seen = False
+
+    def on_step_begin(self, trainer, batch):
+        if not self.seen:
+            self.seen = True
+            with open(sys.argv[1], "w") as f:
+                f.write(repr(time.time()))
+
+embedtrain.train(sys.argv[2], overrides=sys.argv[3:], callbacks=[FirstStep()], log=lambda *a: print(*a, flush=True))
+"""
+
+
+def make_shards(rows: int, shards: int) -> Path:
+    """``rows`` rows in ``shards`` Parquet files (written once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = WORK / f"data-{rows}"
+    if (folder / "DONE").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    source = [json.loads(l) for l in (REPO / "data" / "wordnet" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    per = rows // shards
+    for s in range(shards):
+        start = s * per
+        batch = [source[i % len(source)] for i in range(start, start + per)]
+        table = pa.table({k: [f"{start + j} {r[k]}" for j, r in enumerate(batch)] for k in ("anchor", "positive", "negative")})
+        pq.write_table(table, folder / f"part-{s:04d}.parquet", row_group_size=10_000)
+        print(f"  shard {s + 1}/{shards}", file=sys.stderr, flush=True)
+    (folder / "DONE").write_text("")
+    return folder
+
+
+def _pss(pid: int) -> int:
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root] + root.children(recursive=True):
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def run(name: str, overrides: list[str], steps: int) -> dict:
+    out = WORK / "runs" / name
+    first_file = WORK / f"{name}.first_step"
+    first_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-c", CHILD, str(first_file), RECIPE, *overrides, f"train.max_steps={steps}", "eval.tasks=[]",
+            "eval.diagnostics.probe_rows=0", "train.log_every=10", "output.plot=false", f"output.dir={out}",
+            "output.overwrite=true"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = tempfile.TemporaryFile(mode="w+")
+    load_before = os.getloadavg()
+    start = time.time()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _pss(proc.pid))
+        time.sleep(0.2)
+    wall = time.time() - start
+    log.seek(0)
+    text = log.read()
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{text[-3000:]}")
+    first = float(first_file.read_text())
+    speeds = [m["examples_per_s"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if m.get("loss") is not None][1:]
+    results = json.loads((out / "results.json").read_text())
+    return {"name": name, "overrides": overrides, "steps": steps, "peak_pss_mb": round(peak / 2**20, 1),
+            "seconds_to_first_step": round(first - start, 1), "wall_seconds": round(wall, 1),
+            "examples_per_s_median": round(statistics.median(speeds), 2) if speeds else None,
+            "examples_per_s_windows": speeds, "streams": results.get("streams"),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "log_lines": [l for l in text.splitlines() if l.startswith(("data:", "engine:"))]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--shards", type=int, default=50)
+    parser.add_argument("--only", nargs="*", help="run only these of the four runs")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    offline_env()
+    small, large = make_shards(50_000, args.shards), make_shards(args.rows, args.shards)
+    stream = ["data.train.0.streaming=true", "data.num_workers=1"]
+    plan = {
+        "loaded_wordnet": [],
+        "streamed_wordnet": stream,
+        "streamed_50k": [f"data.train.0.path={small}", *stream],
+        f"streamed_{args.rows // 1_000_000}m" if args.rows >= 1_000_000 else f"streamed_{args.rows}":
+            [f"data.train.0.path={large}", *stream],
+    }
+    runs = []
+    for name, overrides in plan.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        runs.append(run(name, overrides, args.steps))
+        print(f"  {runs[-1]['seconds_to_first_step']} s to the first step, peak {runs[-1]['peak_pss_mb']} MB, "
+              f"{runs[-1]['examples_per_s_median']} examples/s", file=sys.stderr, flush=True)
+    by = {r["name"]: r for r in runs}
+    summary = {}
+    if "streamed_50k" in by and len(runs) == 4:
+        big = runs[-1]
+        summary["peak_mb_above_50k"] = round(big["peak_pss_mb"] - by["streamed_50k"]["peak_pss_mb"], 1)
+        summary["seconds_to_first_step_large"] = big["seconds_to_first_step"]
+    if {"loaded_wordnet", "streamed_wordnet"} <= by.keys():
+        summary["streamed_over_loaded_examples_per_s"] = round(
+            by["streamed_wordnet"]["examples_per_s_median"] / by["loaded_wordnet"]["examples_per_s_median"], 3)
+    doc = {"command": "python scripts/stream_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "recipe": RECIPE, "machine": machine_info(), "summary": summary, "runs": runs,
+           "differences": "loaded: data read and tokenized before training, no DataLoader worker (the quickstart's "
+                          "num_workers 0); streamed: one DataLoader worker reads and tokenizes pools of 64 batches. "
+                          "Both group by length in pools of 64 batches and keep duplicates apart; no evaluation."}
+    write_json(doc, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
