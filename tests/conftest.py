@@ -156,6 +156,18 @@ def logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
+def subprocess_env(**extra) -> dict:
+    """The environment of a training command a test starts: one thread, unbuffered (what a run printed before it
+    was killed is in its log), the repository and tests importable, no launcher config or test pause inherited."""
+    from embedtrain.train.checkpoint import PAUSE_ENV
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    env.pop(PAUSE_ENV, None)
+    env.update(extra)
+    return env
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every process it started, wherever their sessions are: torch's launcher starts each
     worker in a session of its own, out of reach of a kill of the launcher's process group."""

@@ -36,7 +36,7 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
 from embedtrain.train.loop import train
 
-from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, tiny_recipe, write_beir, write_pairs
+from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, subprocess_env, tiny_recipe, write_beir, write_pairs
 from helpers_parity import scale_loss_at
 
 STEPS = 12
@@ -101,12 +101,7 @@ def reference(tiny_bert, pairs_file, tmp_path_factory):
 
 
 def _env(**extra) -> dict:
-    # unbuffered: what a run printed before it was killed is in its log
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    env.pop(ckpt.PAUSE_ENV, None)
-    env.update(extra)
-    return env
+    return subprocess_env(**extra)
 
 
 class Run:

@@ -26,9 +26,8 @@ from safetensors.torch import load_file
 from embedtrain.cli import main
 from embedtrain.data.readers import text_hash
 from embedtrain.data.streaming import StreamReader, TokenizeRoles, open_stream
-from embedtrain.train import checkpoint as ckpt
 
-from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, tiny_recipe
+from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, subprocess_env, tiny_recipe
 from stream_runner import rows_by_step
 
 STEPS = 14
@@ -112,11 +111,7 @@ def test_readers_split_the_rows_none_twice_none_skipped(tiny_bert, shards, reade
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    env.pop(ckpt.PAUSE_ENV, None)
-    env.update(extra)
-    return env
+    return subprocess_env(**extra)
 
 
 def _launch(recipe: Path, rows: Path, log: Path, processes: int, *args, **env):
