@@ -255,7 +255,6 @@ class PairsTask(Task):
             generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch),
         )
 
-
     def _stream_loader(self, step: int, rank: int, world_size: int, pin_memory: bool):
         from embedtrain.data.streaming import PairStream
 
