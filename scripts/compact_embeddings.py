@@ -8,7 +8,8 @@ quantized post hoc: nDCG@10, Recall@10, bytes per document and queries/s at ever
 without ``--sides`` reuses both and writes the report.)
 
 Both runs are `embedtrain train recipes/minilm/wordnet_quickstart.yaml` with the same seed and steps; the
-compact one adds COMPACT_OVERRIDE. Each saved model is then embedded once and every (prefix, precision) is
+compact one adds COMPACT_OVERRIDE. A third table, ``plain+centre``, is the plain model centred after training (the
+centre ``loss.compact.center`` computes, from the same training rows): what centring alone gives. Each saved model is then embedded once and every (prefix, precision) is
 searched on a faiss index (see embedtrain/eval/compact.py). A model already trained under --work is reused
 (its recipe.yaml must match), so a rerun only evaluates.
 """
@@ -33,10 +34,9 @@ EVAL = "data/wordnet/eval"
 DIMS = [384, 256, 128, 64]
 RESCORE_TOP_K = 40
 COMPACT_OVERRIDE = ("loss.compact={dims: [384, 256, 128], dim_weights: [0.5, 0.25, 0.25], "
-                    "precisions: [float32, binary], precision_weights: [0.5, 0.5]}")
-# both runs: no evaluation inside training (this script evaluates every prefix and precision itself), and one
-# intra-op thread: on a shared, oversubscribed CPU two spinning threads per run cost more than they give
-COMMON = ["eval.before_training=false", "eval.tasks=[]", "output.plot=false", "train.torch_threads=1"]
+                    "precisions: [float32, binary], precision_weights: [0.5, 0.5], center: true}")
+# both runs: no evaluation inside training (this script evaluates every prefix and precision itself)
+COMMON = ["eval.before_training=false", "eval.tasks=[]", "output.plot=false"]
 
 
 def train(side: str, extra: list[str], work: Path) -> dict:
@@ -69,8 +69,25 @@ def train(side: str, extra: list[str], work: Path) -> dict:
             "steps": results["steps"], "train_seconds": round(results["train_seconds"], 1)}
 
 
+def plain_centred(model: str, log) -> "object":
+    """The plain model with a centre computed after training, as ``loss.compact.center`` computes it (the same
+    rows of the recipe's training data): what centring alone gives, without training for it."""
+    from embedtrain.config import load_recipe
+    from embedtrain.models import TextEncoder
+    from embedtrain.train.compact import calibrate_center
+    from embedtrain.train.tasks.text import TextTask
+    from embedtrain.config.compact import CompactConfig
+
+    task = TextTask(load_recipe(str(REPO / RECIPE)), log=log)
+    task.read_training_data()
+    encoder = TextEncoder.load(model)
+    encoder.set_center(calibrate_center(encoder, task.datasets, CompactConfig().center_rows, log=log))
+    return encoder
+
+
 def evaluate(side: str, run: dict, work: Path) -> list[dict]:
-    """The side's table on the held-out split, cached beside the run (keyed by its results.json)."""
+    """The side's table on the held-out split, cached beside the run (keyed by its results.json); side
+    ``plain+centre`` is the plain run's model centred after training (:func:`plain_centred`)."""
     import torch
 
     from embedtrain.eval.compact import evaluate_compact, table_markdown
@@ -78,12 +95,15 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
     from embedtrain.models import TextEncoder
 
     stamp = (REPO / run["model"]).parent.joinpath("results.json").stat().st_mtime
-    cache = work / f"{side}.table.json"
+    cache = work / f"{side.replace('+', '_')}.table.json"
     if cache.is_file() and json.loads(cache.read_text())["results_mtime"] == stamp:
         return json.loads(cache.read_text())["table"]
     torch.set_num_threads(1)  # as in training: a shared CPU
     t0 = time.time()
-    table = evaluate_compact(TextEncoder.load(str(REPO / run["model"])), load_beir(REPO / EVAL, "wordnet"), DIMS,
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    encoder = (plain_centred(str(REPO / run["model"]), log) if side == "plain+centre"
+               else TextEncoder.load(str(REPO / run["model"])))
+    table = evaluate_compact(encoder, load_beir(REPO / EVAL, "wordnet"), DIMS,
                              ("float32", "int8", "binary"), rescore_top_k=RESCORE_TOP_K)
     cache.write_text(json.dumps({"results_mtime": stamp, "table": table}) + "\n")
     print(f"\n{side} ({time.time() - t0:.0f} s)\n{table_markdown(table)}", file=sys.stderr, flush=True)
@@ -92,12 +112,14 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
 
 def side_by_side(tables: dict) -> str:
     """Both models' rows in one Markdown table: nDCG@10 (share of the model's own float32), Recall@10, queries/s."""
-    lines = ["| dims | precision | bytes/doc | plain nDCG@10 | compact nDCG@10 | plain R@10 | compact R@10 "
-             "| plain q/s | compact q/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for p, c in zip(tables["plain"], tables["compact"]):
-        assert (p["dims"], p["precision"]) == (c["dims"], c["precision"])
+    lines = ["| dims | precision | bytes/doc | plain nDCG@10 | plain + centre nDCG@10 | compact nDCG@10 "
+             "| plain R@10 | compact R@10 | plain q/s | compact q/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p, m, c in zip(tables["plain"], tables["plain+centre"], tables["compact"]):
+        assert (p["dims"], p["precision"]) == (c["dims"], c["precision"]) == (m["dims"], m["precision"])
         lines.append(f"| {p['dims']} | {p['precision']} | {p['bytes_per_document']} "
                      f"| {100 * p['ndcg@10']:.2f} ({100 * p['retained']:.0f}%) "
+                     f"| {100 * m['ndcg@10']:.2f} ({100 * m['retained']:.0f}%) "
                      f"| {100 * c['ndcg@10']:.2f} ({100 * c['retained']:.0f}%) "
                      f"| {100 * p['recall@10']:.2f} | {100 * c['recall@10']:.2f} "
                      f"| {p['queries_per_second']:,.0f} | {c['queries_per_second']:,.0f} |")
@@ -115,7 +137,9 @@ def acceptance(models: dict) -> dict:
                                           ("binary_float_rescore_retained", 384, "binary+float_rescore", 0.98),
                                           ("dims_128_retained", 128, "float32", 0.97)):
         out[name] = {"compact": round(row("compact", dims, precision)["retained"], 4),
-                     "plain_post_hoc": round(row("plain", dims, precision)["retained"], 4), "target": target}
+                     "plain_post_hoc": round(row("plain", dims, precision)["retained"], 4),
+                     "plain_centred_post_hoc": round(row("plain+centre", dims, precision)["retained"], 4),
+                     "target": target}
         out[name]["met"] = out[name]["compact"] >= target
     plain, compact = row("plain", 384, "float32")["ndcg@10"], row("compact", 384, "float32")["ndcg@10"]
     out["float_ndcg@10"] = {"compact": round(100 * compact, 2), "plain": round(100 * plain, 2),
@@ -143,6 +167,8 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     tables = {side: evaluate(folder[side], run, work) for side, run in runs.items()}
+    if "plain" in runs:
+        tables["plain+centre"] = evaluate("plain+centre", runs["plain"], work)
     if set(runs) != {"plain", "compact"}:
         return 0  # one side's table, cached for the run that writes the report
     report = {"recipe": RECIPE, "eval": EVAL, "compact_override": args.compact_override, "common_overrides": COMMON,

@@ -23,6 +23,13 @@ class CompactConfig:
     """Precisions trained (straight-through) at every prefix and evaluated: float32, int8, binary."""
     precision_weights: list[float] = field(default_factory=list)
     """Weight of each precision's loss, one per entry of precisions (empty = 1 each)."""
+    center: bool = False
+    """Text encoders: subtract a fixed centre (the mean embedding of up to center_rows training rows' query and
+    positive texts under the starting model) from every embedding, then normalise again, in training and in the
+    saved model (a Dense layer: identity weight, bias = -centre), so that each sign bit splits its dimension
+    near the middle of the data."""
+    center_rows: int = 2048
+    """Rows (evenly spaced over the training datasets) whose query and positive texts give the centre."""
     rescore_top_k: int = 40
     """Evaluation: binary search keeps this many documents per query, then float32 embeddings re-rank them."""
 
@@ -38,9 +45,13 @@ def compact_weights(c: CompactConfig) -> tuple[list[float], list[float]]:
             list(c.precision_weights) or [1.0] * len(c.precisions))
 
 
-def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = "loss.compact") -> None:
+def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = "loss.compact",
+                  centers: bool = False) -> None:
+    """Recipe problems of ``loss.compact``; ``centers``: the kind can apply ``center`` (text encoders)."""
     if c is None:
         return
+    if c.center and not centers:
+        problems.append(f"{where}.center: only text encoders (kind text) take a centre; set it to false")
     if any(d < 1 for d in c.dims):
         problems.append(f"{where}.dims: every prefix must be at least 1 dimension, got {c.dims}")
     if len(set(c.dims)) != len(c.dims):
@@ -61,5 +72,7 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
     for name in ("dim_weights", "precision_weights"):
         if any(w < 0 for w in getattr(c, name)):
             problems.append(f"{where}.{name}: weights must be 0 or more, got {getattr(c, name)}")
+    if c.center_rows < 1:
+        problems.append(f"{where}.center_rows: must be at least 1, got {c.center_rows}")
     if c.rescore_top_k < 1:
         problems.append(f"{where}.rescore_top_k: must be at least 1, got {c.rescore_top_k}")

@@ -274,7 +274,12 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
         problems.append("loss.in_batch_negatives: the gte loss is made of in-batch negatives; set it to true")
     if lo.symmetric and not lo.in_batch_negatives:
         problems.append("loss.symmetric: needs loss.in_batch_negatives: true (a positive's only candidate would be its query)")
-    check_compact(lo.compact, problems)
+    check_compact(lo.compact, problems, centers=True)
+    if lo.compact is not None and lo.compact.center and (m.moe is not None or m.bidirectional):
+        problems.append("loss.compact.center: BERT-class encoders only (not model.moe or model.bidirectional); set it to false")
+    if lo.compact is not None and lo.compact.center and any(ds.streaming for ds in d.train):
+        problems.append("loss.compact.center: the centre is computed from datasets read whole; set "
+                        "data.train[*].streaming to false or loss.compact.center to false")
     check_train(t, problems)
     if e.metric not in RETRIEVAL_METRICS:
         problems.append(f"eval.metric: {e.metric!r} is not allowed{did_you_mean(e.metric, RETRIEVAL_METRICS)}; "

@@ -316,6 +316,8 @@ def _details_rows(data: ModelCardData) -> list[list[str]]:
         ("Trained prefixes (`truncate_dim`)", ", ".join(map(str, data.compact["dims"])) if data.compact else None),
         ("Trained precisions (`quantize_embeddings`)",
          ", ".join(_code(p) for p in data.compact["sentence_transformers_precision"].values()) if data.compact else None),
+        ("Centre", "the mean training embedding is subtracted (a `Dense` layer before the last `Normalize`); "
+                   "quantize the model's output as it is" if data.compact and data.compact.get("center") else None),
         ("Language", ", ".join(data.language) or None),
         ("License", data.license),
     ]

@@ -16,12 +16,13 @@ RECORD_FILE = "compact_embeddings.json"
 
 
 def write_record(model_dir: str | Path, dims: Sequence[int], precisions: Sequence[str], normalize: bool,
-                 rescore_top_k: int) -> None:
+                 rescore_top_k: int, center: bool = False) -> None:
     record = {
         "dims": list(dims),
         "precisions": list(precisions),
         "normalize": normalize,
         "rescore_top_k": rescore_top_k,
+        "center": center,
         "sentence_transformers_precision": {p: ("ubinary" if p == "binary" else p) for p in precisions},
     }
     (Path(model_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

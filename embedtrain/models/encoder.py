@@ -58,6 +58,7 @@ class TextEncoder(nn.Module):
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
         self.prompts = {"query": query_prompt, "document": document_prompt}
+        self.register_buffer("center", None)  # see set_center
 
     # -- forward ---------------------------------------------------------------------------
     @property
@@ -86,7 +87,23 @@ class TextEncoder(nn.Module):
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         emb = self._pool(hidden, attention_mask)
-        return F.normalize(emb, dim=-1) if self.normalize else emb
+        emb = F.normalize(emb, dim=-1) if self.normalize else emb
+        if self.center is not None:
+            emb = emb - self.center.to(emb.dtype)
+            emb = F.normalize(emb, dim=-1) if self.normalize else emb
+        return emb
+
+    def set_center(self, center: Optional[torch.Tensor]) -> None:
+        """From now on every embedding is ``e - center`` (normalised again when the encoder normalises), in
+        training and evaluation alike; None removes it. A buffer: checkpoints keep it, and :meth:`save` writes
+        it as a sentence-transformers ``Dense`` layer (identity weight, bias ``-center``) and a ``Normalize``."""
+        if center is None:
+            self.center = None
+            return
+        center = torch.as_tensor(center, dtype=torch.float32).detach().reshape(-1)
+        if center.numel() != self.embedding_dim:
+            raise EmbedtrainError(f"a centre of {center.numel()} values for a {self.embedding_dim}-dimensional embedding")
+        self.center = center.to(self.device).clone()
 
     def freeze_unused_parameters(self) -> list[str]:
         """Stop training parameters that never influence the embedding (e.g. BERT's pooler head).
@@ -184,6 +201,8 @@ class TextEncoder(nn.Module):
         transformer.query_length = self.max_length_for("query")
         transformer.document_length = self.max_length_for("document")
         modules = [transformer, self._pooling_module()] + ([Normalize()] if self.normalize else [])
+        if self.center is not None:
+            modules += [center_module(self.center)] + ([Normalize()] if self.normalize else [])
         return set_modules(st, modules, self.prompts)
 
     def _pooling_module(self) -> nn.Module:
@@ -201,6 +220,7 @@ class TextEncoder(nn.Module):
             "query_max_length": self.query_max_length,
             "document_max_length": self.document_max_length,
             "prompts": self.prompts,
+            "center": self.center is not None,
         }
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -210,6 +230,8 @@ class TextEncoder(nn.Module):
         DeepSpeed ZeRO-3 each process holds only a shard, so the trainer gathers the full state dict
         (``Accelerator.get_state_dict``) and passes it here.
         """
+        if state_dict is not None and state_dict.get("center") is not None:
+            self.set_center(state_dict["center"])
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
         if state_dict is not None:
@@ -261,6 +283,7 @@ class TextEncoder(nn.Module):
         if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
             raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
 
+        center = read_center(st, name_or_path)
         st_pooling = next((m for m in st if isinstance(m, Pooling)), None)
         if pooling is None:
             pooling = saved.get("pooling")
@@ -281,6 +304,8 @@ class TextEncoder(nn.Module):
             query_prompt=prompts.get("query", "") if query_prompt is None else query_prompt,
             document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
         )
+        if center is not None:
+            encoder.set_center(center)
         if gradient_checkpointing:
             encoder.enable_gradient_checkpointing()
         return encoder
@@ -312,6 +337,33 @@ class TextEncoder(nn.Module):
                 f"model.gradient_checkpointing: {type(self.backbone).__name__} does not support it; set it to false"
             )
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def center_module(center: torch.Tensor) -> nn.Module:
+    """sentence-transformers' ``Dense`` computing ``e - center``: identity weight, bias ``-center``, no activation."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    dim = center.numel()
+    return Dense(dim, dim, bias=True, activation_function=nn.Identity(), init_weight=torch.eye(dim),
+                 init_bias=-center.detach().float().cpu())
+
+
+def read_center(st, name: str) -> Optional[torch.Tensor]:
+    """The centre of a folder saved with one (:func:`center_module` after the pooling), else None. Any other
+    ``Dense`` layer is not something this encoder computes: an error, not a silently different embedding."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    dense = [m for m in st if isinstance(m, Dense)]
+    if not dense:
+        return None
+    layer = dense[0].linear
+    dim = layer.in_features
+    if (len(dense) > 1 or layer.out_features != dim or layer.bias is None
+            or not isinstance(dense[0].activation_function, nn.Identity)
+            or not torch.equal(layer.weight.detach().cpu(), torch.eye(dim))):
+        raise EmbedtrainError(f"model '{name}': its Dense layer is not a centre (identity weight plus bias); "
+                              "embedtrain's text encoder cannot compute it")
+    return -layer.bias.detach().float().cpu()
 
 
 def set_modules(st, modules: Sequence[nn.Module], prompts: dict[str, str]):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 from embedtrain.config.compact import CompactConfig, compact_dims, compact_weights
@@ -31,6 +32,35 @@ def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:
                               f"{embedding_dim}-dimensional embedding; use prefixes of at most {embedding_dim}")
 
 
+def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
+    """``loss.compact.center``: the mean embedding (float32, shape (d,)) of the query and positive texts of
+    ``rows`` rows evenly spaced over the training ``datasets`` taken as one list, each text with its role's
+    prompt, under ``encoder`` as it is (the starting model, before any centre). The same on every process and
+    every start of a run."""
+    from embedtrain.data.readers import column_list
+
+    sizes = [len(ds) for ds in datasets]
+    total = sum(sizes)
+    if not total:
+        raise EmbedtrainError("loss.compact.center: the training datasets have no rows to compute the centre from")
+    picks = sorted({i * total // min(rows, total) for i in range(min(rows, total))})
+    total_sum, count, offset = torch.zeros(encoder.embedding_dim, dtype=torch.float64), 0, 0
+    for ds, size in zip(datasets, sizes):
+        mine = [i - offset for i in picks if offset <= i < offset + size]
+        offset += size
+        if not mine:
+            continue
+        chosen = ds.rows.select(mine)
+        for column, role, prompt in (("query", "query", ds.query_prompt), ("positive", "document", ds.document_prompt)):
+            emb = encoder.encode(column_list(chosen, column), role=role, prompt=prompt, batch_size=batch_size,
+                                 desc=f"centre: {ds.name} {column}")
+            total_sum += emb.double().sum(0)
+            count += emb.shape[0]
+    log(f"loss.compact.center: the centre is the mean of {count} embeddings ({len(picks)} rows' queries and "
+        "positives, evenly spaced over the training data)")
+    return (total_sum / count).float()
+
+
 def served_dims(compact: CompactConfig, embedding_dim: int) -> list[int]:
     """The prefixes, the whole embedding standing for None, largest first."""
     return sorted({d or embedding_dim for d in compact_dims(compact)}, reverse=True)
@@ -40,4 +70,4 @@ def write_record(model_dir: Path, compact: Optional[CompactConfig], embedding_di
     """compact_embeddings.json in the saved model (see embedtrain.models.compact_record); nothing when off."""
     if compact is not None:
         compact_record.write_record(model_dir, served_dims(compact, embedding_dim), compact.precisions, normalize,
-                                    compact.rescore_top_k)
+                                    compact.rescore_top_k, compact.center)

@@ -79,3 +79,67 @@ def test_a_prefix_longer_than_the_embedding_is_one_error(tiny_bert, pairs_file, 
     recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", loss={"compact": {"dims": [64, 16]}})
     with pytest.raises(EmbedtrainError, match=r"loss.compact.dims: 64 is longer than the model's 32-dimensional"):
         train(recipe_from_dict(recipe), log=lambda *_: None)
+
+
+def test_a_centred_run_trains_with_a_fixed_centre_and_saves_it_for_sentence_transformers(tiny_bert, pairs_file,
+                                                                                      tmp_path):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedtrain.data.readers import column_list
+    from embedtrain.models import load_text_encoder
+    from embedtrain.train.checkpoint import list_checkpoints
+
+    center = {**COMPACT, "center": True, "center_rows": 10}
+    recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", loss={"compact": center},
+                         train={"gradient_cache_chunk_size": 4, "save_every": 3})
+    result = train(recipe_from_dict(recipe), log=lambda *_: None)
+
+    # the centre is the mean embedding of 10 evenly spaced rows' queries and positives under the starting model
+    start = load_text_encoder(str(tiny_bert), max_length=32)
+    trained = recipe_from_dict(recipe)
+    from embedtrain.train.tasks.text import TextTask
+
+    task = TextTask(trained, log=lambda *_: None)
+    task.read_training_data()
+    data = task.datasets[0]
+    picks = [i * len(data) // 10 for i in range(10)]
+    chosen = data.rows.select(picks)
+    expected = torch.cat([start.encode(column_list(chosen, "query"), role="query"),
+                          start.encode(column_list(chosen, "positive"))]).mean(0)
+    saved = load_text_encoder(str(result.model_dir))
+    assert saved.center is not None
+    assert "| Centre | the mean training embedding is subtracted" in (result.model_dir / "README.md").read_text()
+    # float32 means of the same 20 embeddings, summed in float64 by the trainer: agree to float32 rounding
+    assert torch.allclose(saved.center, expected, atol=1e-6)
+
+    texts = ["small red tree", "computer network data", "the river is dark", "music and sound", "open a road"]
+    ours, centre = saved.encode(texts), saved.center.clone()
+    saved.set_center(None)
+    raw = saved.encode(texts)
+    assert torch.allclose(ours, torch.nn.functional.normalize(raw - expected, dim=-1), atol=1e-5)
+    st = SentenceTransformer(str(result.model_dir), device="cpu")
+    assert [m.__class__.__name__ for m in st] == ["Transformer", "Pooling", "Normalize", "Dense", "Normalize"]
+    assert np.allclose(st.encode(texts, convert_to_numpy=True), ours.numpy(), atol=1e-5)
+    # checkpoints hold the centre (a resumed run continues with it, not with a recomputed one)
+    from safetensors.torch import load_file
+
+    _, checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    weights = next(checkpoint.rglob("model*.safetensors"))
+    assert torch.equal(load_file(str(weights))["center"], centre)
+
+
+def test_a_dense_layer_that_is_not_a_centre_is_refused(tiny_bert, tmp_path):
+    import pytest
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    from embedtrain.errors import EmbedtrainError
+    from embedtrain.models import load_text_encoder
+
+    encoder = load_text_encoder(str(tiny_bert), max_length=32)
+    st = encoder.sentence_transformer()
+    st.add_module(str(len(st._modules)), Dense(32, 32))  # tanh, random weight: not what the encoder computes
+    st.save(str(tmp_path / "m"), safe_serialization=True)
+    with pytest.raises(EmbedtrainError, match="its Dense layer is not a centre"):
+        load_text_encoder(str(tmp_path / "m"))

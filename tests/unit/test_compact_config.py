@@ -46,3 +46,18 @@ def test_the_override_form_the_benchmark_uses(recipe_dict, tmp_path):
     path.write_text(yaml.safe_dump(recipe_dict))
     r = load_recipe(str(path), ["loss.compact={dims: [32, 16], precisions: [float32, binary]}"])
     assert r.loss.compact.dims == [32, 16] and r.loss.compact.precisions == ["float32", "binary"]
+
+
+def test_a_centre_is_for_bert_class_encoders_read_whole(recipe_dict):
+    recipe_dict["loss"]["compact"] = {"center": True, "center_rows": 0}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(recipe_dict)
+    assert "loss.compact.center_rows: must be at least 1, got 0" in err.value.problems
+    recipe_dict["loss"]["compact"] = {"center": True}
+    assert recipe_from_dict(recipe_dict).loss.compact.center
+    recipe_dict["data"]["train"][0]["streaming"] = True
+    recipe_dict["train"]["max_steps"] = 5
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(recipe_dict)
+    assert any(p.startswith("loss.compact.center: the centre is computed from datasets read whole")
+               for p in err.value.problems)

@@ -135,6 +135,10 @@ class TextTask(PairsTask):
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
         compact.check_dims(r.loss.compact, encoder.embedding_dim)
+        if r.loss.compact is not None and r.loss.compact.center:
+            with self.startup.phase("centre", "loss.compact.center: embedding the centre's texts ..."):
+                encoder.set_center(compact.calibrate_center(encoder, self.datasets, r.loss.compact.center_rows,
+                                                            r.eval.batch_size, self.log))
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
         if self.streams is not None:  # streams are tokenized as they are read, in the DataLoader workers
@@ -222,7 +226,12 @@ class TextTask(PairsTask):
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
         # a sharded model is written from a fresh unsharded copy that holds the gathered weights
-        model = module_with_state(model, state_dict, lambda: self._load_encoder(torch.device("cpu"), lambda *_: None))
+        def rebuild():
+            encoder = self._load_encoder(torch.device("cpu"), lambda *_: None)
+            encoder.set_center(state_dict.get("center"))  # loss.compact.center: a buffer of the state dict
+            return encoder
+
+        model = module_with_state(model, state_dict, rebuild)
         model.save(path, state_dict=state_dict)
         compact.write_record(path, self.recipe.loss.compact, model.embedding_dim, self.recipe.model.normalize)
 
