@@ -9,6 +9,12 @@ import string
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests draw the same examples on every run (derandomize) and do not fail because a shared, busy CPU
+# made example generation slow (too_slow): a failure is then about the code, never about the draw or the load.
+settings.register_profile("embedtrain", derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("embedtrain")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

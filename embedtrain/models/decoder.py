@@ -117,6 +117,7 @@ class DecoderEncoder(TextEncoder):
         instruction_masking: bool = False,
     ):
         nn.Module.__init__(self)
+        self.register_buffer("center", None)  # TextEncoder's; loss.compact.center is refused for decoders
         if pooling not in DECODER_POOLING:
             raise EmbedtrainError(f"model.pooling: '{pooling}' is not available for decoders; use one of {', '.join(DECODER_POOLING)}")
         if (pooling == "latent_attention") != (head is not None):

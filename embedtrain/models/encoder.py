@@ -220,7 +220,7 @@ class TextEncoder(nn.Module):
             "query_max_length": self.query_max_length,
             "document_max_length": self.document_max_length,
             "prompts": self.prompts,
-            "center": self.center is not None,
+            **({"center": True} if self.center is not None else {}),
         }
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
