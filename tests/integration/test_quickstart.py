@@ -1,6 +1,7 @@
 """The quickstart recipe on the real all-MiniLM-L6-v2 weights and WordNet data (shortened)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -24,7 +25,10 @@ def test_quickstart_recipe_improves_saves_and_documents(tmp_path, capsys, monkey
                  "train.log_every=5"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "wordnet ndcg@10: before 41.09 -> after" in printed
+    # the base model's held-out figure, evaluated under the recipe's bf16 autocast: 41.10 here (41.09 in float32);
+    # bf16 kernels differ between CPUs, so the second decimal is not asserted
+    before = re.search(r"wordnet ndcg@10: before (\d+\.\d+) -> after", printed)
+    assert before and abs(float(before.group(1)) - 41.1) < 0.1
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["wordnet/ndcg@10"] > results["baseline"]["wordnet/ndcg@10"] + 0.01
 
