@@ -50,7 +50,7 @@ def train(side: str, extra: list[str], work: Path) -> dict:
         print(f"{side}: reusing {out}", file=sys.stderr, flush=True)
     else:
         env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+                   TOKENIZERS_PARALLELISM="false")
         out.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"args": args}) + "\n")
         t0 = time.time()
