@@ -98,7 +98,7 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
     cache = work / f"{side.replace('+', '_')}.table.json"
     if cache.is_file() and json.loads(cache.read_text())["results_mtime"] == stamp:
         return json.loads(cache.read_text())["table"]
-    torch.set_num_threads(1)  # as in training: a shared CPU
+    torch.set_num_threads(1)  # embedding on one thread, as faiss searches (compact_table): a shared CPU
     t0 = time.time()
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     encoder = (plain_centred(str(REPO / run["model"]), log) if side == "plain+centre"

@@ -57,6 +57,14 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def _is_text(ds, role: str) -> bool:
+    """Whether a column holds plain Arrow strings (else its values are checked one by one in Python)."""
+    import datasets
+
+    feature = ds.features[role]
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
 def _plain_arrow(ds, name: str) -> bool:
     """Whether a column's Arrow values are its Python values (plain text or lists of numbers); columns that
     ``datasets`` decodes on access (JSON of mixed types, images, ...) are not."""
@@ -64,7 +72,7 @@ def _plain_arrow(ds, name: str) -> bool:
 
     feature = ds.features[name]
     if isinstance(feature, datasets.Value):
-        return feature.dtype in ("string", "large_string")
+        return _is_text(ds, name)
     inner = getattr(feature, "feature", None)  # a list column: List(Value) / Sequence(Value)
     return isinstance(inner, datasets.Value) and inner.dtype not in ("string", "large_string", "binary")
 
@@ -199,14 +207,6 @@ def pair_dataset(
 # Python's own definition), for Arrow's regular expressions (RE2, which knows no Python whitespace class).
 PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                      "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-
-
-def _is_text(ds, role: str) -> bool:
-    """Whether a column holds plain Arrow strings (else its values are checked one by one in Python)."""
-    import datasets
-
-    feature = ds.features[role]
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def _check_texts(ds, role: str, source: str, column: str) -> None:

@@ -228,10 +228,9 @@ class TextEncoder(nn.Module):
 
         ``state_dict`` (this module's keys, ``backbone.*``) replaces the weights written: under FSDP or
         DeepSpeed ZeRO-3 each process holds only a shard, so the trainer gathers the full state dict
-        (``Accelerator.get_state_dict``) and passes it here.
+        (``Accelerator.get_state_dict``) and passes it here. The centre written is this module's own buffer
+        (the trainer loads the gathered one into the module first, ``module_with_state``).
         """
-        if state_dict is not None and state_dict.get("center") is not None:
-            self.set_center(state_dict["center"])
         st = self.sentence_transformer()
         st.save(str(path), safe_serialization=True)
         if state_dict is not None:
