@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# every process a test launches (torchrun, accelerate launch, the CLI) prints the Python stack of each thread if it
+# dies on a signal (SIGABRT, SIGSEGV): a crash in a child then says where it happened, not only its exit code
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
