@@ -269,22 +269,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run() -> None:
-    """The process entry (the ``embedtrain`` command and ``python -m embedtrain``): :func:`main`, then exit.
+    """The process entry (the ``embedtrain`` command and ``python -m embedtrain``): :func:`main`, then
+    :func:`embedtrain.process.exit_process` (a process of a multi-process launch leaves without
+    tearing the interpreter down, which torch's gloo backend can crash)."""
+    from embedtrain.process import exit_process
 
-    A process of a multi-process launch (``WORLD_SIZE`` > 1) leaves through ``os._exit`` once its output is
-    flushed, without tearing the interpreter down. Every file the run writes is closed by then (checkpoints,
-    results, metrics). The reason is a crash in torch's gloo backend at interpreter shutdown: a gloo worker thread
-    can still be releasing the last barrier's work, and with it a tensor owned by Python, while the main thread
-    finalizes the interpreter; taking the GIL then ends the thread inside a destructor and the process aborts
-    (SIGABRT, "terminate called without an active exception") after a complete run. Seen twice in about 60
-    two-process launches of a 3-step run on 2 busy CPU cores; a core dump showed ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` ->
-    ``~TensorImpl`` -> ``take_gil`` -> ``pthread_exit`` during ``Py_FinalizeEx``."""
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main())
 
 
 if __name__ == "__main__":

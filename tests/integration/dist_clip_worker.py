@@ -16,6 +16,7 @@ from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs
 from embedtrain.data.sampler import PlannedBatch  # noqa: E402
 from embedtrain.losses import InfoNCELoss  # noqa: E402
 from embedtrain.models.clip import architecture_config, load_clip_encoder  # noqa: E402
+from embedtrain.process import exit_process  # noqa: E402
 from embedtrain.train.step import grad_cache_step, plain_step, replay_sync, to_device  # noqa: E402
 
 ARCH = architecture_config(embed_dim=16, image_size=32, patch_size=8, vision_width=16, vision_layers=1,
@@ -69,3 +70,4 @@ def main(data: str, out_dir: str, distributed: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3] == "2")
+    exit_process(0)  # a launched worker ends like the CLI (embedtrain.process: gloo can abort at teardown)

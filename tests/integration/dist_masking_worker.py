@@ -11,6 +11,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from embedtrain.losses.in_batch import candidate_documents  # noqa: E402
+from embedtrain.process import exit_process  # noqa: E402
 from embedtrain.train.accelerator import build_accelerator  # noqa: E402
 
 
@@ -30,3 +31,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)  # a launched worker ends like the CLI (embedtrain.process: gloo can abort at teardown)

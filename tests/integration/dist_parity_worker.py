@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from embedtrain.models import load_text_encoder  # noqa: E402
+from embedtrain.process import exit_process  # noqa: E402
 from embedtrain.train.accelerator import build_accelerator  # noqa: E402
 from embedtrain.train.step import replay_sync  # noqa: E402
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step  # noqa: E402
@@ -44,3 +45,4 @@ def main(model_dir: str, out_dir: str, rows_per_process: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    exit_process(0)  # a launched worker ends like the CLI (embedtrain.process: gloo can abort at teardown)

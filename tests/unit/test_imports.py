@@ -8,6 +8,7 @@ from conftest import REPO
 UTILS = {"errors", "registry", "jsonl"}
 ALLOWED = {
     "errors": set(),
+    "process": set(),  # how a process ends: standard library only
     "registry": {"errors"},
     "jsonl": {"errors"},
     "config": {"errors"},  # the one recipe schema: nothing but the error types

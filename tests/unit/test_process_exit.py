@@ -1,6 +1,7 @@
-"""How an embedtrain process ends (``embedtrain.cli.run``): a process of a multi-process launch leaves without
-tearing the interpreter down, once its output is flushed (torch's gloo backend can abort a finished run at
-interpreter shutdown; see ``run``), and a single process exits normally."""
+"""How an embedtrain process ends (``embedtrain.process.exit_process``, through ``embedtrain.cli.run``): a process
+of a multi-process launch leaves without tearing the interpreter down, once its output is flushed (torch's gloo
+backend can abort a finished run at interpreter shutdown; see ``exit_process``), and a single process exits
+normally."""
 
 from __future__ import annotations
 
