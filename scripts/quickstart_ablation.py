@@ -72,6 +72,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                           "the recipe (bf16, 420 steps), final model = mean of the checkpoints of steps 350, 375, 400 and 420"),
     "bf16_b128": (["train.mixed_precision=bf16", "train.max_steps=230", "data.batch_size=128"],
                   "bf16, batch 128 for 230 steps (about the training time of 420 steps of 64)"),
+    "bf16_b128_symmetric": (["train.mixed_precision=bf16", "train.max_steps=230", "data.batch_size=128",
+                             "loss.symmetric=true"],
+                            "the recipe (bf16, 230 steps of 128) plus the document→query InfoNCE term"),
     "bf16_b256": (["train.mixed_precision=bf16", "train.max_steps=115", "data.batch_size=256"],
                   "bf16, batch 256 for 115 steps (about the training time of 420 steps of 64)"),
 }
