@@ -18,6 +18,8 @@ CONFIGS = {
     "gte": dict(chunk=None, name="gte", loss={}),
     "grad_cache_gte_hardness": dict(chunk=3, name="gte", loss={"hardness_weight": 5.0}),
     "grad_cache_hardness": dict(chunk=2, loss={"hardness_weight": 5.0, "symmetric": True}),
+    # every role's rows embedded together in length-sorted chunks of at most 24 tokens (train.forward_token_budget)
+    "token_budget": dict(chunk=None, budget=24, loss={"symmetric": True}),
 }
 
 
@@ -58,7 +60,7 @@ def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullco
     if cfg["chunk"]:
         out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync, after_replays=after_replays)
     else:
-        out = plain_step(model, loss_fn, batch, backward)
+        out = plain_step(model, loss_fn, batch, backward, token_budget=cfg.get("budget"))
     return float(out["loss"])
 
 

@@ -100,6 +100,11 @@ class TrainConfig:
     """Multimodal recipes: GradCache chunk for queries (null = gradient_cache_chunk_size)."""
     gradient_cache_document_chunk_size: Optional[int] = None
     """Multimodal recipes: GradCache chunk for positives and negatives (null = gradient_cache_chunk_size); images run out of memory first."""
+    forward_token_budget: Optional[int] = None
+    """Text recipes: embed a step's texts, every role together, in length-sorted chunks of at most this many tokens
+    counting padding (the same embeddings with less padding; keep it well below a step's tokens, about 1024 on a
+    CPU: a chunk fills up to it, so one holding the whole step is padded to its longest text); null = one batch per
+    role."""
     gather_across_processes: bool = True
     """Use every process's embeddings as negatives (global batch)."""
     seed: int = 42
@@ -216,10 +221,14 @@ def check_train(t: TrainConfig, problems: list[str]) -> None:
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm: must be positive or null, got {t.max_grad_norm}")
     for name in ("gradient_cache_chunk_size", "gradient_cache_query_chunk_size", "gradient_cache_document_chunk_size",
-                 "eval_every", "save_every", "torch_threads"):
+                 "eval_every", "save_every", "torch_threads", "forward_token_budget"):
         v = getattr(t, name)
         if v is not None and v < 1:
             problems.append(f"train.{name}: must be at least 1 or null, got {v}")
+    if t.forward_token_budget is not None and (t.gradient_cache_chunk_size or t.gradient_cache_query_chunk_size
+                                               or t.gradient_cache_document_chunk_size):
+        problems.append("train.forward_token_budget: GradCache embeds in chunks of its own; set "
+                        "train.forward_token_budget or train.gradient_cache_chunk_size to null")
     if not 0 < t.layerwise_lr_decay <= 1:
         problems.append(f"train.layerwise_lr_decay: must be in (0, 1], got {t.layerwise_lr_decay}")
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:

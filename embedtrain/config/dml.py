@@ -221,7 +221,8 @@ def _check_values(r: DMLRecipe, problems: list[str], files: bool = True) -> None
         problems.append(f"data.num_workers: must be 0 or more, got {d.num_workers}")
     check_train(r.train, problems)
     check_unused(r.train, "train", ("compile", "gradient_cache_chunk_size", "gradient_cache_query_chunk_size",
-                                    "gradient_cache_document_chunk_size", "gather_across_processes"),
+                                    "gradient_cache_document_chunk_size", "gather_across_processes",
+                                    "forward_token_budget"),
                  "metric-learning", problems)
     check_eval(e, problems)
     if not e.recall_at or any(k < 1 for k in e.recall_at):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type, task_name
-from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train, check_unused
 from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
@@ -393,5 +393,6 @@ def _check_values(recipe: MultimodalRecipe, problems: list[str], files: bool = T
     check_train(recipe.train, problems)
     if recipe.train.compile:
         problems.append("train.compile: not supported for multimodal recipes yet; set it to false")
+    check_unused(recipe.train, "train", ("forward_token_budget",), "multimodal", problems)
     _check_eval(recipe.eval, problems, files)
     check_output(recipe.output, problems)

@@ -150,6 +150,8 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
         return "every text at the recipe's token limit (streaming datasets are not read ahead)", [work]
     plan = task._plan(0)[: min(steps, settings.max_batches)]
     if recipe.kind == "text":
+        from embedtrain.train.step import length_groups
+
         needed: dict[int, set] = {}
         for b in plan:  # only the rows of the batches scanned are tokenized
             needed.setdefault(b.dataset, set()).update(b.rows)
@@ -162,6 +164,10 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
             for rank in range(engine.processes):
                 rows = b.rows[rank * per:(rank + 1) * per]
                 work = [Work(tower, role, per * len(v[rows[0]]), max(max(v[r]) for r in rows)) for role, v in roles.items()]
+                if recipe.train.forward_token_budget:  # every role's texts regrouped, as the trainer does
+                    texts = [n for v in roles.values() for r in rows for n in v[r]]
+                    work = [Work(tower, "regrouped", len(g), max(texts[i] for i in g))
+                            for g in length_groups(texts, recipe.train.forward_token_budget)]
                 per_rank.append(work)
             works.append(max(per_rank, key=lambda w: sum(x.rows * x.length for x in w)))
         return how, works

@@ -15,7 +15,7 @@ alive:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -57,15 +57,78 @@ def _loss_inputs(batch: dict, emb: dict[str, Optional[torch.Tensor]]) -> dict:
     }
 
 
-def plain_step(model, loss_fn, batch: dict, backward: Callable[[torch.Tensor], None]) -> dict:
+def plain_step(model, loss_fn, batch: dict, backward: Callable[[torch.Tensor], None],
+               token_budget: Optional[int] = None) -> dict:
     """Embed every role with a graph (in one forward call, see TextEncoder.forward), compute the loss,
-    backpropagate."""
+    backpropagate. With ``token_budget`` (tokenized text only), the roles' rows are embedded together in
+    length-sorted chunks (:func:`length_sorted_chunks`) instead of one padded batch per role."""
     present = [r for r in ROLES if batch[r] is not None]
+    inputs = [batch[r] for r in present]
+    if token_budget:
+        chunks, order = length_sorted_chunks(inputs, token_budget)
+        # back to the roles' own row order: position order[j] holds the j-th chunk row
+        flat = torch.cat(model(many=chunks))[torch.argsort(order)]
+        embedded = flat.split([x["attention_mask"].shape[0] for x in inputs])
+    else:
+        embedded = model(many=inputs)
     emb = dict.fromkeys(ROLES)
-    emb.update(zip(present, model(many=[batch[r] for r in present])))
+    emb.update(zip(present, embedded))
     out = loss_fn(**_loss_inputs(batch, emb))
     backward(out["loss"])
     return {k: v.detach() for k, v in out.items()}
+
+
+def length_groups(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices of ``lengths``, sorted by length (stable) and cut into groups: a group takes the next index while
+    ``indices x longest <= token_budget`` (one index at least). The rule of ``train.forward_token_budget``, which
+    the trainer (:func:`length_sorted_chunks`) and ``embedtrain plan`` share."""
+    if token_budget < 1:
+        raise EmbedtrainError(f"train.forward_token_budget: must be at least 1, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * lengths[order[end]] <= token_budget:
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+def length_sorted_chunks(inputs: Sequence[dict[str, torch.Tensor]], token_budget: int) -> tuple[list[dict], torch.Tensor]:
+    """The rows of several right-padded tokenized batches (one per role), regrouped into chunks of similar length.
+
+    Every value of a batch is per token, (rows, columns) like its ``attention_mask``. The rows of all batches,
+    numbered in concatenation order, are grouped by :func:`length_groups`, and each chunk is cut to its own
+    longest row. A row then sees the same tokens, positions and mask as in its own batch, so its embedding is the
+    same (up to the rounding of another matrix shape), with less compute spent on padding.
+
+    Returns the chunks and ``order`` (a long tensor): the concatenation-order number of each chunk row, chunk
+    after chunk; ``cat(chunk embeddings)[argsort(order)]`` are the embeddings in concatenation order.
+    """
+    keys = set(inputs[0])
+    lengths = []
+    for inp in inputs:
+        mask = inp["attention_mask"]
+        if set(inp) != keys or any(v.shape[:2] != mask.shape or v.dim() != 2 for v in inp.values()):
+            raise EmbedtrainError("train.forward_token_budget: needs tokenized text whose every input is per token "
+                                  f"(got {sorted(inp)} beside {sorted(keys)}); set it to null for this model")
+        n = mask.sum(1)
+        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] < n[:, None]):
+            raise EmbedtrainError("train.forward_token_budget: needs right-padded batches; set it to null")
+        lengths.append(n)
+    lens = torch.cat(lengths).tolist()
+    groups = length_groups(lens, token_budget)
+    width = max(inp["attention_mask"].shape[1] for inp in inputs)
+    # one (rows, width) tensor per key; the values past a row's length are masked, so the filling is irrelevant
+    whole = {k: torch.cat([torch.nn.functional.pad(inp[k], (0, width - inp[k].shape[1])) for inp in inputs])
+             for k in keys}
+    device = inputs[0]["attention_mask"].device
+    chunks = []
+    for group in groups:
+        rows, longest = torch.tensor(group, device=device), max(1, max(lens[i] for i in group))
+        chunks.append({k: v[rows, :longest] for k, v in whole.items()})
+    return chunks, torch.tensor([i for g in groups for i in g], device=device)
 
 
 class _RandomState:

@@ -226,6 +226,22 @@ def test_settings_a_kind_does_not_use_are_refused(recipe_dict, tmp_path):
     assert "optimizer" not in problems and "push_to_hub" not in problems
 
 
+def test_forward_token_budget_is_checked_and_text_only(recipe_dict, tmp_path):
+    recipe_dict["train"]["forward_token_budget"] = 1024
+    assert recipe_from_dict(recipe_dict).train.forward_token_budget == 1024
+    recipe_dict["train"].update(forward_token_budget=0)
+    assert "train.forward_token_budget: must be at least 1 or null, got 0" in _problems(recipe_dict)
+    recipe_dict["train"].update(forward_token_budget=512, gradient_cache_chunk_size=8)
+    assert any(p.startswith("train.forward_token_budget: GradCache embeds in chunks of its own")
+               for p in _problems(recipe_dict))
+    clip = _clip_dict(tmp_path)
+    clip["train"]["forward_token_budget"] = 1024
+    assert any(p.startswith("train.forward_token_budget: not used by multimodal recipes") for p in _problems(clip))
+    dml = _dml_dict(tmp_path)
+    dml["train"] = {"forward_token_budget": 1024}
+    assert any(p.startswith("train.forward_token_budget: not used by metric-learning recipes") for p in _problems(dml))
+
+
 def test_check_files_false_skips_only_file_checks(recipe_dict, tmp_path):
     recipe_dict["model"]["name_or_path"] = str(tmp_path / "no-model")
     recipe_dict["data"]["train"][0]["path"] = str(tmp_path / "no-data.jsonl")

@@ -73,3 +73,20 @@ def test_plan_command_exit_status_and_json(tiny_bert, tmp_path, capsys):
     # without false-negative masking the three label strings cannot share a batch: a problem, exit 2
     assert main(["plan", str(path), "loss.mask_false_negatives=false"]) == 2
     assert "problem: data.train[0] (labels): yields no full batch of 16 rows" in capsys.readouterr().out
+
+
+def test_forward_token_budget_plans_the_regrouped_chunks(tiny_bert, pairs_file, tmp_path):
+    """The plan regroups each scanned batch's texts as the trainer does: the same real tokens, less padding, so
+    less activation memory and fewer FLOPs; a budget below the longest text still plans every text."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")))
+    plans = {}
+    for budget in ("null", "48", "1"):
+        out = tmp_path / f"plan-{budget}.json"
+        assert main(["plan", str(path), f"train.forward_token_budget={budget}", "--output", str(out)]) == 0
+        plans[budget] = json.loads(out.read_text())
+    flops = {b: p["compute"]["flops_per_step_per_device"] for b, p in plans.items()}
+    memory = {b: p["memory_per_device"]["activations"] for b, p in plans.items()}
+    assert flops["48"] < flops["null"] and memory["48"] < memory["null"]
+    # one text per chunk: no padding at all, the least compute of the three
+    assert flops["1"] < flops["48"] and memory["1"] < memory["48"]

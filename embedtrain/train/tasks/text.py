@@ -177,7 +177,7 @@ class TextTask(PairsTask):
             if chunks:
                 no_sync, after = replay_sync(accelerator, model)
                 return grad_cache_step(model, loss_fn, batch, chunks, accelerator.backward, no_sync, after_replays=after)
-            return plain_step(model, loss_fn, batch, accelerator.backward)
+            return plain_step(model, loss_fn, batch, accelerator.backward, self.recipe.train.forward_token_budget)
 
     def log_extras(self, learning_rates: list[float]) -> dict:
         return experts.routing_log(self.encoder)  # MoE: expert shares, router accuracy

@@ -190,8 +190,9 @@ def test_bad_settings_are_one_line_errors(decoders, tiny_bert):
         _encoder(decoders["mistral"], latent_attention={"num_heads": 5})
 
 
-def test_grad_cache_gives_the_plain_step_gradients_with_pooling_masks_and_lora(decoders):
-    # the GPU recipes train with GradCache: every chunk must carry its rows' pooling mask
+def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_masks_and_lora(decoders):
+    # the GPU recipes train with GradCache, and train.forward_token_budget regroups rows of every role: every chunk
+    # must carry its rows' pooling mask
     import datasets
 
     from embedtrain.losses import InfoNCELoss
@@ -211,7 +212,7 @@ def test_grad_cache_gives_the_plain_step_gradients_with_pooling_masks_and_lora(d
     assert any("lora_" in n for n, _ in trainable) and any(n.startswith("head.") for n, _ in trainable)
     assert not any(n.endswith("embed_tokens.weight") for n, _ in trainable)  # the decoder itself is frozen
 
-    def grads(chunk):
+    def grads(chunk, budget=None):
         encoder.train()
         for _, p in trainable:
             p.grad = None
@@ -221,10 +222,13 @@ def test_grad_cache_gives_the_plain_step_gradients_with_pooling_masks_and_lora(d
         if chunk:
             out = grad_cache_step(encoder, loss_fn, batch, chunk, backward, contextlib.nullcontext)
         else:
-            out = plain_step(encoder, loss_fn, batch, backward)
+            out = plain_step(encoder, loss_fn, batch, backward, token_budget=budget)
         return float(out["loss"]), {n: p.grad.clone() for n, p in trainable}
 
     loss, reference = grads(None)
     cached_loss, cached = grads(5)
     assert cached_loss == pytest.approx(loss, abs=1e-5)
     assert_same_sums(cached, reference)
+    regrouped_loss, regrouped = grads(None, budget=40)
+    assert regrouped_loss == pytest.approx(loss, abs=1e-5)
+    assert_same_sums(regrouped, reference)
