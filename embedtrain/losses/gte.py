@@ -58,11 +58,8 @@ class GTELoss(InBatchLoss):
             raise ValueError("the gte loss holds the document→query term already; set symmetric to false")
         if not in_batch_negatives:
             raise ValueError("the gte loss is made of in-batch negatives; set in_batch_negatives to true")
-        if hardness_weight < 0:
-            raise ValueError(f"hardness_weight must be 0 or more, got {hardness_weight}")
         super().__init__(temperature, learnable_temperature, in_batch_negatives, mask_false_negatives,
-                         gather_across_processes)
-        self.hardness_weight = float(hardness_weight)
+                         gather_across_processes, hardness_weight)
 
     def score(
         self, query: torch.Tensor, positive: torch.Tensor, positive_ids: Optional[torch.Tensor], candidates: Candidates

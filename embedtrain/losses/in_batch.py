@@ -34,8 +34,13 @@ class InBatchLoss(nn.Module):
         in_batch_negatives: bool,
         mask_false_negatives: bool,
         gather_across_processes: bool,
+        hardness_weight: float = 0.0,
     ):
+        """``hardness_weight``: β of the hardness-weighted negatives of the softmax losses (0 = off)."""
+        if hardness_weight < 0:
+            raise ValueError(f"hardness_weight must be 0 or more, got {hardness_weight}")
         super().__init__()
+        self.hardness_weight = float(hardness_weight)
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
             self.log_scale = nn.Parameter(log_scale)

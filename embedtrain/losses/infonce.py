@@ -55,14 +55,11 @@ class InfoNCELoss(InBatchLoss):
         gather_across_processes: bool = True,
         hardness_weight: float = 0.0,
     ):
-        if hardness_weight < 0:
-            raise ValueError(f"hardness_weight must be 0 or more, got {hardness_weight}")
         if symmetric and not in_batch_negatives:
             raise ValueError("symmetric InfoNCE needs in-batch negatives: a positive's only candidate would be its query")
         super().__init__(temperature, learnable_temperature, in_batch_negatives, mask_false_negatives,
-                         gather_across_processes)
+                         gather_across_processes, hardness_weight)
         self.symmetric = symmetric
-        self.hardness_weight = float(hardness_weight)
 
     def score(
         self, query: torch.Tensor, positive: torch.Tensor, positive_ids: Optional[torch.Tensor], candidates: Candidates
