@@ -71,7 +71,7 @@ from _bench_common import (  # noqa: E402
 
 EMBEDTRAIN, ST = "embedtrain", "sentence-transformers"
 SCALE_VARIANTS = [(EMBEDTRAIN, "plain"), (EMBEDTRAIN, "gradcache"), (ST, "mnrl"), (ST, "cmnrl")]
-THROUGHPUT_VARIANTS = [(EMBEDTRAIN, "default"), (ST, "default"), (ST, "speed")]
+THROUGHPUT_VARIANTS = [(EMBEDTRAIN, "default"), (EMBEDTRAIN, "token_budget"), (ST, "default"), (ST, "speed")]
 
 
 # ==========================================================================================
@@ -172,8 +172,16 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
                 sync()
                 begins.append(time.perf_counter())
                 data_seconds.append(trainer.data_seconds)
-                tokens.append(_token_stats({r: (batch[r] or {}).get("attention_mask")
-                                            for r in ("query", "positive", "negative")}))
+                if cfg.get("token_budget"):  # every role's rows regrouped: count the chunks' tokens
+                    from embedtrain.train.step import length_sorted_chunks
+
+                    chunks, _ = length_sorted_chunks([batch[r] for r in ("query", "positive", "negative")
+                                                      if batch[r] is not None], cfg["token_budget"])
+                    tokens.append({"all roles": (sum(int(c["attention_mask"].sum()) for c in chunks),
+                                                 sum(c["attention_mask"].numel() for c in chunks))})
+                else:
+                    tokens.append(_token_stats({r: (batch[r] or {}).get("attention_mask")
+                                                for r in ("query", "positive", "negative")}))
 
             def on_step_end(self, trainer, figures):
                 sync()
@@ -196,7 +204,8 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
             "train": {"lr": cfg["lr"], "max_steps": total, "warmup_ratio": cfg["warmup_ratio"], "scheduler": "linear",
                       "weight_decay": cfg["weight_decay"], "max_grad_norm": cfg["max_grad_norm"], "seed": cfg["seed"],
                       "log_every": 1, "torch_threads": cfg["threads"],
-                      "gradient_cache_chunk_size": cfg["chunk"] if cfg["variant"] == "gradcache" else None},
+                      "gradient_cache_chunk_size": cfg["chunk"] if cfg["variant"] == "gradcache" else None,
+                      "forward_token_budget": cfg.get("token_budget")},
             # no diagnostics probe: the sentence-transformers side trains on every row and measures nothing
             "eval": {"tasks": [], "diagnostics": {"probe_rows": 0}},
             "output": {"dir": str(out_dir), "plot": False, "overwrite": True},
@@ -476,6 +485,7 @@ def _child_config(args, framework: str, variant: str, batch_size: int, total: in
         "max_length": args.max_length, "seed": args.seed, "chunk": args.chunk, "threads": args.threads,
         "eval": args.eval if with_eval else None, "eval_batch_size": args.eval_batch_size,
         "length_grouping": not args.no_length_grouping, "st_workers": args.st_speed_workers,
+        "token_budget": args.token_budget if variant == "token_budget" else None,
         "workdir": str(workdir / f"{index:03d}-{framework}-{variant}-{batch_size}"), "keep": args.keep,
         "repeat": repeat,
     }
@@ -562,6 +572,11 @@ def summarize_throughput(args, results: list[dict]) -> tuple[dict, list[dict], s
     by = {(s["framework"], s["variant"]): s for s in summary}
     ours = by.get((EMBEDTRAIN, "default"))
     ratios: dict[str, Any] = {}
+    budget = by.get((EMBEDTRAIN, "token_budget"))
+    ratios["embedtrain token_budget/default examples_per_s"] = ratio(_get(budget, "examples_per_s"),
+                                                                     _get(ours, "examples_per_s"))
+    ratios["embedtrain token_budget/st-default examples_per_s"] = ratio(_get(budget, "examples_per_s"),
+                                                                        _get(by.get((ST, "default")), "examples_per_s"))
     for variant in ("default", "speed"):
         theirs = by.get((ST, variant))
         ratios[f"embedtrain/st-{variant} examples_per_s"] = ratio(_get(ours, "examples_per_s"),
@@ -583,7 +598,8 @@ def summarize_throughput(args, results: list[dict]) -> tuple[dict, list[dict], s
 
 def _selected(args, variants):
     return [(f, v) for f, v in variants
-            if f in args.frameworks and (f != ST or v not in ("default", "speed") or v in args.st_variants)]
+            if f in args.frameworks and (f != ST or v not in ("default", "speed") or v in args.st_variants)
+            and (f != EMBEDTRAIN or v not in ("default", "token_budget") or v in args.et_variants)]
 
 
 NOTES = [
@@ -595,6 +611,9 @@ NOTES = [
     "embedtrain groups rows of similar length into batches (data.length_grouping, its default) unless "
     "--no-length-grouping; sentence-transformers batches are random. tokens.tokens_per_step and real_share show "
     "the padding each computed.",
+    "embedtrain 'token_budget' embeds the rows of all three roles together in length-sorted chunks of at most "
+    "--token-budget tokens (train.forward_token_budget); its tokens are counted over those chunks. The batches, "
+    "and so the rows each step trains on, are the same as embedtrain 'default'.",
     "Both: same rows, lr, linear warmup ratio, weight decay, gradient clipping, seed, max length, scale 1/temperature; "
     "each framework keeps its own AdamW implementation ('optimizer' in each row: transformers' default is the "
     "fused kernel; embedtrain's build_optimizer uses torch.optim.AdamW's default, a per-tensor loop on CPU).",
@@ -683,6 +702,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=QUICKSTART["seed"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-length-grouping", action="store_true", help="embedtrain: data.length_grouping=false")
+    p.add_argument("--et-variants", nargs="+", choices=["default", "token_budget"], default=["default", "token_budget"],
+                   help="throughput: which embedtrain runs to make (token_budget: train.forward_token_budget)")
+    p.add_argument("--token-budget", type=int, default=1024,
+                   help="throughput, embedtrain 'token_budget': train.forward_token_budget")
     p.add_argument("--st-variants", nargs="+", choices=["default", "speed"], default=["default", "speed"],
                    help="throughput: which sentence-transformers runs to make")
     p.add_argument("--st-speed-workers", type=int, default=0,

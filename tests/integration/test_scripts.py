@@ -53,7 +53,8 @@ def check_run(run: dict, framework: str, variant: str, batch_size: int, steps: i
     assert len(run["step_seconds"]) == timed and all(positive(s) for s in run["step_seconds"])
     assert positive(run["peak_rss_mb"]) and run["peak_rss_mb"] >= run["baseline_rss_mb"]
     assert run["peak_increase_mb"] is not None and run["steps_peak_increase_mb"] is not None
-    assert 0 < run["tokens"]["real_share"] <= 1 and set(run["tokens"]["per_role"]) == {"query", "positive", "negative"}
+    roles = {"all roles"} if variant == "token_budget" else {"query", "positive", "negative"}
+    assert 0 < run["tokens"]["real_share"] <= 1 and set(run["tokens"]["per_role"]) == roles
     assert run["optimizer"]
     if framework == "embedtrain":  # the script observes the run through the trainer's callbacks: one hook per step
         assert run["hooks"]["step_begin"] == run["hooks"]["step_end"] == steps, run["hooks"]
@@ -82,19 +83,25 @@ def test_throughput_suite(tiny):
     doc = run_script("bench_train.py", [
         "--suite", "throughput", "--model", tiny["model"], "--data", tiny["data"], "--eval", tiny["eval"],
         "--batch-size", "8", "--steps", "4", "--warmup", "1", "--repeats", "1", "--max-length", "32",
-        "--threads", "1"], out)
+        "--threads", "1", "--token-budget", "32"], out)
     assert doc["suite"] == "throughput" and doc["failed"] == 0
     check_machine(doc["machine"])
     assert [(r["framework"], r["variant"]) for r in doc["results"]] == [
-        ("embedtrain", "default"), ("sentence-transformers", "default"), ("sentence-transformers", "speed")]
+        ("embedtrain", "default"), ("embedtrain", "token_budget"), ("sentence-transformers", "default"),
+        ("sentence-transformers", "speed")]
     for run in doc["results"]:
         check_run(run, run["framework"], run["variant"], 8, steps=4, timed=3)
         assert 0 <= run["ndcg@10"] <= 1 and run["quality"]["eval_seconds"] > 0
+    runs = {r["variant"]: r for r in doc["results"] if r["framework"] == "embedtrain"}
+    # the same batches, regrouped by length across roles: the same real tokens, less padding
+    assert runs["token_budget"]["tokens"]["real_tokens_per_step"] == runs["default"]["tokens"]["real_tokens_per_step"]
+    assert runs["token_budget"]["tokens"]["tokens_per_step"] < runs["default"]["tokens"]["tokens_per_step"]
     speed = next(r for r in doc["results"] if r["variant"] == "speed")["speed_options"]
     assert {"batch_sampler", "unpad_inputs", "length_grouping"} <= set(speed)
     if not doc["machine"]["cuda"]:
         assert speed["unpad_inputs"]["applied"] is False and "flash" in speed["unpad_inputs"]["reason"]
-    assert len(doc["summary"]) == 3 and all(s["runs"] == 1 for s in doc["summary"])
+    assert len(doc["summary"]) == 4 and all(s["runs"] == 1 for s in doc["summary"])
+    assert positive(doc["ratios"]["embedtrain token_budget/default examples_per_s"])
     assert positive(doc["ratios"]["embedtrain/st-default examples_per_s"])
     assert "embedtrain-st-default ndcg@10 difference" in doc["ratios"]
 
