@@ -89,15 +89,15 @@ def scale_loss_at(monkeypatch, steps: set[int], factor: float) -> None:
     calls = {"n": 0}
     real = text_task.plain_step
 
-    def step(model, loss_fn, batch, backward):
+    def step(model, loss_fn, batch, backward, token_budget=None):
         calls["n"] += 1
         if calls["n"] not in steps:
-            return real(model, loss_fn, batch, backward)
+            return real(model, loss_fn, batch, backward, token_budget)
 
         def scaled(**kw):
             out = loss_fn(**kw)
             return {**out, "loss": out["loss"] * factor}
 
-        return real(model, scaled, batch, backward)
+        return real(model, scaled, batch, backward, token_budget)
 
     monkeypatch.setattr(text_task, "plain_step", step)
