@@ -169,9 +169,7 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
             def on_step_begin(self, trainer, batch):
                 if not begins:
                     mon.open("steps")
-                sync()
-                begins.append(time.perf_counter())
-                data_seconds.append(trainer.data_seconds)
+                # the padding this step computes, counted before the step's clock starts
                 if cfg.get("token_budget"):  # every role's rows regrouped: count the chunks' tokens
                     from embedtrain.train.step import length_sorted_chunks
 
@@ -182,6 +180,9 @@ def child_embedtrain(cfg: dict, workdir: Path) -> dict[str, Any]:
                 else:
                     tokens.append(_token_stats({r: (batch[r] or {}).get("attention_mask")
                                                 for r in ("query", "positive", "negative")}))
+                sync()
+                begins.append(time.perf_counter())
+                data_seconds.append(trainer.data_seconds)
 
             def on_step_end(self, trainer, figures):
                 sync()

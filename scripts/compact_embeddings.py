@@ -36,7 +36,8 @@ RESCORE_TOP_K = 40
 COMPACT_OVERRIDE = ("loss.compact={dims: [384, 256, 128], dim_weights: [0.5, 0.25, 0.25], "
                     "precisions: [float32, binary], precision_weights: [0.5, 0.5], center: true}")
 # both runs: no evaluation inside training (this script evaluates every prefix and precision itself), and the
-# quickstart's settings when the table was measured (420 steps of 64 rows; the recipe takes 230 steps of 128 since)
+# quickstart's settings when the table was measured (420 steps of 64 rows, one padded batch per role; the recipe
+# takes 310 steps of 128 with train.forward_token_budget since)
 COMMON = ["eval.before_training=false", "eval.tasks=[]", "output.plot=false", "data.batch_size=64",
           "train.max_steps=420", "train.forward_token_budget=null"]
 

@@ -18,8 +18,8 @@ checkpoint the next time the script is started, and its record says ``resumed`` 
 cover the last part only; training seconds and seconds per step come from the run's own records). Equal steps
 is the primary comparison: every run takes ``STEPS`` (200) steps of ``BATCH`` (64) rows in float32, in batches
 grouped by length and embedded one padded batch per role (``PINNED``), unless its variant sets its own (the recipe
-itself takes 310 steps of 128 in bf16 since, random batches embedded in length-sorted chunks of at most 1024 tokens,
-chosen with this table). For equal wall-clock each run records its training seconds per step (the median over its 10-step log windows) and the load average
+itself takes 310 steps of 128 in bf16 since, length-grouped batches embedded in length-sorted chunks of at most 1024
+tokens, chosen with this table). For equal wall-clock each run records its training seconds per step (the median over its 10-step log windows) and the load average
 of the machine before and after (``os.getloadavg()``; the machine is shared), and the table gives each
 variant's time per step relative to the baseline of the same seed; ``--equal-time`` runs a variant for the
 steps that fit into the baseline's training time instead.
@@ -46,11 +46,18 @@ TRAIN = REPO / "data" / "wordnet" / "train.jsonl"
 VALIDATION_ROWS = 1000
 DISTRACTORS = 3000
 SPLIT_SEED = 20
-STEPS = 200  # the equal-steps budget of the table (the recipe takes 310 bf16 steps of 128 since; "bf16_b128_tokens_random")
+STEPS = 200  # the equal-steps budget of the table (the recipe takes 310 bf16 steps of 128 since; "bf16_b128_tokens")
 PRECISION = "no"  # float32, as the table began; the bf16 variants set their own
 BATCH = 64  # rows per batch, as the table began; the batch variants set their own
 # as the table began: batches grouped by length, one padded batch per role; the variants that change them say so
 PINNED = ["data.length_grouping=true", "train.forward_token_budget=null"]
+
+# the recipes the later variants build on: bf16 with 420 steps of 64, 230 steps of 128, and 310 steps of 128 with the
+# token budget
+BF16_420 = ["train.mixed_precision=bf16", "train.max_steps=420"]
+BF16_B128 = ["train.mixed_precision=bf16", "train.max_steps=230", "data.batch_size=128"]
+BF16_B128_TOKENS = ["train.mixed_precision=bf16", "train.max_steps=310", "data.batch_size=128",
+                    "train.forward_token_budget=1024"]
 
 #: name -> (dotted overrides, what it tests)
 VARIANTS: dict[str, tuple[list[str], str]] = {
@@ -67,25 +74,21 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "lr_1e-4": (["train.lr=1.0e-4"], "lr 1e-4"),
     "steps_260": (["train.max_steps=260"], "260 steps instead of 200 (what the 10-minute budget still holds; the recipe's since)"),
     "bf16": (["train.mixed_precision=bf16"], "bf16 autocast (the CPU's AVX-512 BF16 instructions)"),
-    "bf16_steps_420": (["train.mixed_precision=bf16", "train.max_steps=420"],
+    "bf16_steps_420": (BF16_420,
                        "bf16 autocast, 420 steps: less training time than 260 float32 steps"),
     # options on top of the recipe as it was then (bf16, 420 steps of 64)
-    "bf16_420_lr_3e-4": (["train.mixed_precision=bf16", "train.max_steps=420", "train.lr=3.0e-4"],
+    "bf16_420_lr_3e-4": ([*BF16_420, "train.lr=3.0e-4"],
                          "the recipe (bf16, 420 steps) with lr 3e-4"),
-    "bf16_420_ckpt_avg": (["train.mixed_precision=bf16", "train.max_steps=420", "train.average_last_checkpoints=4",
-                           "train.save_every=25", "train.keep_last=3"],
+    "bf16_420_ckpt_avg": ([*BF16_420, "train.average_last_checkpoints=4", "train.save_every=25", "train.keep_last=3"],
                           "the recipe (bf16, 420 steps), final model = mean of the checkpoints of steps 350, 375, 400 and 420"),
-    "bf16_b128": (["train.mixed_precision=bf16", "train.max_steps=230", "data.batch_size=128"],
+    "bf16_b128": (BF16_B128,
                   "bf16, batch 128 for 230 steps (about the training time of 420 steps of 64)"),
-    "bf16_b128_symmetric": (["train.mixed_precision=bf16", "train.max_steps=230", "data.batch_size=128",
-                             "loss.symmetric=true"],
+    "bf16_b128_symmetric": ([*BF16_B128, "loss.symmetric=true"],
                             "the recipe (bf16, 230 steps of 128) plus the document→query InfoNCE term"),
-    "bf16_b128_tokens": (["train.mixed_precision=bf16", "train.max_steps=310", "data.batch_size=128",
-                          "train.forward_token_budget=1024"],
+    "bf16_b128_tokens": (BF16_B128_TOKENS,
                          "the recipe's batches embedded in length-sorted chunks of ≤ 1024 tokens (less padding), "
                          "310 steps of 128 in about the training time of 230"),
-    "bf16_b128_tokens_random": (["train.mixed_precision=bf16", "train.max_steps=310", "data.batch_size=128",
-                                 "train.forward_token_budget=1024", "data.length_grouping=false"],
+    "bf16_b128_tokens_random": ([*BF16_B128_TOKENS, "data.length_grouping=false"],
                                 "as bf16_b128_tokens, with batches drawn at random instead of grouped by length"),
     "bf16_b256": (["train.mixed_precision=bf16", "train.max_steps=115", "data.batch_size=256"],
                   "bf16, batch 256 for 115 steps (about the training time of 420 steps of 64)"),
