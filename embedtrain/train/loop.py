@@ -157,6 +157,7 @@ class Trainer:
         task.startup.lap("accelerator")
 
         set_seed(r.train.seed)
+        task.resuming = resume_from is not None
         model, loss_fn = task.build(accelerator.device)
         task.startup.lap("building the model")
         self.data_accounts = task.check_accounts()  # no dataset is dropped or cut without an error

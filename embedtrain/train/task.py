@@ -46,6 +46,9 @@ class Task:
         """The task's own figures that a checkpoint keeps (the loop hands in the training state's)."""
         self.startup = StartupPhases(log)
         """The run's start-up, timed: the loop marks its stages, the task times its long parts in them."""
+        self.resuming = False
+        """Set by the loop before :meth:`build` when a checkpoint's weights and buffers will replace the built
+        model's: what only the start of a run computes (the compact centre) can be skipped."""
 
     # -- data -------------------------------------------------------------------------------
     def read_data(self) -> None:

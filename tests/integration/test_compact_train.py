@@ -128,6 +128,15 @@ def test_a_centred_run_trains_with_a_fixed_centre_and_saves_it_for_sentence_tran
     weights = next(checkpoint.rglob("model*.safetensors"))
     assert torch.equal(load_file(str(weights))["center"], centre)
 
+    # a resume takes the centre from the checkpoint instead of embedding the centre's texts again, and ends with it
+    (step, first), *_ = list_checkpoints(tmp_path / "run")
+    assert step < 6  # the resumed run trains on from step 3
+    lines = []
+    resumed = train(recipe_from_dict(recipe), resume=str(first), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert "loss.compact.center: the centre is read from the checkpoint" in lines
+    assert not any("embedding the centre's texts" in line for line in lines)
+    assert torch.equal(load_text_encoder(str(resumed.model_dir)).center, centre)
+
 
 def test_a_dense_layer_that_is_not_a_centre_is_refused(tiny_bert, tmp_path):
     import pytest
