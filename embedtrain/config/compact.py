@@ -30,6 +30,10 @@ class CompactConfig:
     near the middle of the data."""
     center_rows: int = 2048
     """Rows (evenly spaced over the training datasets) whose query and positive texts give the centre."""
+    rescore_weight: float = 0.0
+    """Weight of one more term at every prefix (times the prefix's weight): the loss with the float32 query
+    against the documents' binary codes (straight-through), the score by which binary+rescore re-ranks the
+    Hamming search's candidates; 0 = off. Kinds with queries and documents (text, CLIP and VLM2Vec)."""
     rescore_top_k: int = 40
     """Evaluation: binary search keeps this many documents per query, then float32 embeddings re-rank them."""
 
@@ -46,10 +50,16 @@ def compact_weights(c: CompactConfig) -> tuple[list[float], list[float]]:
 
 
 def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = "loss.compact",
-                  centers: bool = False) -> None:
-    """Recipe problems of ``loss.compact``; ``centers``: the kind can apply ``center`` (text encoders)."""
+                  centers: bool = False, roles: bool = True) -> None:
+    """Recipe problems of ``loss.compact``; ``centers``: the kind can apply ``center`` (text encoders);
+    ``roles``: its loss takes queries and documents (a rescore term can keep the query float)."""
     if c is None:
         return
+    if c.rescore_weight < 0:
+        problems.append(f"{where}.rescore_weight: must be 0 or more, got {c.rescore_weight}")
+    elif c.rescore_weight and not roles:
+        problems.append(f"{where}.rescore_weight: this kind's loss has no queries and documents to score "
+                        "against each other; set it to 0")
     if c.center and not centers:
         problems.append(f"{where}.center: only text encoders (kind text) take a centre; set it to false")
     if any(d < 1 for d in c.dims):

@@ -197,7 +197,7 @@ def _check_values(r: DMLRecipe, problems: list[str], files: bool = True) -> None
         problems.append(f"loss.metrix_weight: must be 0 or more, got {lo.metrix_weight}")
     if lo.metrix_beta <= 0:
         problems.append(f"loss.metrix_beta: must be positive, got {lo.metrix_beta}")
-    check_compact(lo.compact, problems)
+    check_compact(lo.compact, problems, roles=False)
     if not d.path:
         problems.append("data.path: missing; give a metadata file (.jsonl/.json/.csv) or a folder of class folders")
     elif files:

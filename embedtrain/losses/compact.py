@@ -67,18 +67,29 @@ class CompactLoss(nn.Module):
     float32, :func:`int8_straight_through` for int8 and :func:`binarize_straight_through` for binary.
     Matryoshka representation learning: Kusupati et al., arXiv:2205.13147.
 
+    With ``rescore_weight`` :math:`r > 0`, every prefix adds :math:`w_j\,r\,\mathcal{L}(q_{1:d_j},
+    Q_{\text{binary}}(\text{documents}_{1:d_j}))`: the float query (the ``query_arguments``) against the
+    documents' binary codes, the score by which ``binary+rescore`` re-ranks Hamming candidates.
+
     ``embedding_arguments`` names the wrapped loss's arguments that are embeddings (shape (N, d), the same d
     for all; None passes through); the others (ids, labels) are passed unchanged. Under GradCache the wrapper
     sees the cached embeddings like any loss, and across processes the wrapped loss gathers each prefix as
-    it gathers whole embeddings. Returns the wrapped loss's figures at the first prefix and precision (the
-    full float embedding, in the usual recipe), with ``loss`` the weighted sum and ``loss/<d>/<precision>``
-    for every term.
+    it gathers whole embeddings (int8 ranges are those of the rows this process holds, taken before the
+    gather). Returns the wrapped loss's figures at the first prefix and precision (the full float embedding,
+    in the usual recipe), with ``loss`` the weighted sum and ``loss/<d>/<precision>`` for every term
+    (``loss/<d>/rescore`` for the rescore terms).
     """
 
     def __init__(self, inner: nn.Module, dims: Sequence[int], dim_weights: Sequence[float],
                  precisions: Sequence[str], precision_weights: Sequence[float], normalize: bool,
-                 embedding_arguments: Sequence[str]):
+                 embedding_arguments: Sequence[str], rescore_weight: float = 0.0,
+                 query_arguments: Sequence[str] = ()):
         super().__init__()
+        if rescore_weight < 0:
+            raise ValueError(f"rescore_weight must be 0 or more, got {rescore_weight}")
+        if rescore_weight and not (query_arguments and set(query_arguments) < set(embedding_arguments)):
+            raise ValueError(f"a rescore term needs query_arguments among {list(embedding_arguments)} that leave "
+                             f"documents, got {list(query_arguments)}")
         if len(dims) != len(dim_weights) or not dims:
             raise ValueError(f"dims {list(dims)} and dim_weights {list(dim_weights)} need the same, non-zero length")
         if len(precisions) != len(precision_weights) or not precisions:
@@ -92,6 +103,7 @@ class CompactLoss(nn.Module):
         self.precisions, self.precision_weights = list(precisions), [float(w) for w in precision_weights]
         self.normalize = normalize
         self.embedding_arguments = tuple(embedding_arguments)
+        self.rescore_weight, self.query_arguments = float(rescore_weight), tuple(query_arguments)
         self._names = list(inspect.signature(inner.forward).parameters)
 
     def __getattr__(self, name: str):
@@ -117,13 +129,19 @@ class CompactLoss(nn.Module):
         full = next(named[a].shape[-1] for a in self.embedding_arguments if named.get(a) is not None)
         if max(self.dims) > full:
             raise ValueError(f"a prefix of {max(self.dims)} dimensions is longer than the embedding ({full})")
+        def term(dim: int, precision_of) -> dict:  # the wrapped loss on every embedding argument's prefix
+            return self.inner(**{k: (self.prefix(t, dim, precision_of(k)) if k in self.embedding_arguments
+                                     and t is not None else t) for k, t in named.items()})
+
         total, first, terms = 0.0, None, {}
         for dim, w in zip(self.dims, self.dim_weights):
             for precision, v in zip(self.precisions, self.precision_weights):
-                call = {k: (self.prefix(t, dim, precision) if k in self.embedding_arguments and t is not None else t)
-                        for k, t in named.items()}
-                out = self.inner(**call)
+                out = term(dim, lambda _, p=precision: p)
                 total = total + w * v * out["loss"]
                 terms[f"loss/{dim}/{precision}"] = out["loss"].detach()
                 first = out if first is None else first
+            if self.rescore_weight:
+                out = term(dim, lambda k: "float32" if k in self.query_arguments else "binary")
+                total = total + w * self.rescore_weight * out["loss"]
+                terms[f"loss/{dim}/rescore"] = out["loss"].detach()
         return {**first, "loss": total, **terms}

@@ -16,13 +16,15 @@ from embedtrain.models import compact_record
 
 
 def wrap_loss(loss: nn.Module, compact: Optional[CompactConfig], normalize: bool,
-              embedding_arguments: Sequence[str]) -> nn.Module:
-    """The recipe's loss, applied at every prefix and precision of ``compact`` (the loss itself when None)."""
+              embedding_arguments: Sequence[str], query_arguments: Sequence[str] = ()) -> nn.Module:
+    """The recipe's loss, applied at every prefix and precision of ``compact`` (the loss itself when None);
+    ``query_arguments``: the embedding arguments a rescore term keeps float (the recipe's check refuses
+    ``rescore_weight`` for kinds without them)."""
     if compact is None:
         return loss
     dim_weights, precision_weights = compact_weights(compact)
     return CompactLoss(loss, compact_dims(compact), dim_weights, compact.precisions, precision_weights, normalize,
-                       embedding_arguments)
+                       embedding_arguments, compact.rescore_weight, query_arguments)
 
 
 def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:

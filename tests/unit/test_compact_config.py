@@ -25,7 +25,7 @@ def test_off_by_default_and_defaults_fill_in(recipe_dict):
 
 def test_every_problem_is_reported_with_its_path(recipe_dict):
     recipe_dict["loss"]["compact"] = {"dims": [32, 0, 32], "dim_weights": [1.0], "precisions": ["binery", "int8"],
-                                      "precision_weights": [1.0, -1.0], "rescore_top_k": 0}
+                                      "precision_weights": [1.0, -1.0], "rescore_top_k": 0, "rescore_weight": -0.5}
     with pytest.raises(ConfigError) as err:
         recipe_from_dict(recipe_dict)
     text = "\n".join(err.value.problems)
@@ -35,6 +35,7 @@ def test_every_problem_is_reported_with_its_path(recipe_dict):
     assert "loss.compact.precisions: 'binery' is not a precision (did you mean 'binary'?)" in text
     assert "loss.compact.precision_weights: weights must be 0 or more" in text
     assert "loss.compact.rescore_top_k: must be at least 1" in text
+    assert "loss.compact.rescore_weight: must be 0 or more, got -0.5" in text
 
 
 def test_the_override_form_the_benchmark_uses(recipe_dict, tmp_path):

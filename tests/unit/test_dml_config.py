@@ -99,3 +99,12 @@ def test_every_shipped_dml_recipe_loads():
     ]
     for recipe, values in expected:
         assert {key: getattr(recipe.train, key) for key in values} == values
+
+
+def test_a_rescore_term_is_refused_without_queries_and_documents(tmp_path):
+    data = minimal(tmp_path)
+    data["loss"] = {"compact": {"precisions": ["float32", "binary"], "rescore_weight": 0.5}}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    assert any(p.startswith("loss.compact.rescore_weight: this kind's loss has no queries and documents")
+               for p in err.value.problems)

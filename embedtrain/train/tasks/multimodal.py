@@ -63,7 +63,7 @@ def build_loss(r) -> torch.nn.Module:
                                    mask_false_negatives=lo.mask_false_negatives, gather_across_processes=gather,
                                    hardness_weight=lo.hardness_weight)
     normalize = True if r.kind == "clip" else r.model.normalize  # CLIP's features are always unit length
-    return compact.wrap_loss(loss, lo.compact, normalize, ("query", "positive", "negative"))
+    return compact.wrap_loss(loss, lo.compact, normalize, ("query", "positive", "negative"), ("query",))
 
 
 def evaluate_tasks(encoder, tasks, batch_size: int, show_progress: bool = True) -> dict[str, float]:

@@ -34,7 +34,7 @@ def build_loss(r) -> torch.nn.Module:
         # only the softmax losses take it (the recipe check refuses it elsewhere)
         **({"hardness_weight": r.loss.hardness_weight} if r.loss.hardness_weight else {}),
     )
-    return compact.wrap_loss(loss, r.loss.compact, r.model.normalize, ("query", "positive", "negative"))
+    return compact.wrap_loss(loss, r.loss.compact, r.model.normalize, ("query", "positive", "negative"), ("query",))
 
 
 class TextTask(PairsTask):

@@ -81,6 +81,53 @@ def test_binary_term_gradient_equals_the_reference_through_the_prefix_normalisat
     assert torch.all(got[:, 16:] == 0)
 
 
+def test_rescore_term_is_the_float_query_against_the_documents_binary_codes():
+    """Each prefix adds w_d·r·InfoNCE(norm(q[:, :d]), b(norm(p[:, :d])), b(norm(n[:, :d]))); the query's gradient
+    comes through float and the documents' through the straight-through codes."""
+    q, p, n = emb(6, 32, seed=8).requires_grad_(), emb(6, 32, seed=9).requires_grad_(), emb(6, 32, seed=10)
+    dims, weights, tau, r = [32, 16], [1.0, 0.5], 0.05, 0.4
+    loss = CompactLoss(InfoNCELoss(temperature=tau), dims, weights, ["float32"], [1.0], normalize=True,
+                       embedding_arguments=("query", "positive", "negative"), rescore_weight=r,
+                       query_arguments=("query",))
+    out = loss(q, p, n)
+
+    def norm(x, d):
+        return F.normalize(x[:, :d], dim=-1)
+
+    def codes(x, d):
+        return torch.where(x[:, :d] > 0, 1.0, -1.0) / d ** 0.5
+
+    rescore = {d: reference(norm(q, d).detach(), codes(p, d), codes(n, d), tau) for d in dims}
+    expected = by_hand(q.detach(), p.detach(), n, tau, dims, weights, ["float32"], [1.0]) \
+        + sum(w * r * rescore[d] for d, w in zip(dims, weights))
+    # 1e-4: four float32 InfoNCE values of ~2-20 summed in another order than the reference's loops
+    assert torch.allclose(out["loss"], torch.as_tensor(expected, dtype=torch.float32), atol=1e-4)
+    for d in dims:  # 1e-5: a few float32 ulps of an InfoNCE value of ~2-20, vectorised here and looped there
+        assert abs(out[f"loss/{d}/rescore"].item() - rescore[d]) < 1e-5
+
+    # the gradient of the rescore term alone: float through the query, straight-through through the documents
+    only = CompactLoss(InfoNCELoss(temperature=tau), [16], [1.0], ["float32"], [0.0], normalize=True,
+                       embedding_arguments=("query", "positive", "negative"), rescore_weight=1.0,
+                       query_arguments=("query",))
+    got_q, got_p = torch.autograd.grad(only(q, p, n)["loss"], (q, p))
+    q16, c16 = norm(q, 16).detach().requires_grad_(), codes(p, 16).requires_grad_()
+    d_q, d_c = torch.autograd.grad(InfoNCELoss(temperature=tau)(q16, c16, codes(n, 16))["loss"], (q16, c16))
+    leaf_q, leaf_p = q.detach().requires_grad_(), p.detach().requires_grad_()
+    (expected_q,) = torch.autograd.grad(F.normalize(leaf_q[:, :16], dim=-1), leaf_q, d_q)
+    (expected_p,) = torch.autograd.grad(F.normalize(leaf_p[:, :16], dim=-1), leaf_p, d_c)
+    # 1e-6: the same float32 operations, composed by autograd in one graph or in two
+    assert torch.allclose(got_q, expected_q, atol=1e-6) and torch.allclose(got_p, expected_p, atol=1e-6)
+
+
+def test_a_rescore_term_needs_a_query_and_documents():
+    with pytest.raises(ValueError, match="query_arguments"):
+        CompactLoss(InfoNCELoss(), [8], [1.0], ["float32"], [1.0], normalize=True,
+                    embedding_arguments=("query", "positive"), rescore_weight=1.0, query_arguments=("query", "positive"))
+    with pytest.raises(ValueError, match="0 or more"):
+        CompactLoss(InfoNCELoss(), [8], [1.0], ["float32"], [1.0], normalize=True,
+                    embedding_arguments=("query", "positive"), rescore_weight=-1.0, query_arguments=("query",))
+
+
 def test_int8_levels_are_those_of_sentence_transformers_and_the_gradient_passes_through():
     from sentence_transformers.util.quantization import quantize_embeddings
 
