@@ -20,6 +20,15 @@ CONFIGS = {
     "grad_cache_hardness": dict(chunk=2, loss={"hardness_weight": 5.0, "symmetric": True}),
     # every role's rows embedded together in length-sorted chunks of at most 24 tokens (train.forward_token_budget)
     "token_budget": dict(chunk=None, budget=24, loss={"symmetric": True}),
+    # loss.compact: nested prefixes, binary codes (straight-through) and the rescore term, each prefix gathered
+    # across processes as whole embeddings are; binary codes are per element, so parity holds (int8 ranges are
+    # taken from each process's own batch, so int8 terms are left out of these comparisons)
+    "compact": dict(chunk=None, loss={}, compact=dict(dims=[32, 16], dim_weights=[1.0, 0.5],
+                                                      precisions=["float32", "binary"], precision_weights=[1.0, 0.5],
+                                                      rescore_weight=0.5)),
+    "grad_cache_compact": dict(chunk=2, loss={"symmetric": True}, compact=dict(dims=[32, 8], dim_weights=[1.0, 1.0],
+                                                                              precisions=["binary"],
+                                                                              precision_weights=[1.0])),
 }
 
 
@@ -56,6 +65,11 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
 def step(model, batch: dict, cfg: dict, backward=None, no_sync=contextlib.nullcontext, gather=True,
          after_replays=lambda: None) -> float:
     loss_fn = LOSSES.get(cfg.get("name", "infonce"))(temperature=0.05, gather_across_processes=gather, **cfg["loss"])
+    if "compact" in cfg:
+        from embedtrain.losses.compact import CompactLoss
+
+        loss_fn = CompactLoss(loss_fn, normalize=True, embedding_arguments=("query", "positive", "negative"),
+                              query_arguments=("query",), **cfg["compact"])
     backward = backward or (lambda loss: loss.backward())
     if cfg["chunk"]:
         out = grad_cache_step(model, loss_fn, batch, cfg["chunk"], backward, no_sync, after_replays=after_replays)

@@ -6,7 +6,8 @@ from embedtrain.models import load_text_encoder
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step
 
 
-@pytest.mark.parametrize("name", ["grad_cache", "grad_cache_symmetric", "grad_cache_gte_hardness", "grad_cache_hardness"])
+@pytest.mark.parametrize("name", ["grad_cache", "grad_cache_symmetric", "grad_cache_gte_hardness", "grad_cache_hardness",
+                                  "grad_cache_compact"])
 def test_grad_cache_matches_plain_step(tiny_bert_no_dropout, name):
     batch_rows = 8
     results = []
