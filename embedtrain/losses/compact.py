@@ -129,19 +129,22 @@ class CompactLoss(nn.Module):
         full = next(named[a].shape[-1] for a in self.embedding_arguments if named.get(a) is not None)
         if max(self.dims) > full:
             raise ValueError(f"a prefix of {max(self.dims)} dimensions is longer than the embedding ({full})")
-        def term(dim: int, precision_of) -> dict:  # the wrapped loss on every embedding argument's prefix
-            return self.inner(**{k: (self.prefix(t, dim, precision_of(k)) if k in self.embedding_arguments
-                                     and t is not None else t) for k, t in named.items()})
+
+        def term(dim: int, query_precision: str, document_precision: str) -> dict:
+            """The wrapped loss on every embedding argument's prefix, the query arguments at their own precision."""
+            return self.inner(**{k: self.prefix(t, dim, query_precision if k in self.query_arguments
+                                                else document_precision)
+                                 if k in self.embedding_arguments and t is not None else t for k, t in named.items()})
 
         total, first, terms = 0.0, None, {}
         for dim, w in zip(self.dims, self.dim_weights):
             for precision, v in zip(self.precisions, self.precision_weights):
-                out = term(dim, lambda _, p=precision: p)
+                out = term(dim, precision, precision)
                 total = total + w * v * out["loss"]
                 terms[f"loss/{dim}/{precision}"] = out["loss"].detach()
                 first = out if first is None else first
             if self.rescore_weight:
-                out = term(dim, lambda k: "float32" if k in self.query_arguments else "binary")
+                out = term(dim, "float32", "binary")
                 total = total + w * self.rescore_weight * out["loss"]
                 terms[f"loss/{dim}/rescore"] = out["loss"].detach()
         return {**first, "loss": total, **terms}

@@ -135,15 +135,16 @@ class TextTask(PairsTask):
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
         compact.check_dims(r.loss.compact, encoder.embedding_dim)
-        if r.loss.compact is not None and r.loss.compact.center and self.resuming:
-            # the checkpoint holds the centre the run started with (a buffer, loaded strictly with the weights:
-            # a checkpoint without one is a resume error); NaN until then, so that it can never be used unread
-            encoder.set_center(torch.full((encoder.embedding_dim,), float("nan")))
-            self.log("loss.compact.center: the centre is read from the checkpoint")
-        elif r.loss.compact is not None and r.loss.compact.center:
-            with self.startup.phase("centre", "loss.compact.center: embedding the centre's texts ..."):
-                encoder.set_center(compact.calibrate_center(encoder, self.datasets, r.loss.compact.center_rows,
-                                                            r.eval.batch_size, self.log))
+        if r.loss.compact is not None and r.loss.compact.center:
+            if self.resuming:
+                # the checkpoint holds the centre the run started with (a buffer, loaded strictly with the weights:
+                # a checkpoint without one is a resume error); NaN until then, so that it can never be used unread
+                encoder.set_center(torch.full((encoder.embedding_dim,), float("nan")))
+                self.log("loss.compact.center: the centre is read from the checkpoint")
+            else:
+                with self.startup.phase("centre", "loss.compact.center: embedding the centre's texts ..."):
+                    encoder.set_center(compact.calibrate_center(encoder, self.datasets, r.loss.compact.center_rows,
+                                                                r.eval.batch_size, self.log))
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
         if self.streams is not None:  # streams are tokenized as they are read, in the DataLoader workers
