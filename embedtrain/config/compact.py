@@ -11,6 +11,7 @@ from typing import Optional
 from embedtrain.errors import did_you_mean
 
 PRECISIONS = ("float32", "int8", "binary")
+BINARY_GRADIENTS = ("identity", "tanh")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class CompactConfig:
     """Weight of one more term at every prefix (times the prefix's weight): the loss with the float32 query
     against the documents' binary codes (straight-through), the score by which binary+rescore re-ranks the
     Hamming search's candidates; 0 = off. Kinds with queries and documents (text, CLIP and VLM2Vec)."""
+    binary_gradient: str = "identity"
+    """Backward rule of the binary terms' sign: identity (straight-through) or tanh (the gradient of
+    tanh(sqrt(d) x) / sqrt(d): it fades for coordinates far from a sign change)."""
     rescore_top_k: int = 40
     """Evaluation: binary search keeps this many documents per query, then float32 embeddings re-rank them."""
 
@@ -82,6 +86,12 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
     for name in ("dim_weights", "precision_weights"):
         if any(w < 0 for w in getattr(c, name)):
             problems.append(f"{where}.{name}: weights must be 0 or more, got {getattr(c, name)}")
+    if c.binary_gradient not in BINARY_GRADIENTS:
+        problems.append(f"{where}.binary_gradient: {c.binary_gradient!r} is not a rule"
+                        f"{did_you_mean(c.binary_gradient, BINARY_GRADIENTS)}; choose from {', '.join(BINARY_GRADIENTS)}")
+    elif c.binary_gradient != "identity" and "binary" not in c.precisions and not c.rescore_weight:
+        problems.append(f"{where}.binary_gradient: {c.binary_gradient} changes the gradient of binary codes, and no "
+                        "term takes any; add binary to precisions (or a rescore_weight) or leave it out")
     if c.center_rows < 1:
         problems.append(f"{where}.center_rows: must be at least 1, got {c.center_rows}")
     if c.rescore_top_k < 1:

@@ -18,7 +18,11 @@ PRECISIONS = ("float32", "int8", "binary")
 """Precisions an embedding is trained and served at: float32, int8 (256 levels per dimension), binary (1 bit)."""
 
 
-def binarize_straight_through(x: torch.Tensor) -> torch.Tensor:
+BINARY_GRADIENTS = ("identity", "tanh")
+"""Backward rules of the binary code: see :func:`binarize_straight_through`."""
+
+
+def binarize_straight_through(x: torch.Tensor, gradient: str = "identity") -> torch.Tensor:
     r"""The sign code of ``x`` scaled to unit length, with the straight-through gradient.
 
     Forward: :math:`b = \operatorname{sign}(x) / \sqrt{d}` with sign(0) = -1 (a bit is 1 where x > 0, as
@@ -26,11 +30,18 @@ def binarize_straight_through(x: torch.Tensor) -> torch.Tensor:
     ranks exactly as the Hamming distance does. Backward: :math:`\partial b / \partial x = I` (Bengio et al.,
     "Estimating or Propagating Gradients Through Stochastic Neurons", arXiv:1308.3432; binary embedding
     retrieval trained this way as in Gan et al., "Binary Embedding-based Retrieval at Tencent", arXiv:2302.08714).
-    Shapes: (..., d) -> (..., d).
+    With ``gradient="tanh"`` the backward pass is that of the surrogate :math:`\tanh(\sqrt{d}\,x)/\sqrt{d}`:
+    :math:`\partial b_i / \partial x_i = \operatorname{sech}^2(\sqrt{d}\,x_i)`, which is 1 at a sign change and
+    fades for coordinates far from one (a unit vector's coordinates are about :math:`1/\sqrt{d}`), so the
+    binary terms move the coordinates whose bit can flip (the smooth sign of Cao et al., "HashNet",
+    arXiv:1702.00758, used only for the gradient). Shapes: (..., d) -> (..., d).
     """
+    if gradient not in BINARY_GRADIENTS:
+        raise ValueError(f"unknown binary gradient {gradient!r}; choose from {', '.join(BINARY_GRADIENTS)}")
     d = x.shape[-1]
     code = torch.where(x > 0, 1.0, -1.0).to(x.dtype) / d ** 0.5
-    return x + (code - x).detach()
+    path = x if gradient == "identity" else torch.tanh(x * d ** 0.5) / d ** 0.5
+    return path + (code - path).detach()
 
 
 def int8_straight_through(x: torch.Tensor, ranges: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -83,8 +94,10 @@ class CompactLoss(nn.Module):
     def __init__(self, inner: nn.Module, dims: Sequence[int], dim_weights: Sequence[float],
                  precisions: Sequence[str], precision_weights: Sequence[float], normalize: bool,
                  embedding_arguments: Sequence[str], rescore_weight: float = 0.0,
-                 query_arguments: Sequence[str] = ()):
+                 query_arguments: Sequence[str] = (), binary_gradient: str = "identity"):
         super().__init__()
+        if binary_gradient not in BINARY_GRADIENTS:
+            raise ValueError(f"unknown binary_gradient {binary_gradient!r}; choose from {', '.join(BINARY_GRADIENTS)}")
         if rescore_weight < 0:
             raise ValueError(f"rescore_weight must be 0 or more, got {rescore_weight}")
         if rescore_weight and not (query_arguments and set(query_arguments) < set(embedding_arguments)):
@@ -104,6 +117,7 @@ class CompactLoss(nn.Module):
         self.normalize = normalize
         self.embedding_arguments = tuple(embedding_arguments)
         self.rescore_weight, self.query_arguments = float(rescore_weight), tuple(query_arguments)
+        self.binary_gradient = binary_gradient
         self._names = list(inspect.signature(inner.forward).parameters)
 
     def __getattr__(self, name: str):
@@ -119,7 +133,7 @@ class CompactLoss(nn.Module):
         if self.normalize:
             x = F.normalize(x, dim=-1)
         if precision == "binary":
-            return binarize_straight_through(x)
+            return binarize_straight_through(x, self.binary_gradient)
         if precision == "int8":
             return int8_straight_through(x)
         return x

@@ -24,7 +24,7 @@ def wrap_loss(loss: nn.Module, compact: Optional[CompactConfig], normalize: bool
         return loss
     dim_weights, precision_weights = compact_weights(compact)
     return CompactLoss(loss, compact_dims(compact), dim_weights, compact.precisions, precision_weights, normalize,
-                       embedding_arguments, compact.rescore_weight, query_arguments)
+                       embedding_arguments, compact.rescore_weight, query_arguments, compact.binary_gradient)
 
 
 def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:

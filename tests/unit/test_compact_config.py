@@ -25,7 +25,8 @@ def test_off_by_default_and_defaults_fill_in(recipe_dict):
 
 def test_every_problem_is_reported_with_its_path(recipe_dict):
     recipe_dict["loss"]["compact"] = {"dims": [32, 0, 32], "dim_weights": [1.0], "precisions": ["binery", "int8"],
-                                      "precision_weights": [1.0, -1.0], "rescore_top_k": 0, "rescore_weight": -0.5}
+                                      "precision_weights": [1.0, -1.0], "rescore_top_k": 0, "rescore_weight": -0.5,
+                                      "binary_gradient": "tahn"}
     with pytest.raises(ConfigError) as err:
         recipe_from_dict(recipe_dict)
     text = "\n".join(err.value.problems)
@@ -36,6 +37,15 @@ def test_every_problem_is_reported_with_its_path(recipe_dict):
     assert "loss.compact.precision_weights: weights must be 0 or more" in text
     assert "loss.compact.rescore_top_k: must be at least 1" in text
     assert "loss.compact.rescore_weight: must be 0 or more, got -0.5" in text
+    assert "loss.compact.binary_gradient: 'tahn' is not a rule (did you mean 'tanh'?); choose from identity, tanh" in text
+
+
+def test_a_binary_gradient_without_binary_terms_is_refused(recipe_dict):
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "int8"], "binary_gradient": "tanh"}
+    with pytest.raises(ConfigError, match="loss.compact.binary_gradient: tanh changes the gradient of binary codes"):
+        recipe_from_dict(recipe_dict)
+    recipe_dict["loss"]["compact"]["precisions"] = ["float32", "binary"]
+    assert recipe_from_dict(recipe_dict).loss.compact.binary_gradient == "tanh"
 
 
 def test_the_override_form_the_benchmark_uses(recipe_dict, tmp_path):

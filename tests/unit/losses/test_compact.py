@@ -64,19 +64,41 @@ def test_binarization_is_the_sign_code_with_the_straight_through_gradient():
     assert torch.equal(grad, upstream)  # ∂b/∂x = I exactly: the gradient passes through unchanged
 
 
-def test_binary_term_gradient_equals_the_reference_through_the_prefix_normalisation():
-    """d L(b(norm(q[:, :d])))/dq = J_norm^T · ∂L/∂b, padded with zeros past the prefix (the reference)."""
+def test_tanh_binary_gradient_is_the_surrogates_and_the_code_is_unchanged():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    b = binarize_straight_through(x, gradient="tanh")
+    # the code is rebuilt as s + (code - s) with |s|, |code| <= 1/4: two float32 roundings of values up to 1/4
+    assert torch.allclose(b.detach(), torch.where(x > 0, 1.0, -1.0) / 4.0, rtol=0, atol=2 * 0.25 * 2 ** -23)
+    upstream = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(b, x, upstream)
+    leaf = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.tanh(4.0 * leaf) / 4.0, leaf, upstream)  # sech²(√d x) · upstream
+    assert torch.equal(grad, expected)
+    # sech² <= 1: never more than the straight-through gradient, and less away from a sign change
+    assert expected.abs().le(upstream.abs()).all()
+    with pytest.raises(ValueError, match="binary gradient 'sigmoid'"):
+        binarize_straight_through(x, gradient="sigmoid")
+
+
+@pytest.mark.parametrize("gradient", ["identity", "tanh"])
+def test_binary_term_gradient_equals_the_reference_through_the_prefix_normalisation(gradient):
+    """d L(b(norm(q[:, :d])))/dq = J_norm^T · (g ⊙ ∂L/∂b), padded with zeros past the prefix (the reference), with
+    g = 1 (straight-through) or sech²(√d · norm(q[:, :d])) (tanh)."""
     q, p = emb(6, 32, seed=6).requires_grad_(), emb(6, 32, seed=7)
     inner = InfoNCELoss(temperature=0.05)
-    loss = CompactLoss(inner, [16], [1.0], ["binary"], [1.0], normalize=True, embedding_arguments=("query", "positive"))
+    loss = CompactLoss(inner, [16], [1.0], ["binary"], [1.0], normalize=True, embedding_arguments=("query", "positive"),
+                       binary_gradient=gradient)
     (got,) = torch.autograd.grad(loss(q, p)["loss"], q)
 
     codes_q = (torch.where(q[:, :16] > 0, 1.0, -1.0) / 4.0).detach().requires_grad_()
     codes_p = torch.where(p[:, :16] > 0, 1.0, -1.0) / 4.0
     (d_codes,) = torch.autograd.grad(inner(codes_q, codes_p)["loss"], codes_q)
+    if gradient == "tanh":
+        d_codes = d_codes / torch.cosh(4.0 * F.normalize(q.detach()[:, :16], dim=-1)) ** 2
     leaf = q.detach().requires_grad_()
     (expected,) = torch.autograd.grad(F.normalize(leaf[:, :16], dim=-1), leaf, d_codes)
-    # 1e-6: the same float32 operations, composed by autograd in one graph or in two
+    # 1e-6: the same float32 operations, composed by autograd in one graph or in two (tanh: sech² is 1 - tanh²
+    # in autograd and 1/cosh² here, a few float32 ulps apart on values of at most 1)
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.all(got[:, 16:] == 0)
 
