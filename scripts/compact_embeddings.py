@@ -6,7 +6,9 @@ quantized post hoc: nDCG@10, Recall@10, bytes per document and queries/s at ever
 
 (``--sides plain`` and ``--sides compact`` train and evaluate one side each, e.g. side by side; a last run
 without ``--sides`` reuses both and writes the report. ``--seed N`` trains both with another seed: give it a
---work of its own, as the plain run's folder name does not say its seed.)
+--work of its own, as the plain run's folder name does not say its seed; ``--steps N`` likewise trains both for
+N steps instead of 310. ``--summarize REPORT...`` trains nothing: it writes the mean and standard deviation of the
+acceptance figures over reports of one weighting and budget with different seeds.)
 
 Both runs are `embedtrain train recipes/minilm/wordnet_quickstart.yaml` with the same seed and steps; the
 compact one adds COMPACT_OVERRIDE. A third table, ``plain+centre``, is the plain model centred after training (the
@@ -43,9 +45,9 @@ COMMON = ["eval.before_training=false", "eval.tasks=[]", "output.plot=false", "d
           "train.max_steps=310", "train.forward_token_budget=1024"]
 
 
-def train(side: str, extra: list[str], work: Path) -> dict:
+def train(side: str, extra: list[str], work: Path, common: list[str]) -> dict:
     out = work / side
-    args = [RECIPE, *COMMON, *extra, f"output.dir={out}"]
+    args = [RECIPE, *common, *extra, f"output.dir={out}"]
     record = work / f"{side}.command.json"  # written before training (--overwrite empties the run folder)
     done = (out / "results.json").is_file() and record.is_file() \
         and json.loads(record.read_text())["args"] == args \
@@ -152,6 +154,37 @@ def acceptance(models: dict) -> dict:
     return out
 
 
+def summarize(paths: list[str]) -> dict:
+    """Reports of the same weighting with different seeds (each this script's --output): every acceptance figure
+    per report, with mean and sample standard deviation. The reports must share the compact override."""
+    import statistics
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    overrides = {r["compact_override"] for r in reports}
+    if len(overrides) != 1:
+        raise SystemExit(f"--summarize: the reports train different loss.compact overrides: {sorted(overrides)}")
+    budgets = {json.dumps(r["common_overrides"]) for r in reports}
+    if len(budgets) != 1:
+        raise SystemExit(f"--summarize: the reports train with different settings: {sorted(budgets)}")
+    from embedtrain.config.common import TrainConfig  # the seed a run without train.seed= takes
+
+    seeds = [int(next((a.split("=", 1)[1] for a in r["runs"]["compact"]["command"].split()
+                       if a.startswith("train.seed=")), TrainConfig.seed)) for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--summarize: two reports have the same seed ({seeds}); give one report per seed")
+    figures = {}
+    for name in ("binary_retained", "binary_rescore_retained", "dims_128_retained"):
+        values = [100 * r["acceptance"][name]["compact"] for r in reports]
+        figures[name] = {"per_report": values, "target": 100 * reports[0]["acceptance"][name]["target"]}
+    figures["float_drop"] = {"per_report": [r["acceptance"]["float_ndcg@10"]["drop"] for r in reports],
+                             "allowed": reports[0]["acceptance"]["float_ndcg@10"]["allowed_drop"]}
+    for fig in figures.values():
+        fig["mean"] = round(statistics.mean(fig["per_report"]), 2)
+        fig["sd"] = round(statistics.stdev(fig["per_report"]), 2) if len(fig["per_report"]) > 1 else None
+        fig["per_report"] = [round(v, 2) for v in fig["per_report"]]
+    return {"compact_override": overrides.pop(), "reports": paths, "seeds": seeds, "figures": figures}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/compact_bench")
@@ -160,16 +193,27 @@ def main(argv=None) -> int:
     parser.add_argument("--compact-override", default=COMPACT_OVERRIDE, help="the compact run's loss.compact")
     parser.add_argument("--compact-name", default="compact", help="folder of the compact run under --work")
     parser.add_argument("--seed", type=int, default=None, help="train.seed of both runs (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train.max_steps of both runs instead of the quickstart's 310 (another budget: give it a "
+                             "--work of its own)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="REPORT",
+                        help="instead of training: mean and spread of the acceptance figures over these reports "
+                             "(one weighting, one seed each), written to --output")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the models and stop")
     parser.add_argument("--sides", nargs="+", default=["plain", "compact"], choices=["plain", "compact"],
                         help="train and evaluate only these (runs side by side); the report needs both")
     args = parser.parse_args(argv)
+    if args.summarize:
+        write_json(summarize(args.summarize), args.output)
+        return 0
     offline_env()
     work = (REPO / args.work).resolve()
     seed = [] if args.seed is None else [f"train.seed={args.seed}"]
+    common = [f"train.max_steps={args.steps}" if a.startswith("train.max_steps=") and args.steps is not None else a
+              for a in COMMON]
     extra = {"plain": seed, "compact": [args.compact_override, *seed]}
     folder = {"plain": "plain", "compact": args.compact_name}
-    runs = {side: train(folder[side], extra[side], work) for side in args.sides}
+    runs = {side: train(folder[side], extra[side], work, common) for side in args.sides}
     if args.train_only:
         return 0
     tables = {side: evaluate(folder[side], run, work) for side, run in runs.items()}
@@ -177,7 +221,7 @@ def main(argv=None) -> int:
         tables["plain+centre"] = evaluate("plain+centre", runs["plain"], work)
     if set(runs) != {"plain", "compact"}:
         return 0  # one side's table, cached for the run that writes the report
-    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": args.compact_override, "common_overrides": COMMON,
+    report = {"recipe": RECIPE, "eval": EVAL, "compact_override": args.compact_override, "common_overrides": common,
               "runs": runs, "rows": "see embedtrain/eval/compact.py for each precision's index and bytes",
               "machine": machine_info(), "models": tables}
     report["acceptance"] = acceptance(report["models"])
