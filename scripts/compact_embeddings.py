@@ -156,7 +156,8 @@ def acceptance(models: dict) -> dict:
 
 def summarize(paths: list[str]) -> dict:
     """Reports of the same weighting with different seeds (each this script's --output): every acceptance figure
-    per report, with mean and sample standard deviation. The reports must share the compact override."""
+    per report, with mean and sample standard deviation. The reports must share the compact override and the
+    settings of both runs (steps, batch), and differ in seed."""
     import statistics
 
     reports = [json.loads(Path(p).read_text()) for p in paths]
