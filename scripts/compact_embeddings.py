@@ -99,6 +99,7 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
     from embedtrain.eval.compact import evaluate_compact, table_markdown
     from embedtrain.eval.retrieval import load_beir
     from embedtrain.models import TextEncoder
+    from embedtrain.models.compact_record import read_binary_rotations
 
     stamp = (REPO / run["model"]).parent.joinpath("results.json").stat().st_mtime
     cache = work / f"{side.replace('+', '_')}.table.json"
@@ -109,8 +110,9 @@ def evaluate(side: str, run: dict, work: Path) -> list[dict]:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     encoder = (plain_centred(str(REPO / run["model"]), log) if side == "plain+centre"
                else TextEncoder.load(str(REPO / run["model"])))
+    rotations = None if side == "plain+centre" else read_binary_rotations(REPO / run["model"])
     table = evaluate_compact(encoder, load_beir(REPO / EVAL, "wordnet"), DIMS,
-                             ("float32", "int8", "binary"), rescore_top_k=RESCORE_TOP_K)
+                             ("float32", "int8", "binary"), rescore_top_k=RESCORE_TOP_K, binary_rotations=rotations)
     cache.write_text(json.dumps({"results_mtime": stamp, "table": table}) + "\n")
     print(f"\n{side} ({time.time() - t0:.0f} s)\n{table_markdown(table)}", file=sys.stderr, flush=True)
     return table

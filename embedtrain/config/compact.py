@@ -12,6 +12,8 @@ from embedtrain.errors import did_you_mean
 
 PRECISIONS = ("float32", "int8", "binary")
 BINARY_GRADIENTS = ("identity", "tanh")
+BASES = ("identity", "pca")
+BINARY_ROTATIONS = ("none", "random")
 
 
 @dataclass
@@ -30,7 +32,16 @@ class CompactConfig:
     saved model (a Dense layer: identity weight, bias = -centre), so that each sign bit splits its dimension
     near the middle of the data."""
     center_rows: int = 2048
-    """Rows (evenly spaced over the training datasets) whose query and positive texts give the centre."""
+    """Rows (evenly spaced over the training datasets) whose query and positive texts give the centre (and the
+    basis below)."""
+    basis: str = "identity"
+    """With center: identity, or pca: the centred embedding is also rotated onto the principal axes of the centre's
+    embeddings, largest variance first. A rotation: the full-size float scores are unchanged at the start, and every
+    prefix starts as the best subspace of its size. Fixed for the run and saved in the centre's Dense layer."""
+    binary_rotation: str = "none"
+    """none (a binary code is the sign of each dimension of the unit prefix) or random: the sign of the unit prefix
+    times a fixed random orthogonal matrix of its size (embedtrain.losses.compact.random_rotation), in the binary
+    terms, the rescore term, evaluation and serving alike (saved in the model as binary_rotations.safetensors)."""
     rescore_weight: float = 0.0
     """Weight of one more term at every prefix (times the prefix's weight): the loss with the float32 query
     against the documents' binary codes (straight-through), the score by which binary+rescore re-ranks the
@@ -92,6 +103,20 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
     elif c.binary_gradient != "identity" and "binary" not in c.precisions and not c.rescore_weight:
         problems.append(f"{where}.binary_gradient: {c.binary_gradient} changes the gradient of binary codes, and no "
                         "term takes any; add binary to precisions (or a rescore_weight) or leave it out")
+    for name, choices in (("basis", BASES), ("binary_rotation", BINARY_ROTATIONS)):
+        value = getattr(c, name)
+        if value not in choices:
+            problems.append(f"{where}.{name}: {value!r} is not a choice{did_you_mean(value, choices)}; "
+                            f"choose from {', '.join(choices)}")
+        elif name == "basis" and value != choices[0] and not c.center:
+            problems.append(f"{where}.{name}: {value} is computed from the centre's embeddings; set "
+                            f"{where}.center to true or {name} to {choices[0]}")
+    if c.binary_rotation == "random" and "binary" not in c.precisions and not c.rescore_weight:
+        problems.append(f"{where}.binary_rotation: random rotates binary codes, and no term trains any; add binary to "
+                        "precisions (or a rescore_weight) or set binary_rotation to none")
+    if c.basis == "pca" and "binary" in c.precisions and c.binary_rotation == "none":
+        problems.append(f"{where}.basis: pca orders the dimensions by variance, and the sign of each one makes poor "
+                        "binary codes (the last ones carry little of it); set binary_rotation to random")
     if c.center_rows < 1:
         problems.append(f"{where}.center_rows: must be at least 1, got {c.center_rows}")
     if c.rescore_top_k < 1:

@@ -14,6 +14,9 @@ normalize_embeddings=True)`` gives them). Each precision then goes through sente
 - ``binary+float_rescore``: the same candidates re-ranked against the documents' float32 prefixes (kept on
   disk and read for the candidates only), d/8 bytes in memory plus 4·d on disk.
 
+A model trained with ``loss.compact.binary_rotation: random`` gives a rotation R per prefix: its binary codes are those
+of the prefix times R, and ``binary+rescore`` scores the query times R against them (the rows say ``rotated``).
+
 Queries/s is the whole query set searched in one call on one thread, rescoring included (best of three). Ranks follow
 :func:`~embedtrain.eval.retrieval.retrieval_metrics` (ties ordered by document id, descending, as trec_eval).
 """
@@ -21,7 +24,7 @@ Queries/s is the whole query set searched in one call on one thread, rescoring i
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -78,9 +81,11 @@ def _ranked(scores: np.ndarray, indices: np.ndarray, data: RetrievalData) -> dic
     return ranked
 
 
-def search(queries: np.ndarray, corpus: np.ndarray, precision: str, rescore_top_k: int = 40) -> tuple[np.ndarray, np.ndarray, float, int]:
+def search(queries: np.ndarray, corpus: np.ndarray, precision: str, rescore_top_k: int = 40,
+           rotation: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(scores, indices, seconds, bytes per document) of every query on the corpus at one precision (a row of
-    :data:`ROWS`); ``queries`` and ``corpus`` are normalised float32 prefixes. Higher scores rank first."""
+    :data:`ROWS`); ``queries`` and ``corpus`` are normalised float32 prefixes. Higher scores rank first. Binary
+    rows with a ``rotation`` (d, d) take the codes of ``corpus @ rotation`` and ``queries @ rotation``."""
     faiss = _faiss()
     n, dim = corpus.shape
     k = min(K + MARGIN, n)
@@ -103,11 +108,15 @@ def search(queries: np.ndarray, corpus: np.ndarray, precision: str, rescore_top_
         raise EmbedtrainError(f"precision {precision!r}: choose one of {', '.join(ROWS)}")
     if dim % 8:
         raise EmbedtrainError(f"binary search needs a prefix that is a multiple of 8 dimensions, got {dim}")
+    documents = corpus  # the float32 prefixes binary+float_rescore reads
+    if rotation is not None:
+        corpus = corpus @ rotation
     codes = quantize(corpus, "binary")
     index = faiss.IndexBinaryFlat(dim)
     index.add(codes)
     t0 = time.perf_counter()
-    q_codes = quantize(queries, "binary")
+    rotated = queries if rotation is None else queries @ rotation  # the query in the codes' basis
+    q_codes = quantize(rotated, "binary")
     if precision == "binary":
         dist, idx = index.search(q_codes, k)
         return -dist.astype(np.float32), idx, time.perf_counter() - t0, dim // 8
@@ -115,9 +124,9 @@ def search(queries: np.ndarray, corpus: np.ndarray, precision: str, rescore_top_
     _, idx = index.search(q_codes, top)
     if precision == "binary+rescore":
         # float query against the candidates' ±1 codes, unpacked from the stored bits
-        bits = np.unpackbits(codes[idx], axis=-1)[..., :dim].astype(np.float32) * 2 - 1  # (Q, top, d)
+        queries, bits = rotated, np.unpackbits(codes[idx], axis=-1)[..., :dim].astype(np.float32) * 2 - 1
     elif precision == "binary+float_rescore":
-        bits = corpus[idx]  # the candidates' float32 prefixes, read from disk in a real deployment
+        bits = documents[idx]  # the candidates' float32 prefixes, read from disk in a real deployment
     else:
         raise EmbedtrainError(f"precision {precision!r}: choose one of {', '.join(ROWS)}")
     scores = np.einsum("qd,qkd->qk", queries, bits)
@@ -125,11 +134,13 @@ def search(queries: np.ndarray, corpus: np.ndarray, precision: str, rescore_top_
 
 
 def compact_table(query_emb, corpus_emb, data: RetrievalData, dims: Sequence[int],
-                  precisions: Sequence[str] = PRECISIONS, rescore_top_k: int = 40) -> list[dict]:
+                  precisions: Sequence[str] = PRECISIONS, rescore_top_k: int = 40,
+                  binary_rotations: Optional[Mapping[int, np.ndarray]] = None) -> list[dict]:
     """One row per (prefix, precision): nDCG@10, Recall@10, MRR@10, bytes per document, queries/s.
 
     Binary precisions add the rescoring rows. ``query_emb``/``corpus_emb`` are the full-size embeddings
-    (tensors or arrays) of ``data``'s queries and corpus, in file order.
+    (tensors or arrays) of ``data``'s queries and corpus, in file order. ``binary_rotations``: {prefix: (d, d)}
+    of a model trained with ``binary_rotation: random``; a prefix without one is searched by its own signs.
     """
     faiss = _faiss()
     q_full = np.asarray(query_emb, dtype=np.float32)
@@ -152,12 +163,15 @@ def compact_table(query_emb, corpus_emb, data: RetrievalData, dims: Sequence[int
             for precision in precisions:
                 for row in rows_of[precision]:
                     # best of REPEATS: the least disturbed timing on a shared machine (the results are identical)
-                    runs = [search(q, c, row, rescore_top_k) for _ in range(REPEATS)]
+                    rotation = (binary_rotations or {}).get(dim) if row.startswith("binary") else None
+                    rotation = None if rotation is None else np.asarray(rotation, dtype=np.float32)
+                    runs = [search(q, c, row, rescore_top_k, rotation) for _ in range(REPEATS)]
                     scores, idx, _, nbytes = runs[0]
                     seconds = min(r[2] for r in runs)
                     metrics = retrieval_metrics(_ranked(scores, idx, data), data.qrels, K)
                     table.append({"dims": dim, "precision": row, "bytes_per_document": nbytes,
                                   **({"rescore_top_k": rescore_top_k} if "rescore" in row else {}),
+                                  **({"rotated": True} if rotation is not None else {}),
                                   **metrics, "queries_per_second": round(len(q) / max(seconds, 1e-9), 1)})
     finally:
         faiss.omp_set_num_threads(threads)
@@ -183,13 +197,15 @@ def table_markdown(table: list[dict]) -> str:
 
 def evaluate_compact(encoder, data: RetrievalData, dims: Sequence[int], precisions: Sequence[str] = PRECISIONS,
                      rescore_top_k: int = 40, query_prompt: Optional[str] = None,
-                     document_prompt: Optional[str] = None, batch_size: int = 128) -> list[dict]:
+                     document_prompt: Optional[str] = None, batch_size: int = 128,
+                     binary_rotations: Optional[Mapping[int, np.ndarray]] = None) -> list[dict]:
     """Embed ``data`` with ``encoder.encode`` once and return :func:`compact_table` with retention."""
     q = encoder.encode(data.query_texts, role="query", prompt=query_prompt, batch_size=batch_size,
                        desc=f"{data.name} queries")
     c = encoder.encode(data.corpus_texts, role="document", prompt=document_prompt, batch_size=batch_size,
                        desc=f"{data.name} corpus")
-    return add_retention(compact_table(q.numpy(), c.numpy(), data, dims, precisions, rescore_top_k))
+    return add_retention(compact_table(q.numpy(), c.numpy(), data, dims, precisions, rescore_top_k,
+                                       binary_rotations))
 
 
 def run_compact(args) -> int:
@@ -200,7 +216,7 @@ def run_compact(args) -> int:
 
     from embedtrain.eval.retrieval import load_beir
     from embedtrain.models import TextEncoder
-    from embedtrain.models.compact_record import read_record
+    from embedtrain.models.compact_record import read_binary_rotations, read_record
 
     if not args.local_task:
         raise EmbedtrainError("--compact: give the BEIR folders to search with --local-task")
@@ -213,12 +229,14 @@ def run_compact(args) -> int:
     for spec in [args.model] + ([args.compare] if args.compare else []):
         encoder = TextEncoder.load(spec)
         record = read_record(_local_folder(spec)) or {}
+        rotations = read_binary_rotations(_local_folder(spec)) if record else None
         dims = args.dims or record.get("dims") or [encoder.embedding_dim]
         precisions = args.precisions or (["float32"] + [p for p in record["precisions"] if p != "float32"]
                                          if record else list(PRECISIONS))
         top_k = args.rescore_top_k or record.get("rescore_top_k", 40)
         for data in tasks:
-            table = evaluate_compact(encoder, data, dims, precisions, top_k, batch_size=args.batch_size)
+            table = evaluate_compact(encoder, data, dims, precisions, top_k, batch_size=args.batch_size,
+                                     binary_rotations=rotations)
             report.append({"model": spec, "task": data.name, "trained_for": record or None, "table": table})
             text.append(f"## {spec} on {data.name}\n\n{table_markdown(table)}\n")
     output = Path(args.output)

@@ -318,6 +318,13 @@ def _details_rows(data: ModelCardData) -> list[list[str]]:
          ", ".join(_code(p) for p in data.compact["sentence_transformers_precision"].values()) if data.compact else None),
         ("Centre", "the mean training embedding is subtracted (a `Dense` layer before the last `Normalize`); "
                    "quantize the model's output as it is" if data.compact and data.compact.get("center") else None),
+        ("Basis", "the centred embedding is rotated onto the training embeddings' principal axes (the same `Dense` "
+                  "layer), so that each prefix holds the most variance of its size"
+         if data.compact and data.compact.get("basis") == "pca" else None),
+        ("Binary codes", "the signs of the unit-length prefix times its rotation R, one per prefix in "
+                         "`binary_rotations.safetensors` (key: the prefix length): "
+                         "`quantize_embeddings(prefix @ R, \"ubinary\")`"
+         if data.compact and data.compact.get("binary_rotation", "none") != "none" else None),
         ("Language", ", ".join(data.language) or None),
         ("License", data.license),
     ]

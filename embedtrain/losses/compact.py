@@ -21,6 +21,26 @@ PRECISIONS = ("float32", "int8", "binary")
 BINARY_GRADIENTS = ("identity", "tanh")
 """Backward rules of the binary code: see :func:`binarize_straight_through`."""
 
+BINARY_ROTATIONS = ("none", "random")
+"""What a prefix is multiplied by before its sign is taken: nothing, or :func:`random_rotation`."""
+
+ROTATION_SEED = 0
+"""Seed of :func:`random_rotation` (with the dimension): the same matrix in every run, process and saved model."""
+
+
+def random_rotation(d: int, seed: int = ROTATION_SEED) -> torch.Tensor:
+    r"""A (d, d) orthogonal matrix drawn uniformly (Haar) from a fixed seed: the Q of the QR decomposition of a
+    standard normal matrix, its columns' signs fixed by R's diagonal (Mezzadri, "How to generate random matrices
+    from the classical compact groups", arXiv:math-ph/0609050), computed in float64 on the CPU.
+
+    The binary code of a unit prefix e is then :math:`\operatorname{sign}(e\,Q)`: d random orthogonal
+    hyperplanes, whose Hamming distance estimates the angle whatever the variance of each dimension (Charikar,
+    "Similarity estimation techniques from rounding algorithms", STOC 2002). A basis that orders dimensions by
+    variance (``basis: pca``) otherwise makes its last bits mostly noise."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + d)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
 
 def binarize_straight_through(x: torch.Tensor, gradient: str = "identity") -> torch.Tensor:
     r"""The sign code of ``x`` scaled to unit length, with the straight-through gradient.
@@ -78,6 +98,10 @@ class CompactLoss(nn.Module):
     float32, :func:`int8_straight_through` for int8 and :func:`binarize_straight_through` for binary.
     Matryoshka representation learning: Kusupati et al., arXiv:2205.13147.
 
+    With ``binary_rotation="random"``, :math:`Q_{\text{binary}}(x) = \operatorname{binary}(x\,R_d)` with
+    :math:`R_d` = :func:`random_rotation` (d), and the rescore term's query is :math:`q_{1:d}\,R_d` (a rotation:
+    the same float scores against the codes' basis).
+
     With ``rescore_weight`` :math:`r > 0`, every prefix adds :math:`w_j\,r\,\mathcal{L}(q_{1:d_j},
     Q_{\text{binary}}(\text{documents}_{1:d_j}))`: the float query (the ``query_arguments``) against the
     documents' binary codes, the score by which ``binary+rescore`` re-ranks Hamming candidates.
@@ -94,10 +118,13 @@ class CompactLoss(nn.Module):
     def __init__(self, inner: nn.Module, dims: Sequence[int], dim_weights: Sequence[float],
                  precisions: Sequence[str], precision_weights: Sequence[float], normalize: bool,
                  embedding_arguments: Sequence[str], rescore_weight: float = 0.0,
-                 query_arguments: Sequence[str] = (), binary_gradient: str = "identity"):
+                 query_arguments: Sequence[str] = (), binary_gradient: str = "identity",
+                 binary_rotation: str = "none"):
         super().__init__()
         if binary_gradient not in BINARY_GRADIENTS:
             raise ValueError(f"unknown binary_gradient {binary_gradient!r}; choose from {', '.join(BINARY_GRADIENTS)}")
+        if binary_rotation not in BINARY_ROTATIONS:
+            raise ValueError(f"unknown binary_rotation {binary_rotation!r}; choose from {', '.join(BINARY_ROTATIONS)}")
         if rescore_weight < 0:
             raise ValueError(f"rescore_weight must be 0 or more, got {rescore_weight}")
         if rescore_weight and not (query_arguments and set(query_arguments) < set(embedding_arguments)):
@@ -118,6 +145,8 @@ class CompactLoss(nn.Module):
         self.embedding_arguments = tuple(embedding_arguments)
         self.rescore_weight, self.query_arguments = float(rescore_weight), tuple(query_arguments)
         self.binary_gradient = binary_gradient
+        self.binary_rotation = binary_rotation
+        self._rotations: dict[tuple, torch.Tensor] = {}  # random_rotation(d) per (d, device, dtype), made once
         self._names = list(inspect.signature(inner.forward).parameters)
 
     def __getattr__(self, name: str):
@@ -127,11 +156,21 @@ class CompactLoss(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("inner"), name)
 
-    def prefix(self, x: torch.Tensor, dim: int, precision: str) -> torch.Tensor:
-        """One embedding argument as the term (dim, precision) sees it."""
+    def rotation(self, dim: int, like: torch.Tensor) -> torch.Tensor:
+        """The prefix's :func:`random_rotation`, on ``like``'s device and dtype."""
+        key = (dim, like.device, like.dtype)
+        if key not in self._rotations:
+            self._rotations[key] = random_rotation(dim).to(like.device, like.dtype)
+        return self._rotations[key]
+
+    def prefix(self, x: torch.Tensor, dim: int, precision: str, rotate: bool = False) -> torch.Tensor:
+        """One embedding argument as the term (dim, precision) sees it; ``rotate``: a float query scored against
+        rotated binary codes (the rescore term)."""
         x = x[..., :dim]
         if self.normalize:
             x = F.normalize(x, dim=-1)
+        if self.binary_rotation == "random" and (precision == "binary" or rotate):
+            x = x @ self.rotation(dim, x)
         if precision == "binary":
             return binarize_straight_through(x, self.binary_gradient)
         if precision == "int8":
@@ -146,9 +185,14 @@ class CompactLoss(nn.Module):
 
         def term(dim: int, query_precision: str, document_precision: str) -> dict:
             """The wrapped loss on every embedding argument's prefix, the query arguments at their own precision."""
-            return self.inner(**{k: self.prefix(t, dim, query_precision if k in self.query_arguments
-                                                else document_precision)
-                                 if k in self.embedding_arguments and t is not None else t for k, t in named.items()})
+            def argument(k: str, t):
+                if k not in self.embedding_arguments or t is None:
+                    return t
+                if k in self.query_arguments:  # against binary documents, a float query is taken in their basis
+                    return self.prefix(t, dim, query_precision, rotate=document_precision == "binary")
+                return self.prefix(t, dim, document_precision)
+
+            return self.inner(**{k: argument(k, t) for k, t in named.items()})
 
         total, first, terms = 0.0, None, {}
         for dim, w in zip(self.dims, self.dim_weights):

@@ -118,6 +118,7 @@ class DecoderEncoder(TextEncoder):
     ):
         nn.Module.__init__(self)
         self.register_buffer("center", None)  # TextEncoder's; loss.compact.center is refused for decoders
+        self.register_buffer("basis", None)
         if pooling not in DECODER_POOLING:
             raise EmbedtrainError(f"model.pooling: '{pooling}' is not available for decoders; use one of {', '.join(DECODER_POOLING)}")
         if (pooling == "latent_attention") != (head is not None):

@@ -59,6 +59,7 @@ class TextEncoder(nn.Module):
         self.document_max_length = document_max_length
         self.prompts = {"query": query_prompt, "document": document_prompt}
         self.register_buffer("center", None)  # see set_center
+        self.register_buffer("basis", None)
 
     # -- forward ---------------------------------------------------------------------------
     @property
@@ -90,20 +91,33 @@ class TextEncoder(nn.Module):
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         if self.center is not None:
             emb = emb - self.center.to(emb.dtype)
+            if self.basis is not None:
+                emb = emb @ self.basis.to(emb.dtype)
             emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return emb
 
-    def set_center(self, center: Optional[torch.Tensor]) -> None:
-        """From now on every embedding is ``e - center`` (normalised again when the encoder normalises), in
-        training and evaluation alike; None removes it. A buffer: checkpoints keep it, and :meth:`save` writes
-        it as a sentence-transformers ``Dense`` layer (identity weight, bias ``-center``) and a ``Normalize``."""
+    def set_center(self, center: Optional[torch.Tensor], basis: Optional[torch.Tensor] = None) -> None:
+        """From now on every embedding is ``e - center``, or ``(e - center) @ basis`` with a ``basis`` of shape (d, d)
+        whose columns are orthonormal (a rotation: the full-size cosine is unchanged, the prefixes are not), then
+        normalised again when the encoder normalises, in training and evaluation alike; None removes both.
+        Buffers: checkpoints keep them, and :meth:`save` writes them as a sentence-transformers ``Dense`` layer
+        (weight ``basis.T`` or the identity, bias ``-basis.T @ center``) and a ``Normalize``."""
         if center is None:
-            self.center = None
+            if basis is not None:
+                raise EmbedtrainError("a basis is applied to the centred embedding: give a centre with it")
+            self.center = self.basis = None
             return
+        d = self.embedding_dim
         center = torch.as_tensor(center, dtype=torch.float32).detach().reshape(-1)
-        if center.numel() != self.embedding_dim:
-            raise EmbedtrainError(f"a centre of {center.numel()} values for a {self.embedding_dim}-dimensional embedding")
-        self.center = center.to(self.device).clone()
+        if center.numel() != d:
+            raise EmbedtrainError(f"a centre of {center.numel()} values for a {d}-dimensional embedding")
+        if basis is not None:
+            basis = torch.as_tensor(basis, dtype=torch.float32).detach()
+            if tuple(basis.shape) != (d, d):
+                raise EmbedtrainError(f"a basis of shape {tuple(basis.shape)} for a {d}-dimensional embedding; "
+                                      f"it must be ({d}, {d})")
+            basis = basis.to(self.device).clone()
+        self.center, self.basis = center.to(self.device).clone(), basis
 
     def freeze_unused_parameters(self) -> list[str]:
         """Stop training parameters that never influence the embedding (e.g. BERT's pooler head).
@@ -202,7 +216,7 @@ class TextEncoder(nn.Module):
         transformer.document_length = self.max_length_for("document")
         modules = [transformer, self._pooling_module()] + ([Normalize()] if self.normalize else [])
         if self.center is not None:
-            modules += [center_module(self.center)] + ([Normalize()] if self.normalize else [])
+            modules += [center_module(self.center, self.basis)] + ([Normalize()] if self.normalize else [])
         return set_modules(st, modules, self.prompts)
 
     def _pooling_module(self) -> nn.Module:
@@ -221,6 +235,7 @@ class TextEncoder(nn.Module):
             "document_max_length": self.document_max_length,
             "prompts": self.prompts,
             **({"center": True} if self.center is not None else {}),
+            **({"basis": True} if self.basis is not None else {}),
         }
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -282,7 +297,7 @@ class TextEncoder(nn.Module):
         if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
             raise EmbedtrainError(f"model '{name_or_path}': the first module is not a text transformer; embedtrain trains text encoders here")
 
-        center = read_center(st, name_or_path)
+        center, basis = read_center(st, name_or_path)
         st_pooling = next((m for m in st if isinstance(m, Pooling)), None)
         if pooling is None:
             pooling = saved.get("pooling")
@@ -304,7 +319,7 @@ class TextEncoder(nn.Module):
             document_prompt=prompts.get("document", "") if document_prompt is None else document_prompt,
         )
         if center is not None:
-            encoder.set_center(center)
+            encoder.set_center(center, basis)
         if gradient_checkpointing:
             encoder.enable_gradient_checkpointing()
         return encoder
@@ -338,31 +353,41 @@ class TextEncoder(nn.Module):
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def center_module(center: torch.Tensor) -> nn.Module:
-    """sentence-transformers' ``Dense`` computing ``e - center``: identity weight, bias ``-center``, no activation."""
+def center_module(center: torch.Tensor, basis: Optional[torch.Tensor] = None) -> nn.Module:
+    """sentence-transformers' ``Dense`` computing ``(e - center) @ basis`` (``e - center`` without a basis): weight
+    ``basis.T`` (the identity), bias ``-basis.T @ center`` (``-center``), no activation."""
     from sentence_transformers.sentence_transformer.modules import Dense
 
     dim = center.numel()
-    return Dense(dim, dim, bias=True, activation_function=nn.Identity(), init_weight=torch.eye(dim),
-                 init_bias=-center.detach().float().cpu())
+    center = center.detach().float().cpu()
+    weight = torch.eye(dim) if basis is None else basis.detach().float().cpu().T.contiguous()
+    return Dense(dim, dim, bias=True, activation_function=nn.Identity(), init_weight=weight,
+                 init_bias=-(weight @ center))
 
 
-def read_center(st, name: str) -> Optional[torch.Tensor]:
-    """The centre of a folder saved with one (:func:`center_module` after the pooling), else None. Any other
-    ``Dense`` layer is not something this encoder computes: an error, not a silently different embedding."""
+def read_center(st, name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(centre, basis) of a folder saved with them (:func:`center_module` after the pooling; basis None for an
+    identity weight), else (None, None). Any other ``Dense`` layer (an activation, a weight that is not a rotation)
+    is not something this encoder computes: an error, not a silently different embedding."""
     from sentence_transformers.sentence_transformer.modules import Dense
 
     dense = [m for m in st if isinstance(m, Dense)]
     if not dense:
-        return None
+        return None, None
     layer = dense[0].linear
     dim = layer.in_features
-    if (len(dense) > 1 or layer.out_features != dim or layer.bias is None
-            or not isinstance(dense[0].activation_function, nn.Identity)
-            or not torch.equal(layer.weight.detach().cpu(), torch.eye(dim))):
-        raise EmbedtrainError(f"model '{name}': its Dense layer is not a centre (identity weight plus bias); "
-                              "embedtrain's text encoder cannot compute it")
-    return -layer.bias.detach().float().cpu()
+    weight = layer.weight.detach().float().cpu()
+    # 1e-4: a float32 rotation of a few hundred dimensions is orthonormal to about 1e-6 per entry
+    rotation = (layer.out_features == dim
+                and torch.allclose(weight @ weight.T, torch.eye(dim), atol=1e-4))
+    if (len(dense) > 1 or layer.bias is None or not rotation
+            or not isinstance(dense[0].activation_function, nn.Identity)):
+        raise EmbedtrainError(f"model '{name}': its Dense layer is not a centre (a rotation or the identity, plus a "
+                              "bias); embedtrain's text encoder cannot compute it")
+    center = -(weight.T @ layer.bias.detach().float().cpu())  # bias = -weight @ centre, weight orthonormal
+    if torch.equal(weight, torch.eye(dim)):
+        return center, None
+    return center, weight.T.contiguous()
 
 
 def set_modules(st, modules: Sequence[nn.Module], prompts: dict[str, str]):

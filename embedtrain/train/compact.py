@@ -11,7 +11,7 @@ from torch import nn
 
 from embedtrain.config.compact import CompactConfig, compact_dims, compact_weights
 from embedtrain.errors import EmbedtrainError
-from embedtrain.losses.compact import CompactLoss
+from embedtrain.losses.compact import CompactLoss, random_rotation
 from embedtrain.models import compact_record
 
 
@@ -24,7 +24,8 @@ def wrap_loss(loss: nn.Module, compact: Optional[CompactConfig], normalize: bool
         return loss
     dim_weights, precision_weights = compact_weights(compact)
     return CompactLoss(loss, compact_dims(compact), dim_weights, compact.precisions, precision_weights, normalize,
-                       embedding_arguments, compact.rescore_weight, query_arguments, compact.binary_gradient)
+                       embedding_arguments, compact.rescore_weight, query_arguments, compact.binary_gradient,
+                       compact.binary_rotation)
 
 
 def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:
@@ -34,11 +35,10 @@ def check_dims(compact: Optional[CompactConfig], embedding_dim: int) -> None:
                               f"{embedding_dim}-dimensional embedding; use prefixes of at most {embedding_dim}")
 
 
-def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
-    """``loss.compact.center``: the mean embedding (float32, shape (d,)) of the query and positive texts of
-    ``rows`` rows evenly spaced over the training ``datasets`` taken as one list, each text with its role's
-    prompt, under ``encoder`` as it is (the starting model, before any centre). The same on every process and
-    every start of a run."""
+def calibration_embeddings(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
+    """The embeddings (float32, shape (2·rows, d) at most) of the query and positive texts of ``rows`` rows evenly
+    spaced over the training ``datasets`` taken as one list, each text with its role's prompt, under ``encoder`` as
+    it is. The same on every process and every start of a run."""
     from embedtrain.data.readers import column_list
 
     sizes = [len(ds) for ds in datasets]
@@ -46,7 +46,7 @@ def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=pr
     if not total:
         raise EmbedtrainError("loss.compact.center: the training datasets have no rows to compute the centre from")
     picks = sorted({i * total // min(rows, total) for i in range(min(rows, total))})
-    total_sum, count, offset = torch.zeros(encoder.embedding_dim, dtype=torch.float64), 0, 0
+    out, offset = [], 0
     for ds, size in zip(datasets, sizes):
         mine = [i - offset for i in picks if offset <= i < offset + size]
         offset += size
@@ -54,13 +54,27 @@ def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=pr
             continue
         chosen = ds.rows.select(mine)
         for column, role, prompt in (("query", "query", ds.query_prompt), ("positive", "document", ds.document_prompt)):
-            emb = encoder.encode(column_list(chosen, column), role=role, prompt=prompt, batch_size=batch_size,
-                                 desc=f"centre: {ds.name} {column}")
-            total_sum += emb.double().sum(0)
-            count += emb.shape[0]
-    log(f"loss.compact.center: the centre is the mean of {count} embeddings ({len(picks)} rows' queries and "
-        "positives, evenly spaced over the training data)")
-    return (total_sum / count).float()
+            out.append(encoder.encode(column_list(chosen, column), role=role, prompt=prompt, batch_size=batch_size,
+                                      desc=f"centre: {ds.name} {column}"))
+    emb = torch.cat(out)
+    log(f"loss.compact: {emb.shape[0]} calibration embeddings ({len(picks)} rows' queries and positives, evenly "
+        "spaced over the training data)")
+    return emb
+
+
+def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
+    """``loss.compact.center``: the mean (float32, shape (d,), summed in float64) of
+    :func:`calibration_embeddings` under ``encoder`` as it is (the starting model, before any centre)."""
+    return calibration_embeddings(encoder, datasets, rows, batch_size, log).double().mean(0).float()
+
+
+def principal_basis(centred: torch.Tensor) -> torch.Tensor:
+    """``loss.compact.basis: pca``: the principal axes of the rows of ``centred`` (N, d) as the columns of a (d, d)
+    rotation, largest variance first (computed in float64), so that every prefix of ``e @ basis`` is the top
+    principal subspace of its size."""
+    x = centred.double()
+    _, axes = torch.linalg.eigh(x.T @ x / x.shape[0])  # ascending
+    return axes.flip(1).float().contiguous()
 
 
 def served_dims(compact: CompactConfig, embedding_dim: int) -> list[int]:
@@ -69,7 +83,10 @@ def served_dims(compact: CompactConfig, embedding_dim: int) -> list[int]:
 
 
 def write_record(model_dir: Path, compact: Optional[CompactConfig], embedding_dim: int, normalize: bool) -> None:
-    """compact_embeddings.json in the saved model (see embedtrain.models.compact_record); nothing when off."""
+    """compact_embeddings.json in the saved model (see embedtrain.models.compact_record), with the rotations the
+    binary terms trained through (``binary_rotation: random``); nothing when off."""
     if compact is not None:
-        compact_record.write_record(model_dir, served_dims(compact, embedding_dim), compact.precisions, normalize,
-                                    compact.rescore_top_k, compact.center)
+        dims = served_dims(compact, embedding_dim)
+        rotations = {d: random_rotation(d) for d in dims} if compact.binary_rotation == "random" else None
+        compact_record.write_record(model_dir, dims, compact.precisions, normalize, compact.rescore_top_k,
+                                    compact.center, compact.basis, rotations)

@@ -152,3 +152,84 @@ def test_a_dense_layer_that_is_not_a_centre_is_refused(tiny_bert, tmp_path):
     st.save(str(tmp_path / "m"), safe_serialization=True)
     with pytest.raises(EmbedtrainError, match="its Dense layer is not a centre"):
         load_text_encoder(str(tmp_path / "m"))
+
+
+def test_a_pca_basis_and_random_binary_rotations_are_saved_and_served_alike(tiny_bert, pairs_file, beir_dir, tmp_path):
+    """basis: pca rotates the centred embedding onto the principal axes of the calibration rows (a rotation in the
+    Dense layer sentence-transformers runs); binary_rotation: random multiplies each unit prefix by a fixed random
+    rotation before its sign, saved beside the model; the evaluation and sentence-transformers' quantization give
+    the same codes."""
+    import pytest
+    import torch
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from embedtrain.errors import EmbedtrainError
+    from embedtrain.eval.compact import prefix, quantize
+    from embedtrain.losses.compact import random_rotation
+    from embedtrain.models import load_text_encoder
+    from embedtrain.models.compact_record import read_binary_rotations
+    from embedtrain.train import compact
+    from embedtrain.train.checkpoint import list_checkpoints
+    from embedtrain.train.tasks.text import TextTask
+
+    # 64 rows: 128 calibration embeddings, more than the 32 dimensions, so that every principal axis is determined
+    rotated = {"dims": [32, 16, 8], "precisions": ["float32", "binary"], "center": True, "center_rows": 64,
+               "basis": "pca", "binary_rotation": "random", "rescore_weight": 0.5}
+    recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", loss={"compact": rotated}, train={"save_every": 3})
+    result = train(recipe_from_dict(recipe), log=lambda *_: None)
+
+    # the basis is that of the starting model's calibration embeddings, computed again here
+    task = TextTask(recipe_from_dict(recipe), log=lambda *_: None)
+    task.read_training_data()
+    start = load_text_encoder(str(tiny_bert), max_length=32)
+    emb = compact.calibration_embeddings(start, task.datasets, 64, log=lambda *_: None)
+    expected = compact.principal_basis(emb - emb.double().mean(0).float())
+    saved = load_text_encoder(str(result.model_dir))
+    # 1e-5 on |entries|: the same eigendecomposition of the same float32 embeddings (an axis may flip its sign)
+    assert saved.basis is not None and torch.allclose(saved.basis.abs(), expected.abs(), atol=1e-5)
+    record = json.loads((result.model_dir / "compact_embeddings.json").read_text())
+    assert record["basis"] == "pca" and record["binary_rotation"] == "random"
+    card = (result.model_dir / "README.md").read_text()
+    assert "| Basis |" in card and "| Binary codes |" in card and "binary_rotations.safetensors" in card
+
+    # the saved rotations are the ones the binary terms trained through
+    rotations = read_binary_rotations(result.model_dir)
+    assert sorted(rotations) == [8, 16, 32]
+    for d, r in rotations.items():
+        assert np.array_equal(r, random_rotation(d).numpy())
+
+    # sentence-transformers computes the same embedding, and its quantization of the rotated prefix the same codes
+    texts = ["small red tree", "computer network data", "the river is dark", "music and sound", "open a road",
+             "a fast child", "blue water", "read and write"]
+    ours = saved.encode(texts).numpy()
+    st = SentenceTransformer(str(result.model_dir), device="cpu")
+    assert [m.__class__.__name__ for m in st] == ["Transformer", "Pooling", "Normalize", "Dense", "Normalize"]
+    theirs = st.encode(texts, convert_to_numpy=True)
+    assert np.allclose(ours, theirs, atol=1e-5)  # 1e-5: the same float32 forward through two wrappers
+    for d, r in rotations.items():
+        mine, other = prefix(ours, d) @ r, prefix(theirs, d) @ r
+        sure = np.abs(mine) > 1e-5  # a value within the forward's 1e-5 of 0 may take either sign
+        np.testing.assert_array_equal(np.unpackbits(quantize(mine, "binary"), axis=-1)[sure],
+                                      np.unpackbits(quantize_embeddings(other, "ubinary"), axis=-1)[sure])
+
+    # embedtrain eval --compact searches the rotated codes
+    from embedtrain.cli import main
+
+    assert main(["eval", "--model", str(result.model_dir), "--local-task", str(beir_dir), "--compact",
+                 "--output", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "compact.json").read_text())
+    assert all(r.get("rotated") for r in report[0]["table"] if r["precision"].startswith("binary"))
+
+    # a resume reads the basis from the checkpoint
+    (step, first), *_ = list_checkpoints(tmp_path / "run")
+    lines = []
+    resumed = train(recipe_from_dict(recipe), resume=str(first), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert "loss.compact.center: the centre and basis are read from the checkpoint" in lines
+    assert torch.equal(load_text_encoder(str(resumed.model_dir)).basis, saved.basis)
+
+    # a rotations file the record names but the folder lacks is one clear error
+    (result.model_dir / "binary_rotations.safetensors").unlink()
+    with pytest.raises(EmbedtrainError, match="binary_rotations.safetensors is missing"):
+        read_binary_rotations(result.model_dir)

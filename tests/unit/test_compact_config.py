@@ -48,6 +48,33 @@ def test_a_binary_gradient_without_binary_terms_is_refused(recipe_dict):
     assert recipe_from_dict(recipe_dict).loss.compact.binary_gradient == "tanh"
 
 
+def test_a_basis_needs_a_centre_and_binary_codes_a_rotation(recipe_dict):
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "basis": "pcs", "binary_rotation": "randm"}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(recipe_dict)
+    text = "\n".join(err.value.problems)
+    assert "loss.compact.basis: 'pcs' is not a choice (did you mean 'pca'?); choose from identity, pca" in text
+    assert ("loss.compact.binary_rotation: 'randm' is not a choice (did you mean 'random'?); choose from none, random"
+            in text)
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "basis": "pca", "binary_rotation": "random"}
+    with pytest.raises(ConfigError, match="loss.compact.basis: pca is computed from the centre's embeddings"):
+        recipe_from_dict(recipe_dict)
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "center": True, "basis": "pca"}
+    with pytest.raises(ConfigError, match="loss.compact.basis: pca orders the dimensions by variance"):
+        recipe_from_dict(recipe_dict)
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "int8"], "binary_rotation": "random"}
+    with pytest.raises(ConfigError, match="loss.compact.binary_rotation: random rotates binary codes, and no term"):
+        recipe_from_dict(recipe_dict)
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "center": True, "basis": "pca",
+                                      "binary_rotation": "random"}
+    c = recipe_from_dict(recipe_dict).loss.compact
+    assert (c.basis, c.binary_rotation) == ("pca", "random")
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "binary_rotation": "random"}
+    assert recipe_from_dict(recipe_dict).loss.compact.binary_rotation == "random"  # no centre needed
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32", "int8"], "center": True, "basis": "pca"}
+    assert recipe_from_dict(recipe_dict).loss.compact.basis == "pca"  # no binary codes: nothing to rotate
+
+
 def test_the_override_form_the_benchmark_uses(recipe_dict, tmp_path):
     import yaml
 

@@ -135,16 +135,24 @@ class TextTask(PairsTask):
         experts.check_eval_tasks(encoder, r)
         _check_position_limit(encoder, r)
         compact.check_dims(r.loss.compact, encoder.embedding_dim)
-        if r.loss.compact is not None and r.loss.compact.center:
+        c = r.loss.compact
+        if c is not None and c.center:
+            d, pca = encoder.embedding_dim, c.basis == "pca"
             if self.resuming:
-                # the checkpoint holds the centre the run started with (a buffer, loaded strictly with the weights:
-                # a checkpoint without one is a resume error); NaN until then, so that it can never be used unread
-                encoder.set_center(torch.full((encoder.embedding_dim,), float("nan")))
-                self.log("loss.compact.center: the centre is read from the checkpoint")
+                # the checkpoint holds the centre (and basis) the run started with (buffers, loaded strictly with the
+                # weights: a checkpoint without them is a resume error); NaN until then, so that they are never used
+                # unread
+                encoder.set_center(torch.full((d,), float("nan")), torch.full((d, d), float("nan")) if pca else None)
+                self.log(f"loss.compact.center: the centre{' and basis are' if pca else ' is'} read from the checkpoint")
             else:
                 with self.startup.phase("centre", "loss.compact.center: embedding the centre's texts ..."):
-                    encoder.set_center(compact.calibrate_center(encoder, self.datasets, r.loss.compact.center_rows,
-                                                                r.eval.batch_size, self.log))
+                    emb = compact.calibration_embeddings(encoder, self.datasets, c.center_rows, r.eval.batch_size,
+                                                         self.log)
+                    center = emb.double().mean(0).float()
+                    basis = compact.principal_basis(emb - center) if pca else None
+                    encoder.set_center(center, basis)
+                    self.log("loss.compact.center: the centre is their mean"
+                             + ("; basis: their principal axes, largest variance first" if pca else ""))
         loss_fn = build_loss(r)
         # Tokenize once; the main process fills the datasets cache, the others read it.
         if self.streams is not None:  # streams are tokenized as they are read, in the DataLoader workers
@@ -234,7 +242,8 @@ class TextTask(PairsTask):
         # a sharded model is written from a fresh unsharded copy that holds the gathered weights
         def rebuild():
             encoder = self._load_encoder(torch.device("cpu"), lambda *_: None)
-            encoder.set_center(state_dict.get("center"))  # loss.compact.center: a buffer of the state dict
+            # loss.compact.center (and basis): buffers of the state dict
+            encoder.set_center(state_dict.get("center"), state_dict.get("basis"))
             return encoder
 
         model = module_with_state(model, state_dict, rebuild)

@@ -100,3 +100,26 @@ def test_bad_dims_and_precisions_are_one_clear_error(embedded):
         compact_table(q, c, data, [12], ["binary"])
     assert add_retention([{"dims": 8, "precision": "float32", "ndcg@10": 0.5}])[0]["retained"] == 1.0
 
+
+def test_a_binary_rotation_searches_the_codes_of_the_rotated_prefix(embedded):
+    from embedtrain.losses.compact import random_rotation
+
+    _, data, q, c = embedded
+    dim = 16
+    r = random_rotation(dim).numpy()
+    table = {row["precision"]: row for row in compact_table(q, c, data, [dim], ["binary"], rescore_top_k=len(c),
+                                                            binary_rotations={dim: r})}
+    assert all(row["rotated"] for row in table.values())
+    qr, cr = prefix(q, dim) @ r, prefix(c, dim) @ r
+    hamming = ((qr > 0)[:, None, :] != (cr > 0)[None, :, :]).sum(-1)
+    assert table["binary"]["ndcg@10"] == pytest.approx(
+        retrieval_metrics(ranked_by(-hamming.astype(np.float32), data), data.qrels)["ndcg@10"], abs=1e-9)
+    signs = np.where(cr > 0, 1.0, -1.0).astype(np.float32)
+    assert table["binary+rescore"]["ndcg@10"] == pytest.approx(
+        retrieval_metrics(ranked_by(exact_scores(qr, signs), data), data.qrels)["ndcg@10"], abs=1e-6)
+    # float rescoring reads the unrotated float prefixes (every document a candidate: the float ranking)
+    qp, cp = prefix(q, dim), prefix(c, dim)
+    assert table["binary+float_rescore"]["ndcg@10"] == pytest.approx(
+        retrieval_metrics(ranked_by(qp @ cp.T, data), data.qrels)["ndcg@10"], abs=1e-6)
+    # a prefix without a rotation is searched by its own signs
+    assert "rotated" not in compact_table(q, c, data, [8], ["binary"], binary_rotations={dim: r})[0]

@@ -199,3 +199,36 @@ def test_grad_cache_gives_the_plain_steps_gradients_with_the_compact_loss(tiny_b
     assert ga.keys() == gb.keys() and len(ga) > 10
     for k in ga:  # as test_grad_cache: the same float32 sums, chunked (GradCache) or whole, in another order
         assert torch.allclose(ga[k], gb[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_a_random_rotation_comes_before_every_binary_code_and_the_rescore_query():
+    """binary_rotation="random": Q_binary(x) = b(norm(x[:d]) @ R_d), and the rescore term scores the float query
+    norm(q[:d]) @ R_d against those codes; float terms are unchanged."""
+    from embedtrain.losses.compact import random_rotation
+
+    q, p, n = emb(6, 32, seed=15), emb(6, 32, seed=16), emb(6, 32, seed=17)
+    dims, weights, tau, r = [32, 16], [1.0, 0.5], 0.05, 0.4
+    loss = CompactLoss(InfoNCELoss(temperature=tau), dims, weights, ["float32", "binary"], [0.5, 0.5], normalize=True,
+                       embedding_arguments=("query", "positive", "negative"), rescore_weight=r,
+                       query_arguments=("query",), binary_rotation="random")
+    out = loss(q, p, n)
+
+    def rotated(x, d):
+        return F.normalize(x[:, :d], dim=-1) @ random_rotation(d)
+
+    def codes(x, d):
+        return torch.where(rotated(x, d) > 0, 1.0, -1.0) / d ** 0.5
+
+    for d in dims:  # 1e-5: a few float32 ulps of an InfoNCE value of ~2-20, vectorised here and looped there
+        assert abs(out[f"loss/{d}/binary"].item() - reference(codes(q, d), codes(p, d), codes(n, d), tau)) < 1e-5
+        assert abs(out[f"loss/{d}/rescore"].item() - reference(rotated(q, d), codes(p, d), codes(n, d), tau)) < 1e-5
+        float_term = reference(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1),
+                               F.normalize(n[:, :d], dim=-1), tau)
+        assert abs(out[f"loss/{d}/float32"].item() - float_term) < 1e-5
+    # the codes differ from the unrotated ones: the rotation is applied, not an identity
+    plain = CompactLoss(InfoNCELoss(temperature=tau), [32], [1.0], ["binary"], [1.0], normalize=True,
+                        embedding_arguments=("query", "positive", "negative"))(q, p, n)
+    assert abs(plain["loss/32/binary"].item() - out["loss/32/binary"].item()) > 1e-3
+    with pytest.raises(ValueError, match="unknown binary_rotation"):
+        CompactLoss(InfoNCELoss(), [8], [1.0], ["binary"], [1.0], normalize=True,
+                    embedding_arguments=("query", "positive"), binary_rotation="itq")
