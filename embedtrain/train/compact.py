@@ -62,10 +62,19 @@ def calibration_embeddings(encoder, datasets, rows: int, batch_size: int = 128, 
     return emb
 
 
+def calibrate(encoder, datasets, rows: int, batch_size: int = 128, log=print,
+              basis: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``loss.compact.center`` (and ``basis: pca``): the mean (float32, shape (d,), summed in float64) of
+    :func:`calibration_embeddings` under ``encoder`` as it is (the starting model, before any centre), and with
+    ``basis`` the :func:`principal_basis` of those embeddings once centred (else None)."""
+    emb = calibration_embeddings(encoder, datasets, rows, batch_size, log)
+    center = emb.double().mean(0).float()
+    return center, principal_basis(emb - center) if basis else None
+
+
 def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
-    """``loss.compact.center``: the mean (float32, shape (d,), summed in float64) of
-    :func:`calibration_embeddings` under ``encoder`` as it is (the starting model, before any centre)."""
-    return calibration_embeddings(encoder, datasets, rows, batch_size, log).double().mean(0).float()
+    """``loss.compact.center`` alone: the centre of :func:`calibrate`."""
+    return calibrate(encoder, datasets, rows, batch_size, log)[0]
 
 
 def principal_basis(centred: torch.Tensor) -> torch.Tensor:

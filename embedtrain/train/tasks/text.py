@@ -146,11 +146,8 @@ class TextTask(PairsTask):
                 self.log(f"loss.compact.center: the centre{' and basis are' if pca else ' is'} read from the checkpoint")
             else:
                 with self.startup.phase("centre", "loss.compact.center: embedding the centre's texts ..."):
-                    emb = compact.calibration_embeddings(encoder, self.datasets, c.center_rows, r.eval.batch_size,
-                                                         self.log)
-                    center = emb.double().mean(0).float()
-                    basis = compact.principal_basis(emb - center) if pca else None
-                    encoder.set_center(center, basis)
+                    encoder.set_center(*compact.calibrate(encoder, self.datasets, c.center_rows, r.eval.batch_size,
+                                                          self.log, basis=pca))
                     self.log("loss.compact.center: the centre is their mean"
                              + ("; basis: their principal axes, largest variance first" if pca else ""))
         loss_fn = build_loss(r)
