@@ -80,14 +80,14 @@ def plain_centred(model: str, log) -> "object":
     rows of the recipe's training data): what centring alone gives, without training for it."""
     from embedtrain.config import load_recipe
     from embedtrain.models import TextEncoder
-    from embedtrain.train.compact import calibrate_center
+    from embedtrain.train.compact import calibrate
     from embedtrain.train.tasks.text import TextTask
     from embedtrain.config.compact import CompactConfig
 
     task = TextTask(load_recipe(str(REPO / RECIPE)), log=log)
     task.read_training_data()
     encoder = TextEncoder.load(model)
-    encoder.set_center(calibrate_center(encoder, task.datasets, CompactConfig().center_rows, log=log))
+    encoder.set_center(calibrate(encoder, task.datasets, CompactConfig().center_rows, log=log)[0])
     return encoder
 
 

@@ -70,6 +70,12 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
     ``roles``: its loss takes queries and documents (a rescore term can keep the query float)."""
     if c is None:
         return
+
+    def not_one_of(name: str, value: str, choices: tuple[str, ...], noun: str = "choice") -> str:
+        return (f"{where}.{name}: {value!r} is not a {noun}{did_you_mean(value, choices)}; "
+                f"choose from {', '.join(choices)}")
+
+    trains_binary = "binary" in c.precisions or bool(c.rescore_weight)  # some term takes binary codes
     if c.rescore_weight < 0:
         problems.append(f"{where}.rescore_weight: must be 0 or more, got {c.rescore_weight}")
     elif c.rescore_weight and not roles:
@@ -87,8 +93,7 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
         problems.append(f"{where}.precisions: empty; give at least one of {', '.join(PRECISIONS)}")
     for p in c.precisions:
         if p not in PRECISIONS:
-            problems.append(f"{where}.precisions: {p!r} is not a precision{did_you_mean(p, PRECISIONS)}; "
-                            f"choose from {', '.join(PRECISIONS)}")
+            problems.append(not_one_of("precisions", p, PRECISIONS, "precision"))
     if len(set(c.precisions)) != len(c.precisions):
         problems.append(f"{where}.precisions: {c.precisions} names a precision twice")
     if c.precision_weights and len(c.precision_weights) != len(c.precisions):
@@ -98,20 +103,18 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
         if any(w < 0 for w in getattr(c, name)):
             problems.append(f"{where}.{name}: weights must be 0 or more, got {getattr(c, name)}")
     if c.binary_gradient not in BINARY_GRADIENTS:
-        problems.append(f"{where}.binary_gradient: {c.binary_gradient!r} is not a rule"
-                        f"{did_you_mean(c.binary_gradient, BINARY_GRADIENTS)}; choose from {', '.join(BINARY_GRADIENTS)}")
-    elif c.binary_gradient != "identity" and "binary" not in c.precisions and not c.rescore_weight:
+        problems.append(not_one_of("binary_gradient", c.binary_gradient, BINARY_GRADIENTS, "rule"))
+    elif c.binary_gradient != "identity" and not trains_binary:
         problems.append(f"{where}.binary_gradient: {c.binary_gradient} changes the gradient of binary codes, and no "
                         "term takes any; add binary to precisions (or a rescore_weight) or leave it out")
-    for name, choices in (("basis", BASES), ("binary_rotation", BINARY_ROTATIONS)):
-        value = getattr(c, name)
-        if value not in choices:
-            problems.append(f"{where}.{name}: {value!r} is not a choice{did_you_mean(value, choices)}; "
-                            f"choose from {', '.join(choices)}")
-        elif name == "basis" and value != choices[0] and not c.center:
-            problems.append(f"{where}.{name}: {value} is computed from the centre's embeddings; set "
-                            f"{where}.center to true or {name} to {choices[0]}")
-    if c.binary_rotation == "random" and "binary" not in c.precisions and not c.rescore_weight:
+    if c.basis not in BASES:
+        problems.append(not_one_of("basis", c.basis, BASES))
+    elif c.basis == "pca" and not c.center:
+        problems.append(f"{where}.basis: pca is computed from the centre's embeddings; set {where}.center to true or "
+                        "basis to identity")
+    if c.binary_rotation not in BINARY_ROTATIONS:
+        problems.append(not_one_of("binary_rotation", c.binary_rotation, BINARY_ROTATIONS))
+    elif c.binary_rotation == "random" and not trains_binary:
         problems.append(f"{where}.binary_rotation: random rotates binary codes, and no term trains any; add binary to "
                         "precisions (or a rescore_weight) or set binary_rotation to none")
     if c.basis == "pca" and "binary" in c.precisions and c.binary_rotation == "none":

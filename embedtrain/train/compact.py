@@ -72,11 +72,6 @@ def calibrate(encoder, datasets, rows: int, batch_size: int = 128, log=print,
     return center, principal_basis(emb - center) if basis else None
 
 
-def calibrate_center(encoder, datasets, rows: int, batch_size: int = 128, log=print) -> torch.Tensor:
-    """``loss.compact.center`` alone: the centre of :func:`calibrate`."""
-    return calibrate(encoder, datasets, rows, batch_size, log)[0]
-
-
 def principal_basis(centred: torch.Tensor) -> torch.Tensor:
     """``loss.compact.basis: pca``: the principal axes of the rows of ``centred`` (N, d) as the columns of a (d, d)
     rotation, largest variance first (computed in float64), so that every prefix of ``e @ basis`` is the top
