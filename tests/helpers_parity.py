@@ -21,8 +21,10 @@ CONFIGS = {
     # every role's rows embedded together in length-sorted chunks of at most 24 tokens (train.forward_token_budget)
     "token_budget": dict(chunk=None, budget=24, loss={"symmetric": True}),
     # loss.compact: nested prefixes, binary codes (straight-through) and the rescore term, each prefix gathered
-    # across processes as whole embeddings are; binary codes are per element, so parity holds (int8 ranges are
-    # taken from each process's own batch, so int8 terms are left out of these comparisons)
+    # across processes as whole embeddings are; binary codes are per element, so parity holds (int8 terms, whose
+    # ranges are all-reduced over processes, are compared on fixed embeddings instead, in
+    # test_int8_terms_quantize_with_the_whole_batchs_ranges_on_two_processes: here a forward pass's float noise
+    # could move a value across one of the 256 levels)
     "compact": dict(chunk=None, loss={}, compact=dict(dims=[32, 16], dim_weights=[1.0, 0.5],
                                                       precisions=["float32", "binary"], precision_weights=[1.0, 0.5],
                                                       rescore_weight=0.5)),

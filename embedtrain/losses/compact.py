@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedtrain.losses.distributed import global_ranges
+
 PRECISIONS = ("float32", "int8", "binary")
 """Precisions an embedding is trained and served at: float32, int8 (256 levels per dimension), binary (1 bit)."""
 
@@ -109,8 +111,9 @@ class CompactLoss(nn.Module):
     ``embedding_arguments`` names the wrapped loss's arguments that are embeddings (shape (N, d), the same d
     for all; None passes through); the others (ids, labels) are passed unchanged. Under GradCache the wrapper
     sees the cached embeddings like any loss, and across processes the wrapped loss gathers each prefix as
-    it gathers whole embeddings (int8 ranges are those of the rows this process holds, taken before the
-    gather). Returns the wrapped loss's figures at the first prefix and precision (the full float embedding,
+    it gathers whole embeddings; the int8 ranges of each embedding argument are those of its rows on every
+    process together (:func:`~embedtrain.losses.distributed.global_ranges`), so that a term quantizes as one process
+    holding the whole batch would. Returns the wrapped loss's figures at the first prefix and precision (the full float embedding,
     in the usual recipe), with ``loss`` the weighted sum and ``loss/<d>/<precision>`` for every term
     (``loss/<d>/rescore`` for the rescore terms).
     """
@@ -173,8 +176,8 @@ class CompactLoss(nn.Module):
             x = x @ self.rotation(dim, x)
         if precision == "binary":
             return binarize_straight_through(x, self.binary_gradient)
-        if precision == "int8":
-            return int8_straight_through(x)
+        if precision == "int8":  # the ranges of the whole batch, on every process alike
+            return int8_straight_through(x, global_ranges(x))
         return x
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:

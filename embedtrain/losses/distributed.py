@@ -1,4 +1,4 @@
-"""The one helper that gathers embeddings from every process, keeping gradients.
+"""The helpers that gather embeddings from every process, keeping gradients, and reduce per-batch statistics.
 
 Forward: all_gather, concatenated in rank order. Backward: the incoming gradient is summed over
 processes (all_reduce) and each process keeps the slice of its own rows. With every process
@@ -55,3 +55,14 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def global_ranges(x: torch.Tensor) -> torch.Tensor:
+    """(2, d): the per-dimension (min, max) of the rows of ``x`` (N, d) on every process together (detached), as
+    one process holding the whole batch would take them; this process's own rows' with one process."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    low, high = flat.min(0).values.contiguous(), flat.max(0).values.contiguous()
+    if world()[1] > 1:
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return torch.stack([low, high])

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from embedtrain.models import load_text_encoder
 
 from conftest import REPO, free_port, tiny_recipe
+from compact_int8_support import ROWS as INT8_ROWS, compact_int8_loss, embeddings
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step
 
 ROWS = 4
@@ -107,3 +108,25 @@ def test_a_duplicate_text_on_two_processes_is_masked_as_a_false_negative(tmp_pat
         keep = masks[rank]["keep"]
         assert keep[1][other] is False  # the same text on the other process
         assert all(keep[r][c] for r in range(3) for c in range(6) if (r, c) != (1, other))
+
+
+def test_int8_terms_quantize_with_the_whole_batchs_ranges_on_two_processes(tmp_path):
+    """Two processes each holding half of the rows give the loss and gradients of one process holding all of them:
+    each int8 term takes its ranges over every process's rows, as one process would over its batch."""
+    worker = str(REPO / "tests" / "integration" / "dist_compact_int8_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = subprocess.run(torchrun + [worker, str(tmp_path / "out.safetensors")], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    full = {k: v.clone().requires_grad_(True) for k, v in embeddings().items()}
+    loss = compact_int8_loss()(**full)["loss"]
+    loss.backward()
+    # 1e-6: float32 means of a loss of about 3 over 4 rows and then 2 processes, against one mean over 8 rows (a few
+    # ulps); a process quantizing with its own rows' ranges instead moves the loss by about 1e-3
+    assert abs((got["0.loss"] + got["1.loss"]) / 2 - loss.detach()) < 1e-6
+    for k, v in full.items():
+        # each process's gradient is that of the sum of both processes' losses (twice the mean's) for its own rows
+        two = torch.cat([got[f"0.{k}"], got[f"1.{k}"]]) / 2
+        assert two.shape == (INT8_ROWS, v.shape[1])
+        assert torch.allclose(two, v.grad, atol=1e-6, rtol=1e-5), (k, float((two - v.grad).abs().max()))
