@@ -99,3 +99,20 @@ def test_a_centre_is_for_bert_class_encoders_read_whole(recipe_dict):
         recipe_from_dict(recipe_dict)
     assert any(p.startswith("loss.compact.center: the centre is computed from datasets read whole")
                for p in err.value.problems)
+
+
+def test_the_shipped_compact_recipe_is_the_quickstart_with_the_measured_override():
+    """recipes/minilm/wordnet_compact.yaml is what the README's three-seed figures measured: the quickstart recipe
+    with the `loss.compact` override recorded in the benchmark's JSON, nothing else changed but the run folder."""
+    import json
+
+    from embedtrain.config import load_recipe, to_dict
+
+    from conftest import REPO
+
+    measured = json.loads((REPO / "benchmarks" / "compact_embeddings_pca_random.json").read_text())
+    quickstart = load_recipe(REPO / "recipes" / "minilm" / "wordnet_quickstart.yaml",
+                             [measured["compact_override"], "output.dir=runs/wordnet_compact"], check_files=False)
+    shipped = load_recipe(REPO / "recipes" / "minilm" / "wordnet_compact.yaml", check_files=False)
+    assert shipped.loss.compact.basis == "pca" and shipped.loss.compact.binary_rotation == "random"
+    assert to_dict(shipped) == to_dict(quickstart)
