@@ -69,7 +69,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
     plan = make_plan(recipe, PlanSettings(
         accelerate_config=args.accelerate_config, devices=args.devices, device_memory_gb=args.device_memory,
-        device_tflops=args.device_tflops, mfu=args.mfu, model_config=args.model_config, lengths=args.lengths), log=print)
+        device_tflops=args.device_tflops, mfu=args.mfu, link_gbs=args.link_gbs, model_config=args.model_config,
+        lengths=args.lengths), log=print)
     plan = {"recipe_path": args.recipe, "overrides": list(args.overrides), **plan}
     for line in format_plan(plan):
         print(line)
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", type=float, default=None, help="GB per device: a peak above it is a problem")
     p.add_argument("--device-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="share of the peak FLOP/s the run reaches (default 0.4)")
+    p.add_argument("--link-gbs", type=float, default=450.0,
+                   help="GB/s each device sends to the others (default 450: H100 NVLink 4 in one node, each way)")
     p.add_argument("--model-config", default=None, help="a local copy of the model's config.json (for a Hub model)")
     p.add_argument("--lengths", choices=["data", "max"], default="data",
                    help="token lengths: each text's own ('data'), or every text at the recipe's limit ('max')")

@@ -8,6 +8,8 @@
 - **Memory per device, FLOPs and time** (:mod:`embedtrain.plan.estimate`) for the engine of an accelerate config:
   the peak over the batches the run will train on (the higher of the end of the forward pass and the update) (the epoch plan is deterministic, so the plan knows them), with
   token lengths from the model's tokenizer when it is local, else estimated from characters.
+- **Communication** (:func:`~embedtrain.plan.estimate.step_communication`): the bytes the engine's collectives move
+  per step and device (gathered weights, reduced gradients), and their time at ``--link-gbs`` if none overlaps compute.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from embedtrain.data.readers import column_list
-from embedtrain.plan.estimate import Engine, Work, engine_from_accelerate_config, estimate
+from embedtrain.errors import EmbedtrainError
+from embedtrain.plan.estimate import Engine, Work, engine_from_accelerate_config, estimate, step_communication
 from embedtrain.plan.model import ModelShape, model_shape
 
 CHARS_PER_TOKEN = 4
@@ -33,6 +36,8 @@ class PlanSettings:
     """Dense bf16 peak of one device (H100 SXM: 989; A100: 312)."""
     mfu: float = 0.4
     """Share of the peak the run achieves (model FLOPs utilisation)."""
+    link_gbs: float = 450.0
+    """GB/s one device sends to the others (H100 SXM, NVLink 4 in one node: 18 links of 25 GB/s each way)."""
     model_config: Optional[str] = None
     max_batches: int = 5000
     """Batches of the plan scanned for the peak (the first ones the run trains on)."""
@@ -43,6 +48,11 @@ class PlanSettings:
 
 def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: None) -> dict:
     """The plan as a JSON-ready dict with ``problems`` (empty when the recipe can run as planned)."""
+    for flag, value, ok in (("--device-tflops", settings.device_tflops, settings.device_tflops > 0),
+                            ("--mfu", settings.mfu, 0 < settings.mfu <= 1),
+                            ("--link-gbs", settings.link_gbs, settings.link_gbs > 0)):
+        if not ok:
+            raise EmbedtrainError(f"{flag} {value:g}: give a positive number{' of at most 1' if flag == '--mfu' else ''}")
     engine = engine_from_accelerate_config(settings.accelerate_config, settings.devices, recipe.train.mixed_precision)
     problems: list[str] = []
     data, task = _data(recipe, engine, problems, log)
@@ -61,6 +71,9 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     peak = estimates[peak_batch]
     flops = sum(e.flops_per_step for e in estimates) / max(1, len(estimates))
     seconds_per_step = flops / (settings.device_tflops * 1e12 * settings.mfu)
+    comms = [step_communication(shape, engine, w, chunks) for w in works]
+    communication = {k: sum(c[k] for c in comms) // max(1, len(comms)) for k in comms[0]}
+    communication_seconds = communication["sent"] / (settings.link_gbs * 1e9)
     gib = 1024 ** 3
     if settings.device_memory_gb and peak.memory["total"] > settings.device_memory_gb * 1e9:
         problems.append(f"memory: the peak of {peak.memory['total'] / gib:.1f} GiB per device is more than the "
@@ -79,6 +92,9 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
                     "device_tflops": settings.device_tflops, "mfu": settings.mfu,
                     "seconds_per_step": seconds_per_step, "hours": steps * seconds_per_step / 3600,
                     "batches_scanned": len(works)},
+        "communication": {"bytes_per_step": communication, "link_gbs": settings.link_gbs,
+                          "seconds_per_step": communication_seconds,
+                          "hours": steps * communication_seconds / 3600},
         "problems": problems,
     }
 
@@ -292,6 +308,14 @@ def format_plan(plan: dict) -> list[str]:
     lines.append(f"compute: {c['flops_per_step_per_device']:.3g} FLOPs per step per device; at {c['mfu']:.0%} of "
                  f"{c['device_tflops']:g} TFLOP/s: {c['seconds_per_step']:.3g} s per step, {c['hours']:.2f} h for "
                  f"{c['steps']:,} steps")
+    k = plan["communication"]
+    b = k["bytes_per_step"]
+    if b["sent"]:
+        kinds = ", ".join(f"{name.replace('_', '-')} {b[name] / 1e9:.3g}" for name in ("all_gather", "reduce_scatter",
+                                                                                     "all_reduce") if b[name])
+        lines.append(f"communication: {b['sent'] / 1e9:.3g} GB sent per step per device ({kinds} GB of buffers); at "
+                     f"{k['link_gbs']:g} GB/s: {k['seconds_per_step']:.3g} s per step, {k['hours']:.2f} h for the run if "
+                     "none of it overlaps compute")
     for p in plan["problems"]:
         lines.append(f"problem: {p}")
     return lines

@@ -36,6 +36,8 @@ class Engine:
     mixed_precision: str = "no"
     zero_stage: Optional[int] = None
     source: str = "one process"
+    wrap: Optional[str] = None
+    """FSDP's ``fsdp_auto_wrap_policy``: NO_WRAP shards the model as one unit, any other policy its blocks one by one."""
 
     @property
     def shards(self) -> dict[str, int]:
@@ -75,8 +77,10 @@ def engine_from_accelerate_config(path: Optional[str], devices: Optional[int], m
     kind = str(data.get("distributed_type", "NO"))
     n = int(devices or data.get("num_processes") or 1)
     stage = (data.get("deepspeed_config") or {}).get("zero_stage")
+    wrap = (data.get("fsdp_config") or {}).get("fsdp_auto_wrap_policy") if kind == "FSDP" else None
     # the recipe's train.mixed_precision is what the run uses (the launcher's value is logged and ignored)
-    return Engine(kind, n, mixed_precision, int(stage) if stage is not None else None, source=str(path))
+    return Engine(kind, n, mixed_precision, int(stage) if stage is not None else None, source=str(path),
+                  wrap=str(wrap) if wrap else None)
 
 
 @dataclass
@@ -186,3 +190,57 @@ def estimate(shape: ModelShape, engine: Engine, work: Sequence[Work], optimizer:
     update = grads + states + memory["update_temporaries"]
     memory["total"] = resident + max(forward_end, update)
     return Estimate(memory, step_flops(towers, work, checkpointing, bool(chunks)))
+
+
+def _calls(w: Work, chunks: Optional[dict[str, int]]) -> int:
+    """Forward calls that embed ``w``: one, or one per GradCache chunk of its role."""
+    size = (chunks or {}).get(w.role) or w.rows
+    return -(-w.rows // size) if chunks else 1
+
+
+def step_communication(shape: ModelShape, engine: Engine, work: Sequence[Work],
+                       chunks: Optional[dict[str, int]]) -> dict[str, int]:
+    r"""Bytes of the buffers each device's collectives move in one step, by kind: ``all_gather`` (the gathered
+    buffer), ``reduce_scatter`` (the buffer before it is scattered) and ``all_reduce``; and ``sent``, what one
+    device sends over its links with ring algorithms: :math:`\frac{N-1}{N}` of an all-gather or reduce-scatter
+    buffer, :math:`2\frac{N-1}{N}` of an all-reduce buffer (N processes).
+
+    A step's forward calls are one per ``Work`` (a role, a token-budget group), or one per GradCache chunk; a
+    step's backward passes are one, or one per chunk replayed through a trained tower.
+    - DDP: the trainable gradients are all-reduced once a step (GradCache replays accumulate first).
+    - FSDP 2 (reshard after forward), as measured on its hooks: each block is gathered at every forward call
+      (GradCache's first pass included) and again at every backward one; the root (all but the blocks; the whole
+      model under NO_WRAP) stays gathered from its first forward to the end of a backward pass, so it is gathered
+      once per backward pass; every backward pass reduce-scatters the root's and its tower's blocks' trainable
+      gradients.
+    - DeepSpeed ZeRO-3 is counted like FSDP; ZeRO-1 and 2 reduce-scatter the trainable gradients at every backward
+      pass and all-gather the updated trainable weights once a step.
+    The loss's gathers of embeddings (rows x width per role) are left out: small beside the weights'."""
+    n = engine.processes
+    out = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+    if n > 1:
+        towers = {t.name: t for t in shape.towers}
+        trained = [w for w in work if towers[w.tower].backward]
+        # backward passes, each with the towers it goes through
+        passes = [[w.tower] for w in trained for _ in range(_calls(w, chunks))] if chunks else \
+            [sorted({w.tower for w in trained})] if trained else []
+        sharded = engine.distributed_type == "FSDP" or (engine.distributed_type == "DEEPSPEED"
+                                                        and (engine.zero_stage or 0) >= 3)
+        if engine.distributed_type in ("MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU") and passes:
+            out["all_reduce"] = shape.trainable_bytes
+        elif sharded:
+            per_block = engine.distributed_type == "DEEPSPEED" or engine.wrap != "NO_WRAP"
+            blocks = {t.name: (t.block_bytes, t.block_trainable_bytes) if per_block else (0, 0) for t in shape.towers}
+            root = shape.weight_bytes - sum(b for b, _ in blocks.values())
+            root_trainable = shape.trainable_bytes - sum(b for _, b in blocks.values())
+            for w in work:
+                forward = _calls(w, chunks) * (2 if chunks and towers[w.tower].backward else 1)
+                backward = _calls(w, chunks) if towers[w.tower].backward else 0
+                out["all_gather"] += blocks[w.tower][0] * (forward + backward)
+            out["all_gather"] += root * max(1, len(passes))
+            out["reduce_scatter"] = sum(root_trainable + sum(blocks[t][1] for t in p) for p in passes)
+        elif engine.distributed_type == "DEEPSPEED" and passes:
+            out["reduce_scatter"] = shape.trainable_bytes * len(passes)
+            out["all_gather"] = shape.trainable_bytes
+    out["sent"] = (n - 1) * (out["all_gather"] + out["reduce_scatter"] + 2 * out["all_reduce"]) // max(1, n)
+    return out

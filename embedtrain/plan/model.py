@@ -54,6 +54,9 @@ class Tower:
     tokens: Optional[int] = None
     """Tokens of every input when the model fixes them (an image's prefix and patch tokens, a CLIP text tower's
     padded context); None when they come from the data."""
+    block_bytes: int = 0
+    """Bytes of all the stack's repeated blocks (what FSDP wraps one by one); the rest of the model is the root."""
+    block_trainable_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +136,12 @@ def _block_bytes(module: nn.Module) -> int:
     return max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
 
 
+def _with_blocks(tower: Tower, blocks: list[nn.Module]) -> Tower:
+    """``tower`` with the bytes (all and trainable) of its ``blocks`` filled in."""
+    _, _, tower.block_bytes, tower.block_trainable_bytes = count(nn.ModuleList(blocks))
+    return tower
+
+
 def _embedding_params(module: nn.Module) -> int:
     return sum(p.numel() for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
 
@@ -152,9 +161,10 @@ def _stack(name: str, module: nn.Module, config, backward: bool, fused_attention
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     total, trainable, _, _ = count(module)
-    return Tower(name, int(config.num_hidden_layers), hidden, int(config.intermediate_size), heads,
-                 kv_heads * head_dim, gated, total - _embedding_params(module), trainable, backward, fused_attention, dropout,
-                 family, _lora_inputs(module), lora_dropout and _lora_inputs(module) > 0)
+    return _with_blocks(Tower(name, int(config.num_hidden_layers), hidden, int(config.intermediate_size), heads,
+                              kv_heads * head_dim, gated, total - _embedding_params(module), trainable, backward,
+                              fused_attention, dropout, family, _lora_inputs(module),
+                              lora_dropout and _lora_inputs(module) > 0), _blocks(module))
 
 
 def model_shape(recipe, model_config: Optional[str] = None, num_classes: Optional[int] = None) -> ModelShape:
@@ -268,8 +278,9 @@ def _vlm(recipe, model_config: Optional[str]) -> ModelShape:
         width = int(getattr(vision_cfg, "embed_dim", None) or vision_cfg.hidden_size)
         mlp = int(getattr(vision_cfg, "intermediate_size", None) or width * getattr(vision_cfg, "mlp_ratio", 4))
         heads = int(vision_cfg.num_heads)
-        towers.append(Tower("vision", int(vision_cfg.depth), width, mlp, heads, width, False, v_total, v_trainable,
-                            backward=v_trainable > 0, fused_attention=True, family="vit"))
+        towers.append(_with_blocks(Tower("vision", int(vision_cfg.depth), width, mlp, heads, width, False, v_total,
+                                         v_trainable, backward=v_trainable > 0, fused_attention=True, family="vit"),
+                                   _blocks(visual)))
     return ModelShape(str(source), base_total, total, trainable, total_b, trainable_b, _block_bytes(language), towers)
 
 
@@ -306,10 +317,11 @@ def _clip(recipe, model_config: Optional[str]) -> ModelShape:
         heads = int(cfg.get("heads", 8)) if name == "text" else max(1, width // int(cfg.get("head_width", 64)))
         mlp = int(width * float(cfg.get("mlp_ratio", 4.0)))
         tower_total, tower_trainable, _, _ = count(module if name == "text" else visual)
-        towers.append(Tower(name, int(cfg.get("layers", 12)), width, mlp, heads, width, False, tower_total,
-                            tower_trainable, backward=mode != "frozen", fused_attention=True, family="vit",
-                            lora_inputs=_lora_inputs(module), lora_dropout=mode == "lora" and m.lora.dropout > 0,
-                            tokens=tokens[name]))
+        towers.append(_with_blocks(Tower(name, int(cfg.get("layers", 12)), width, mlp, heads, width, False, tower_total,
+                                         tower_trainable, backward=mode != "frozen", fused_attention=True, family="vit",
+                                         lora_inputs=_lora_inputs(module),
+                                         lora_dropout=mode == "lora" and m.lora.dropout > 0, tokens=tokens[name]),
+                                   _blocks(module)))
     return ModelShape(str(source), base_total, total, trainable, total_b, trainable_b, _block_bytes(visual), towers)
 
 
@@ -331,9 +343,9 @@ def _dml(recipe, classes: int) -> ModelShape:
     # prefix and patch tokens of one image (its shape alone: works on the meta device), then the first block's prompts
     pixels = torch.zeros(1, 3, *backbone.image_size, device=next(backbone.parameters()).device)
     tokens = int(backbone.embed(pixels).shape[1]) + recipe.model.tuning.num_prompts
-    tower = Tower("image", len(blocks), width, 4 * width, max(1, width // 64), width, False, block_total,
-                  sum(p.numel() for blk in blocks for p in blk.parameters() if p.requires_grad),
-                  backward=True, fused_attention=True, family="vit", tokens=tokens)
+    tower = _with_blocks(Tower("image", len(blocks), width, 4 * width, max(1, width // 64), width, False, block_total,
+                               sum(p.numel() for blk in blocks for p in blk.parameters() if p.requires_grad),
+                               backward=True, fused_attention=True, family="vit", tokens=tokens), list(blocks))
     notes = [f"proxies counted for {classes} training classes"]
     return ModelShape(f"{b.kind}:{b.name_or_path}", base_total, total, trainable, total_b, trainable_b,
                       max((sum(p.numel() * p.element_size() for p in blk.parameters()) for blk in blocks), default=0),

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from embedtrain.cli import main
-from embedtrain.plan.estimate import Engine, Work, activation_bytes, engine_from_accelerate_config, estimate
+from embedtrain.plan.estimate import (Engine, Work, activation_bytes, engine_from_accelerate_config, estimate,
+                                      step_communication)
 from embedtrain.plan.model import ModelShape, Tower
 
 from conftest import REPO, tiny_recipe
@@ -24,6 +25,7 @@ def test_engines_from_the_shipped_accelerate_configs(config, kind, processes, sh
     assert (e.distributed_type, e.processes) == (kind, processes)
     assert (e.shards["weights"], e.shards["gradients"], e.shards["optimizer"]) == shards
     assert engine_from_accelerate_config(None, 4, "no").distributed_type == "MULTI_GPU"
+    assert e.wrap == {"fsdp.yaml": "TRANSFORMER_BASED_WRAP", "fsdp_cpu.yaml": "NO_WRAP"}.get(config)
 
 
 def _shape(trainable: int) -> ModelShape:
@@ -90,3 +92,41 @@ def test_forward_token_budget_plans_the_regrouped_chunks(tiny_bert, pairs_file, 
     assert flops["48"] < flops["null"] and memory["48"] < memory["null"]
     # one text per chunk: no padding at all, the least compute of the three
     assert flops["1"] < flops["48"] and memory["1"] < memory["48"]
+
+
+def test_communication_per_engine_and_step_kind():
+    """Buffers per step on a model of 4000 bytes, 3600 of them in blocks (2000 trainable, 1800 of them in blocks);
+    two roles of 8 rows. tests/integration/test_plan_communication.py holds the same rules to a real step."""
+    shape = _shape(500)
+    shape.towers[0].block_bytes, shape.towers[0].block_trainable_bytes = 3600, 1800
+    work = [Work("text", "query", 8, 10), Work("text", "positive", 8, 10)]
+    chunks = {"query": 4, "positive": 4}  # 2 chunks per role: 4 backward passes
+    assert step_communication(shape, Engine(), work, None)["sent"] == 0  # one process
+    ddp = step_communication(shape, Engine("MULTI_GPU", 4), work, chunks)
+    assert (ddp["all_reduce"], ddp["sent"]) == (2000, 2 * 3 * 2000 // 4)  # once a step, GradCache or not
+    whole = step_communication(shape, Engine("FSDP", 4, wrap="NO_WRAP"), work, None)
+    assert (whole["all_gather"], whole["reduce_scatter"]) == (4000, 2000)  # gathered once, kept to the backward
+    blocks = step_communication(shape, Engine("FSDP", 4, wrap="TRANSFORMER_BASED_WRAP"), work, None)
+    # blocks: 2 forward + 2 backward calls; the root (400 bytes) once; one reduce-scatter of every trainable byte
+    assert (blocks["all_gather"], blocks["reduce_scatter"]) == (3600 * 4 + 400, 2000)
+    cached = step_communication(shape, Engine("FSDP", 4, wrap="TRANSFORMER_BASED_WRAP"), work, chunks)
+    # 4 chunks, each: first pass, replay, backward; the root once per replay; a reduce-scatter per replay
+    assert (cached["all_gather"], cached["reduce_scatter"]) == (3600 * 12 + 400 * 4, 2000 * 4)
+    assert cached["sent"] == 3 * (cached["all_gather"] + cached["reduce_scatter"]) // 4
+    zero2 = step_communication(shape, Engine("DEEPSPEED", 4, zero_stage=2), work, None)
+    assert (zero2["reduce_scatter"], zero2["all_gather"]) == (2000, 2000)
+    zero3 = step_communication(shape, Engine("DEEPSPEED", 4, zero_stage=3), work, None)
+    assert zero3 == blocks
+
+
+def test_plan_reports_communication_and_refuses_bad_rates(tiny_bert, pairs_file, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--devices", "2", "--link-gbs", "100", "--output", str(out)]) == 0
+    c = json.loads(out.read_text())["communication"]
+    assert c["bytes_per_step"]["all_reduce"] > 0 and c["seconds_per_step"] == c["bytes_per_step"]["sent"] / 100e9
+    assert "communication: " in capsys.readouterr().out
+    for flag, value in (("--link-gbs", "0"), ("--mfu", "1.5"), ("--device-tflops", "-1")):
+        assert main(["plan", str(path), flag, value]) == 2
+        assert f"{flag} " in capsys.readouterr().err
