@@ -70,13 +70,13 @@ def int8_straight_through(x: torch.Tensor, ranges: Optional[torch.Tensor] = None
     r"""``x`` quantized to 256 levels per dimension and dequantized, with the straight-through gradient.
 
     The levels are those of ``sentence_transformers.quantization.quantize_embeddings(..., "int8")``: with
-    per-dimension ``ranges`` = (min, max) of shape (2, d) (default: of this batch, detached), step
+    per-dimension ``ranges`` = (min, max) of shape (2, d) (default: of this batch on every process together,
+    detached: :func:`~embedtrain.losses.distributed.global_ranges`), step
     :math:`s = (\max - \min)/255` and code :math:`c = \lfloor (x - \min)/s \rfloor - 128` (cast to int8);
     the value is :math:`(c + 128)\,s + \min`. Backward: identity. Shapes: (N, d) -> (N, d).
     """
-    flat = x.detach().reshape(-1, x.shape[-1])
     if ranges is None:
-        ranges = torch.stack([flat.min(0).values, flat.max(0).values])
+        ranges = global_ranges(x)
     start, steps = ranges[0], (ranges[1] - ranges[0]) / 255
     steps = torch.where(steps > 0, steps, torch.ones_like(steps))  # a constant dimension keeps its one level
     # floor((x - start)/steps) - 128, saturated to int8, as numpy's astype(int8) keeps values in [0, 255] - 128
@@ -177,7 +177,7 @@ class CompactLoss(nn.Module):
         if precision == "binary":
             return binarize_straight_through(x, self.binary_gradient)
         if precision == "int8":  # the ranges of the whole batch, on every process alike
-            return int8_straight_through(x, global_ranges(x))
+            return int8_straight_through(x)
         return x
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
