@@ -203,3 +203,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def accelerate_launch(config: str | Path) -> list[str]:
+    """The start of an ``accelerate launch`` command with ``config`` (a file name in recipes/accelerate, or a path)
+    and a free rendezvous port; the script or ``-m module`` and its arguments follow."""
+    import shutil
+    import sys
+
+    path = Path(config) if Path(config).is_absolute() else REPO / "recipes" / "accelerate" / config
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    return [accelerate, "launch", "--config_file", str(path), "--main_process_port", str(free_port())]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from embedtrain.models import load_text_encoder
 
-from conftest import REPO, free_port, tiny_recipe
+from conftest import REPO, accelerate_launch, free_port, tiny_recipe
 from compact_int8_support import ROWS as INT8_ROWS, compact_int8_loss, embeddings
 from helpers_parity import CONFIGS, grads, make_batch, slice_batch, step
 
@@ -55,9 +54,7 @@ def test_multi_cpu_accelerate_config_trains_and_saves(tiny_bert, pairs_file, tmp
     recipe = tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
-           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path)]
+    cmd = accelerate_launch("multi_cpu.yaml") + ["-m", "embedtrain", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model saved to" in proc.stdout

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, free_port, kill_tree
+from conftest import REPO, accelerate_launch, kill_tree
 from kinds_support import build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 
@@ -32,9 +30,7 @@ def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.Com
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     env.pop("ACCELERATE_CONFIG_FILE", None)
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / config),
-           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path), *args]
+    cmd = accelerate_launch(config) + ["-m", "embedtrain", "train", str(path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
 
@@ -94,9 +90,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp
     path.write_text(yaml.safe_dump(_recipe("text", assets, out)), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **{ckpt.PAUSE_ENV: "120@2"})
     env.pop("ACCELERATE_CONFIG_FILE", None)
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml"),
-           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", str(path)]
+    cmd = accelerate_launch("fsdp_cpu.yaml") + ["-m", "embedtrain", "train", str(path)]
     with (tmp_path / "killed.log").open("w") as log:
         run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         partial = out / "checkpoints" / ".tmp-step-0000002" / ckpt.STATE_FILE

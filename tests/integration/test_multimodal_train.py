@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from embedtrain.cli import main
 
-from conftest import REPO, free_port
+from conftest import REPO, accelerate_launch
 from multimodal_support import EMOJI, emoji_rows, tiny_vlm, write_image_text_rows  # noqa: F401  (fixture)
 
 CLIP_TINY = str(REPO / "recipes" / "clip" / "emoji_clip_tiny.yaml")
@@ -162,15 +162,11 @@ def test_vlm2vec_bad_image_names_row_and_file(tiny_vlm, tmp_path, capsys):
 def test_clip_on_two_cpu_processes(tmp_path):
     """Two processes (DDP on gloo), each half of the global batch, a frozen text tower and the shared gather."""
     import os
-    import shutil
     import subprocess
-    import sys
 
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     out = tmp_path / "run"
-    cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
-           "--main_process_port", str(free_port()), "-m", "embedtrain", "train", CLIP_TINY, f"output.dir={out}",
-           "model.text_tower=frozen", "train.save_every=2", "data.batch_size=8"]
+    cmd = accelerate_launch("multi_cpu.yaml") + ["-m", "embedtrain", "train", CLIP_TINY, f"output.dir={out}",
+                                                 "model.text_tower=frozen", "train.save_every=2", "data.batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from comm_support import ROWS, STEPS
-from conftest import REPO, free_port, tiny_recipe
+from conftest import REPO, accelerate_launch, tiny_recipe
 
 pytestmark = pytest.mark.slow  # three launches of two processes
 
@@ -22,9 +20,7 @@ pytestmark = pytest.mark.slow  # three launches of two processes
 def _launch(config, model, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     env.pop("ACCELERATE_CONFIG_FILE", None)
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
-           str(REPO / "tests" / "integration" / "dist_comm_worker.py"), str(model), str(out)]
+    cmd = accelerate_launch(config) + [str(REPO / "tests" / "integration" / "dist_comm_worker.py"), str(model), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

@@ -36,7 +36,8 @@ from embedtrain.train import checkpoint as ckpt
 from embedtrain.train import signals
 from embedtrain.train.loop import train
 
-from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, subprocess_env, tiny_recipe, write_beir, write_pairs
+from conftest import (REPO, WORDS, accelerate_launch, kill_tree, logged_steps, subprocess_env, tiny_recipe,
+                     write_beir, write_pairs)
 from helpers_parity import scale_loss_at
 
 STEPS = 12
@@ -666,12 +667,9 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tiny_bert, pai
     checkpoint write and at a random later step; resumed runs end with the weights of an uninterrupted one."""
     rng = random.Random(7)
     steps = 8
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    config = REPO / "recipes" / "accelerate" / "multi_cpu.yaml"
 
     def launch(recipe: Path, log: Path, *args, **env) -> Run:
-        cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
-               "-m", "embedtrain", "train", str(recipe), *args]
+        cmd = accelerate_launch("multi_cpu.yaml") + ["-m", "embedtrain", "train", str(recipe), *args]
         return Run(cmd, log, **env)
 
     common = {"max_steps": steps, "save_every": 2, "keep_last": 2, "torch_threads": 1}

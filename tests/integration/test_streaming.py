@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from embedtrain.cli import main
 from embedtrain.data.readers import text_hash
 from embedtrain.data.streaming import StreamReader, TokenizeRoles, open_stream
 
-from conftest import REPO, WORDS, free_port, kill_tree, logged_steps, subprocess_env, tiny_recipe
+from conftest import REPO, WORDS, accelerate_launch, kill_tree, logged_steps, subprocess_env, tiny_recipe
 from stream_runner import rows_by_step
 
 STEPS = 14
@@ -121,9 +119,7 @@ def _launch(recipe: Path, rows: Path, log: Path, processes: int, *args, **env):
     if processes == 1:
         cmd = [sys.executable, *runner]
     else:
-        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-        cmd = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
-               "--main_process_port", str(free_port()), *runner]
+        cmd = accelerate_launch("multi_cpu.yaml") + runner
     f = log.open("w")
     return subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=f, stderr=subprocess.STDOUT,
                             start_new_session=True), f
