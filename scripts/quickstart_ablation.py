@@ -90,6 +90,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                          "310 steps of 128 in about the training time of 230"),
     "bf16_b128_tokens_random": ([*BF16_B128_TOKENS, "data.length_grouping=false"],
                                 "as bf16_b128_tokens, with batches drawn at random instead of grouped by length"),
+    "bf16_b128_tokens_mined_155": ([*BF16_B128_TOKENS, "data.mined_negatives={num_negatives: 1, every: 155}"],
+                                   "the recipe plus one hard negative per row mined by the model being trained, at "
+                                   "steps 0 and 155 (data.mined_negatives)"),
     "bf16_b256": (["train.mixed_precision=bf16", "train.max_steps=115", "data.batch_size=256"],
                   "bf16, batch 256 for 115 steps (about the training time of 420 steps of 64)"),
 }

@@ -118,6 +118,18 @@ class DatasetConfig(DatasetSource):
 
 
 @dataclass
+class MinedNegativesConfig:
+    num_negatives: int = 1
+    """Hard negatives mined per row by the model being trained, added after the row's own negative_columns."""
+    every: Optional[int] = None
+    """Mine again every this many steps, with that step's weights (null = once, with the starting weights)."""
+    top_k: int = 30
+    """Candidates kept per row: the top_k corpus texts closest to the query that pass the factor rule (a candidate that repeats a text of its batch is passed over for the next)."""
+    factor: float = 0.95
+    """Positive-aware rule (NV-Embed's TopK-PercPos): a candidate scoring factor x s(query, positive) or more is a likely unlabelled positive and is never a negative."""
+
+
+@dataclass
 class DataConfig(DatasetMixConfig):
     train: list[DatasetConfig] = field(default_factory=list)  # documented in DatasetMixConfig
     length_grouping: bool = True
@@ -128,6 +140,8 @@ class DataConfig(DatasetMixConfig):
     """Tokenize once with datasets.map (cached on disk) instead of in every step."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    mined_negatives: Optional[MinedNegativesConfig] = None
+    """Hard negatives mined from each dataset's own positives by the model being trained, at step 0 and every N steps (null = off); see MinedNegativesConfig."""
 
 
 @dataclass
@@ -221,6 +235,30 @@ def _check_streaming(d: DataConfig, t, problems: list[str]) -> None:
                             "fewer shards (a folder or glob of them)")
 
 
+def _check_mined(d: DataConfig, problems: list[str]) -> None:
+    """data.mined_negatives: sizes, and datasets it can mine (read whole, query/positive pairs)."""
+    m, where = d.mined_negatives, "data.mined_negatives"
+    if m is None:
+        return
+    if m.num_negatives < 1:
+        problems.append(f"{where}.num_negatives: must be at least 1, got {m.num_negatives}")
+    if m.top_k < max(m.num_negatives, 1):
+        problems.append(f"{where}.top_k: {m.top_k} candidates cannot give {m.num_negatives} negatives per row; "
+                        f"set top_k to at least num_negatives")
+    if m.every is not None and m.every < 1:
+        problems.append(f"{where}.every: must be at least 1 step (or null: mine once, at step 0), got {m.every}")
+    if not 0 < m.factor <= 1:
+        problems.append(f"{where}.factor: must be in (0, 1], got {m.factor}; 0.95 keeps candidates scoring below "
+                        "95% of the positive's score")
+    for i, ds in enumerate(d.train):
+        if ds.streaming:
+            problems.append(f"data.train[{i}].streaming: negatives are mined from a dataset read whole; set "
+                            f"streaming: false or remove {where}")
+        if ds.label_column is not None:
+            problems.append(f"data.train[{i}].label_column: labelled rows take their negatives from other labels; "
+                            f"mined negatives could share the row's label, so remove {where} or label_column")
+
+
 def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -> None:
     m, d, lo, t, e = recipe.model, recipe.data, recipe.loss, recipe.train, recipe.eval
     if m.previous_stage is not None:
@@ -258,10 +296,11 @@ def _check_values(recipe: TextRecipe, problems: list[str], files: bool = True) -
             if ds.example_negatives < 1:
                 problems.append(f"{where}.example_negatives: must be at least 1, got {ds.example_negatives}")
     _check_streaming(d, t, problems)
+    _check_mined(d, problems)
     if lo.temperature <= 0:
         problems.append(f"loss.temperature: must be positive, got {lo.temperature}")
     if not lo.in_batch_negatives and lo.name == "infonce":
-        if not any(ds.negative_columns or ds.label_column for ds in d.train):
+        if d.mined_negatives is None and not any(ds.negative_columns or ds.label_column for ds in d.train):
             problems.append("loss.in_batch_negatives: false needs hard negatives; set data.train[*].negative_columns")
     if lo.hardness_weight < 0:
         problems.append(f"loss.hardness_weight: must be 0 or more, got {lo.hardness_weight}")

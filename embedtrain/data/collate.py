@@ -7,7 +7,9 @@ A collated batch is a dict:
   ``i*k … i*k+k-1``), or None when the dataset has none;
 - ``positive_ids`` (B,) and ``negative_ids`` (B*k,): int64 hashes of what makes two documents the same
   answer (their text; their label for labelled rows) so the loss can mask false negatives across processes;
-- ``dataset``: the dataset index.
+- ``dataset``: the dataset index;
+- ``negatives_repeated`` (with mined negatives only): how many mined negatives of the global batch repeat one of
+  its texts (see :mod:`embedtrain.data.mined`).
 
 With ``prompt_lengths`` given (instruction masking, NV-Embed), every role's dict also has a
 ``pooling_mask`` (B, L_role): the attention mask without each text's prompt tokens.
@@ -102,6 +104,8 @@ class BatchCollator:
         # prompt -> tokens it takes at the start of a text (leading special tokens included), to leave
         # out of pooling; None: pool every token. A plain dict, so that DataLoader workers can take it.
         self.prompt_lengths = prompt_lengths
+        self.mined: Optional[list] = None
+        """Per dataset, its :class:`~embedtrain.data.mined.MinedNegatives` (or None), when data.mined_negatives is on."""
 
     def _with_pooling_mask(self, dataset: PairDataset, tensors: dict[str, torch.Tensor], role: str) -> dict:
         prompt = dataset.query_prompt if role == "query" else dataset.document_prompt
@@ -132,13 +136,33 @@ class BatchCollator:
 
     def __call__(self, planned: PlannedBatch, rows: Sequence[int]) -> dict:
         dataset = self.datasets[planned.dataset]
-        return self.collate(planned.dataset, dataset.rows[list(rows)], [dataset.ids(r) for r in rows])
+        data, ids = dataset.rows[list(rows)], [dataset.ids(r) for r in rows]
+        mined = self.mined[planned.dataset] if self.mined else None
+        if mined is None:
+            return self.collate(planned.dataset, data, ids)
+        return self._with_mined(planned, rows, dataset, mined, data, ids)
 
-    def collate(self, index: int, data: dict, ids: Sequence[tuple[int, ...]]) -> dict:
+    def _with_mined(self, planned: PlannedBatch, rows: Sequence[int], dataset: PairDataset, mined, data: dict,
+                    ids: list) -> dict:
+        """The batch with each row's mined negatives after its own (chosen for the whole global batch, see
+        :mod:`embedtrain.data.mined`); ``negatives_repeated``: how many of the global batch's repeat one of its texts."""
+        chosen, repeated = mined.choose(planned.rows, dataset.row_keys)
+        picks = [chosen[r] for r in rows]
+        documents = dataset.rows[[int(mined.corpus.rows[c]) for p in picks for c in p]]
+        column = "positive_ids" if "positive_ids" in documents else "positive"
+        first, m = dataset.num_negatives, mined.count
+        for j in range(m):
+            name = f"negative_{first + j}" + column[len("positive"):]
+            data[name] = [documents[column][i * m + j] for i in range(len(rows))]
+        ids = [tuple(row) + tuple(int(mined.corpus.keys[c]) for c in p) for row, p in zip(ids, picks)]
+        return {**self.collate(planned.dataset, data, ids, first + m), "negatives_repeated": repeated}
+
+    def collate(self, index: int, data: dict, ids: Sequence[tuple[int, ...]], negatives: Optional[int] = None) -> dict:
         """The batch of dataset ``index`` whose rows are ``data`` (role columns, or ``<role>_ids`` token columns:
-        a dict of lists) with the loss's document ids ``ids`` (one tuple per row: query, positive, negatives)."""
+        a dict of lists) with the loss's document ids ``ids`` (one tuple per row: query, positive, negatives);
+        ``negatives``: the negative columns per row (default: the dataset's own)."""
         dataset = self.datasets[index]
-        n, k = len(ids), dataset.num_negatives
+        n, k = len(ids), dataset.num_negatives if negatives is None else negatives
         negatives = [f"negative_{j}" for j in range(k)]
         tensors = {role: self._tensors(dataset, data, columns, n) if columns else None
                    for role, columns in (("query", ["query"]), ("positive", ["positive"]), ("negative", negatives))}

@@ -227,12 +227,17 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_li
                 per_column[column] = [len(x) for x in tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]]
             else:
                 per_column[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
+        mined = recipe.data.mined_negatives.num_negatives if recipe.data.mined_negatives else 0
+        if mined:
+            roles["negative"] = {}
         for i, r in enumerate(rows):
             roles["query"][r] = (per_column["query"][i],)
             roles["positive"][r] = (per_column["positive"][i],)
-            if negatives:
-                roles["negative"][r] = tuple(per_column[c][i] for c in negatives)
+            if negatives or mined:  # a mined negative is another row's positive: counted at this row's positive length
+                roles["negative"][r] = tuple(per_column[c][i] for c in negatives) + (per_column["positive"][i],) * mined
         out.append(roles)
+    if recipe.data.mined_negatives:
+        how += "; each mined negative at the length of its row's positive"
     return how, out
 
 

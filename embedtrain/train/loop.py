@@ -193,6 +193,7 @@ class Trainer:
         self.metrics_path = out / "metrics.jsonl"
         if resume_from is not None:
             state.load_state_dict(ckpt.load_checkpoint(accelerator, resume_from, loss_fn))
+            task.load_files(resume_from)
             self.log(f"resumed from {resume_from} at step {state.step}")
             if accelerator.is_main_process:
                 state.metrics_lines = ckpt.truncate_metrics(self.metrics_path, state.step, state.metrics_lines)
@@ -228,8 +229,10 @@ class Trainer:
         skipped, last_log, loop_start, stopped = 0, time.time(), time.time(), False
         with StopRequest() as stop, progress:
             while step < total_steps and not stopped:
+                # a loader holds the data as it is: a new one after each refresh (mined negatives)
+                refresh_at, first = self._refresh(step), step
                 for batch in self._timed(task.loader(epoch, offset, rank, world_size, accelerator.device.type == "cuda")):
-                    if step >= total_steps:
+                    if step >= total_steps or (refresh_at is not None and step >= refresh_at):
                         break
                     problem = task.check_batch(batch, step)
                     if any_process(accelerator, problem is not None):
@@ -282,7 +285,9 @@ class Trainer:
                         self.save(step)
                     if stopped:
                         break
-                epoch, offset = epoch + 1, 0
+                offset += step - first  # the loader ended with the epoch, or stopped for a refresh inside it
+                if offset >= task.batches_in_epoch(epoch):
+                    epoch, offset = epoch + 1, 0
         state.train_seconds += time.time() - loop_start
 
         def result(**kw) -> TrainResult:
@@ -330,6 +335,12 @@ class Trainer:
                 self.log(f"resume: the recipe differs from the checkpoint's in {', '.join(changed)}; "
                          "the run continues with the new values")
         return resume_from
+
+    def _refresh(self, step: int) -> Optional[int]:
+        """The task's data work due at ``step`` (:meth:`Task.refresh`); the step it is due next."""
+        refresh_at = self.task.refresh(step, self.accelerator.unwrap_model(self.model), self.accelerator)
+        _reshard(self.model)  # FSDP keeps the root's parameters gathered after a forward with no backward
+        return refresh_at
 
     def _timed(self, loader):
         """The loader's batches; ``self.data_seconds`` is how long the last one took to arrive (for callbacks)."""
@@ -408,8 +419,9 @@ class Trainer:
                 f"{', ...' if len(bad) > 3 else ''}); lower train.lr or check the data; {ckpt.last_good(self.out)}"
             )
 
-        def write_loss(path: Path) -> None:
+        def write_files(path: Path) -> None:
             self._emit("on_checkpoint_files", path)
+            self.task.save_files(path)
             params = dict(loss_fn.state_dict())
             if params:
                 from safetensors.torch import save_file
@@ -420,7 +432,7 @@ class Trainer:
         saved_state = {**self.state.state_dict(), "step": step}
         needed = ckpt.estimate_bytes([accelerator.unwrap_model(self.model), loss_fn], [self.optimizer])
         path = ckpt.save_checkpoint(accelerator, self.out, step, saved_state, {"recipe.yaml": self.recipe_text},
-                                    write_loss, needed_bytes=needed)
+                                    write_files, needed_bytes=needed)
         if accelerator.is_main_process:
             ckpt.prune_checkpoints(self.out, self.recipe.train.keep_last, self.state.best_step)
         self._emit("on_save", path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from embedtrain.data.readers import column_list
@@ -178,3 +179,93 @@ def mine_hard_negatives(
     tmp.replace(out)
     log(report.summary())
     return report
+
+
+# -- mined by the model being trained (data.mined_negatives) -------------------------------------------------
+
+
+def encode_shared(encode, texts: Sequence[str], accelerator) -> torch.Tensor:
+    """``encode(texts)`` split across the run's processes and gathered: every process embeds an equal share (the
+    last one padded with copies of the first text, so that a sharded model runs the same forward calls on each) and
+    gets every embedding, in input order."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return encode(list(texts))
+    per = -(-len(texts) // world)
+    share = list(texts[rank * per:(rank + 1) * per])
+    share += [texts[0]] * (per - len(share))
+    return accelerator.gather(encode(share).to(accelerator.device)).cpu()[: len(texts)]
+
+
+@torch.no_grad()
+def mine_during_training(encode, datasets, settings, step: int, seed: int, accelerator):
+    """Every dataset's :class:`~embedtrain.data.mined.MinedNegatives` for ``step``, mined with the current weights,
+    and what mining did (per dataset: rows, corpus, rows short of candidates, random candidates, dropped likely
+    false negatives).
+
+    ``encode(i, texts, role)``: dataset ``i``'s ``texts`` embedded as ``role`` ('query' or 'document', with the
+    dataset's prompts). Every process takes part: each embeds a share of the texts; the main process ranks the
+    candidates (:func:`select_negatives` on normalised embeddings, ``settings.top_k`` and ``settings.factor``) and
+    sends them, and its figures, to the others. A row with fewer than ``top_k`` candidates passing the rule gets
+    random corpus texts (never its own positives, its query, nor a candidate the rule dropped) after them, so it can
+    still avoid the texts of its batch.
+    """
+    from accelerate.utils import broadcast, broadcast_object_list
+
+    from embedtrain.data.mined import MinedNegatives, corpus_of, excluded_candidates
+
+    tables, report = [], {}
+    for i, ds in enumerate(datasets):
+        corpus = corpus_of(ds.row_keys)
+        queries = column_list(ds.rows, "query")
+        first_of_query: dict[int, int] = {}
+        query_of_row = [first_of_query.setdefault(k[0], len(first_of_query)) for k in ds.row_keys]
+        distinct = [None] * len(first_of_query)
+        for r, q in enumerate(query_of_row):
+            distinct[q] = distinct[q] or queries[r]
+        documents = column_list(ds.rows.select(corpus.rows.tolist()), "positive")
+        q_emb = encode_shared(lambda t: encode(i, t, "query"), distinct, accelerator)
+        c_emb = encode_shared(lambda t: encode(i, t, "document"), documents, accelerator)
+        candidates = torch.full((len(ds), settings.top_k), -1, dtype=torch.long)
+        figures = {"rows": len(ds), "corpus": len(corpus)}
+        if accelerator.is_main_process:
+            device = accelerator.device
+            q_row = torch.nn.functional.normalize(q_emb, dim=-1)[torch.as_tensor(query_of_row)].to(device)
+            c_emb = torch.nn.functional.normalize(c_emb, dim=-1).to(device)
+            positive_scores = (q_row * c_emb[torch.as_tensor(corpus.of_row).to(device)]).sum(-1)
+            excluded = excluded_candidates(ds.row_keys, corpus)
+            kept, dropped = select_negatives(q_row, c_emb, positive_scores, excluded, settings.top_k,
+                                             settings.top_k, settings.factor)
+            never = [e | set(d) for e, d in zip(excluded, dropped)]  # nor a likely false negative, by chance
+            figures.update(_fill_randomly(kept, never, len(corpus), settings, np.random.default_rng([seed, step, i]),
+                                          f"data.train[{i}] ({ds.name})"))
+            figures["dropped_false_negatives"] = sum(len(d) for d in dropped)
+            for r, row in enumerate(kept):
+                candidates[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        if accelerator.num_processes > 1:
+            candidates = broadcast(candidates.to(accelerator.device), from_process=0).cpu()
+            figures = broadcast_object_list([figures], from_process=0)[0]
+        tables.append(MinedNegatives(corpus, candidates.numpy(), settings.num_negatives, step))
+        report[ds.name] = figures
+    return tables, report
+
+
+def _fill_randomly(kept: list[list[int]], excluded: Sequence[set[int]], corpus: int, settings, rng, where: str) -> dict:
+    """Give every row of ``kept`` up to ``top_k`` candidates (at least ``num_negatives``): random corpus texts that are
+    not ``excluded[row]`` after the mined ones; raises when the corpus holds too few texts a row may take."""
+    short = random = 0
+    for r, row in enumerate(kept):
+        want = min(settings.top_k, corpus - len(excluded[r]))
+        if want < settings.num_negatives:
+            raise EmbedtrainError(
+                f"{where} row {r + 1}: only {max(want, 0)} of the {corpus} distinct positives may be its negative, "
+                f"fewer than data.mined_negatives.num_negatives ({settings.num_negatives}); lower it or add rows")
+        short += len(row) < settings.num_negatives
+        taken = set(row) | excluded[r]
+        while len(row) < want:
+            c = int(rng.integers(corpus))
+            if c not in taken:
+                row.append(c)
+                taken.add(c)
+                random += 1
+    return {"rows_short": short, "random_candidates": random}

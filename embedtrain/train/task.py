@@ -89,6 +89,18 @@ class Task:
         """A reason to stop before this batch (e.g. an image that broke since the checks), or None."""
         return None
 
+    def refresh(self, step: int, model, accelerator) -> Optional[int]:
+        """Work on the training data that is due before the batch after ``step`` completed steps (hard negatives
+        mined again with ``model``, the unwrapped model; every process calls it); returns the step at which it is
+        due next (the loop starts a new loader there), or None when never."""
+        return None
+
+    def save_files(self, path: Path) -> None:
+        """Write the task's own files into the checkpoint folder ``path`` (main process)."""
+
+    def load_files(self, path: Path) -> None:
+        """Read them back from the checkpoint ``path`` a run resumes from (every process)."""
+
     def sync(self, accelerator) -> None:
         """Bring what each process knows into ``counters`` before a checkpoint or the final results (every
         process calls it; streams: their positions)."""
@@ -154,6 +166,8 @@ class PairsTask(Task):
     A subclass sets ``self.datasets`` (in ``read_data``), ``self.collator`` and, for length grouping,
     ``self.lengths`` (in ``build``)."""
 
+    collator = None
+    """Set in ``build``: turns planned rows into batches."""
     streams = None
     """Set in ``read_data`` when the datasets are streams (:mod:`embedtrain.data.streaming`): ``self.datasets`` are
     then :class:`~embedtrain.data.streaming.StreamSource` and a subclass sets ``self.stream_tokenize`` in ``build``."""
@@ -272,6 +286,12 @@ class PairsTask(Task):
                                            generator=torch.Generator().manual_seed(self.recipe.train.seed))
 
     def check_batch(self, batch: dict, step: int) -> Optional[str]:
+        repeated = batch.pop("negatives_repeated", 0)  # mined negatives (data.mined_negatives), counted
+        if repeated:
+            if not self.counters.get("negatives_repeated"):
+                self.log(f"mined negatives: at step {step + 1}, {repeated} mined negative(s) repeat a text of the batch "
+                         "(their rows had no other candidate left); counted in results.json")
+            self.counters["negatives_repeated"] = self.counters.get("negatives_repeated", 0) + repeated
         return self.streams.take(batch) if self.streams is not None else None
 
     def sync(self, accelerator) -> None:

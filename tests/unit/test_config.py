@@ -242,6 +242,35 @@ def test_forward_token_budget_is_checked_and_text_only(recipe_dict, tmp_path):
     assert any(p.startswith("train.forward_token_budget: not used by metric-learning recipes") for p in _problems(dml))
 
 
+def test_mined_negatives_are_checked(recipe_dict, tmp_path):
+    recipe_dict["data"]["mined_negatives"] = {"num_negatives": 2, "every": 50}
+    m = recipe_from_dict(recipe_dict).data.mined_negatives
+    assert (m.num_negatives, m.every, m.top_k, m.factor) == (2, 50, 30, 0.95)
+    recipe_dict["data"]["mined_negatives"] = {"num_negatives": 0, "every": 0, "top_k": 0, "factor": 1.5}
+    problems = _problems(recipe_dict)
+    for start in ("data.mined_negatives.num_negatives: must be at least 1, got 0",
+                  "data.mined_negatives.top_k: 0 candidates cannot give 0 negatives per row",
+                  "data.mined_negatives.every: must be at least 1 step",
+                  "data.mined_negatives.factor: must be in (0, 1], got 1.5"):
+        assert any(p.startswith(start) for p in problems), (start, problems)
+    recipe_dict["data"]["mined_negatives"] = {"num_negatives": 4, "top_k": 3}
+    assert any(p.startswith("data.mined_negatives.top_k: 3 candidates cannot give 4") for p in _problems(recipe_dict))
+    recipe_dict["data"]["mined_negatives"] = {}
+    recipe_dict["train"]["max_steps"] = 10
+    recipe_dict["data"]["train"][0].update(streaming=True)
+    assert any(p.startswith("data.train[0].streaming: negatives are mined from a dataset read whole")
+               for p in _problems(recipe_dict))
+    recipe_dict["data"]["train"][0].update(streaming=False, label_column="label", negative_columns=[])
+    assert any(p.startswith("data.train[0].label_column: labelled rows take their negatives from other labels")
+               for p in _problems(recipe_dict))
+    # mined negatives are hard negatives: a loss without in-batch negatives may use them alone
+    recipe_dict["data"]["train"][0].update(label_column=None)
+    recipe_dict["loss"] = {"in_batch_negatives": False}
+    assert recipe_from_dict(recipe_dict).loss.in_batch_negatives is False
+    recipe_dict["data"]["mined_negatives"] = None
+    assert any(p.startswith("loss.in_batch_negatives: false needs hard negatives") for p in _problems(recipe_dict))
+
+
 def test_check_files_false_skips_only_file_checks(recipe_dict, tmp_path):
     recipe_dict["model"]["name_or_path"] = str(tmp_path / "no-model")
     recipe_dict["data"]["train"][0]["path"] = str(tmp_path / "no-data.jsonl")

@@ -3,6 +3,7 @@ instruction masking, chained stages) and their Mixture-of-Experts upcycling."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -210,24 +211,103 @@ class TextTask(PairsTask):
     def format_scores(self, scores: dict[str, float]) -> str:
         return ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items() if not k.startswith("mean/") or len(scores) > 3)
 
+    def _encode(self, model, i: int, texts: list[str], role: str, desc: str) -> torch.Tensor:
+        """Training dataset ``i``'s ``texts`` embedded as ``role`` ('query' or 'document') with its prompts, routed
+        to its MoE domain."""
+        ds = self.datasets[i]
+        domain = self.batch_domains[i] if self.batch_domains else None
+        with experts.routed_task(model, domain):
+            return model.encode(texts, role=role, prompt=ds.query_prompt if role == "query" else ds.document_prompt,
+                                batch_size=self.recipe.eval.batch_size, desc=desc)
+
     def probe_embeddings(self, model):
         """The probe's (query, positive) embeddings, each dataset's texts with its prompts (and MoE domain)."""
         if self.probe is None:
             return None
         queries, positives = [], []
-        for i, (ds, q, p) in enumerate(zip(self.datasets, self.probe.queries, self.probe.positives)):
-            if not q:
-                continue
-            domain = self.batch_domains[i] if self.batch_domains else None
-            with experts.routed_task(model, domain):
-                queries.append(model.encode(q, role="query", prompt=ds.query_prompt,
-                                            batch_size=self.recipe.eval.batch_size, desc="probe queries"))
-                positives.append(model.encode(p, role="document", prompt=ds.document_prompt,
-                                              batch_size=self.recipe.eval.batch_size, desc="probe positives"))
+        for i, (q, p) in enumerate(zip(self.probe.queries, self.probe.positives)):
+            if q:
+                queries.append(self._encode(model, i, q, "query", "probe queries"))
+                positives.append(self._encode(model, i, p, "document", "probe positives"))
         return torch.cat(queries), torch.cat(positives)
+
+    # -- mined negatives (data.mined_negatives) -------------------------------------------------
+    def refresh(self, step: int, model, accelerator) -> Optional[int]:
+        """Mine every dataset's hard negatives with the weights of ``step`` when due (at the first step of a run, and
+        every ``every`` steps after the last mining); returns the step at which mining is due next."""
+        from embedtrain.train.mining import mine_during_training
+
+        m = self.recipe.data.mined_negatives
+        if m is None:
+            return None
+        mined = self.collator.mined
+        if mined is None or (m.every and step >= mined[0].step + m.every):
+            start = time.time()
+            self.log(f"mined negatives: mining with the weights of step {step} ...")
+            with accelerator.autocast():  # embedded in the run's precision, as its steps are
+                tables, report = mine_during_training(
+                    lambda i, texts, role: self._encode(model, i, texts, role, f"mining: {role} texts"), self.datasets,
+                    m, step, self.recipe.train.seed, accelerator)
+            self.collator.mined = mined = tables
+            entry = {"step": step, "seconds": round(time.time() - start, 3), "datasets": report}
+            self.counters.setdefault("mined_negatives", []).append(entry)
+            for name, f in report.items():
+                self.log(f"mined negatives at step {step}: {name}: {f['rows']} rows from {f['corpus']} distinct "
+                         f"positives in {entry['seconds']:.0f} s; {f['dropped_false_negatives']} candidates dropped as "
+                         f"likely false negatives; {f['rows_short']} rows had fewer than {m.num_negatives} candidates "
+                         f"passing the rule ({f['random_candidates']} random corpus texts fill the candidate lists)")
+        return mined[0].step + m.every if m.every else None
+
+    MINED_FILE = "mined_negatives.safetensors"
+
+    def save_files(self, path: Path) -> None:
+        """The mined candidates (a checkpoint's weights may be later than the ones that mined them)."""
+        if self.collator is None or self.collator.mined is None:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, table in enumerate(self.collator.mined):
+            tensors[f"{i}.candidates"] = torch.as_tensor(table.candidates, dtype=torch.int32)
+            tensors[f"{i}.corpus_rows"] = torch.as_tensor(table.corpus.rows, dtype=torch.int64)
+            tensors[f"{i}.step"] = torch.tensor([table.step], dtype=torch.int64)
+        save_file(tensors, str(path / self.MINED_FILE))
+
+    def load_files(self, path: Path) -> None:
+        from embedtrain.data.mined import MinedNegatives, corpus_of
+
+        m, file = self.recipe.data.mined_negatives, path / self.MINED_FILE
+        if m is None:
+            return
+        if not file.is_file():
+            self.log(f"mined negatives: {path} holds none (its run did not mine); mining again at its step")
+            return
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(file))
+        except Exception as err:  # a damaged file: one line naming it
+            raise EmbedtrainError(f"--resume: {file} cannot be read ({err.__class__.__name__}); resume from an older "
+                                  "checkpoint with --resume PATH") from None
+        tables = []
+        for i, ds in enumerate(self.datasets):
+            corpus = corpus_of(ds.row_keys)
+            candidates = tensors.get(f"{i}.candidates")
+            if (candidates is None or not torch.equal(tensors[f"{i}.corpus_rows"], torch.as_tensor(corpus.rows))
+                    or candidates.shape[0] != len(ds) or int(candidates.max()) >= len(corpus)):
+                raise EmbedtrainError(f"--resume: {file} does not match data.train[{i}] ({ds.name}): the data changed "
+                                      "since the checkpoint; resume with the same data, or start again with --overwrite")
+            count = m.num_negatives
+            tables.append(MinedNegatives(corpus, candidates.long().numpy(), count, int(tensors[f"{i}.step"][0])))
+        self.collator.mined = tables
+        self.log(f"mined negatives: read from the checkpoint (mined at step {tables[0].step})")
 
     def results(self) -> dict:
         out = super().results()
+        if "mined_negatives" in self.counters:
+            out["mined_negatives"] = {"every": self.recipe.data.mined_negatives.every,
+                                      "negatives_repeated": self.counters.get("negatives_repeated", 0),
+                                      "minings": self.counters["mined_negatives"]}
         if getattr(self, "probe_off", None):
             out["diagnostics_probe"] = {"off": self.probe_off}
         if self.probe is not None:
