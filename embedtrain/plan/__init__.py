@@ -134,7 +134,16 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         task.check_data(engine.processes)
     accounts = task.data_accounts()
     problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
-    return {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}, task
+    data = {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}
+    mined = getattr(recipe.data, "mined_negatives", None)
+    if mined is not None:
+        steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
+        data["mined_negatives"] = {
+            "minings": 1 + (steps - 1) // mined.every if mined.every else 1,
+            # each mining embeds every distinct query and positive once (the corpus is the positives)
+            "texts_per_mining": sum(len({k[0] for k in ds.row_keys}) + len({k[1] for k in ds.row_keys})
+                                    for ds in task.datasets)}
+    return data, task
 
 
 def _chunks(recipe) -> Optional[dict[str, int]]:
@@ -294,6 +303,10 @@ def format_plan(plan: dict) -> list[str]:
             held = f"; {a['held_out']:,} held out for the diagnostics probe" if a.get("held_out") else ""
             lines.append(f"  {a['name']}: {a['rows_read']:,} rows read, {a['rows_per_epoch']:,} trained per epoch in "
                          f"{a['batches_per_epoch']:,} batches; dropped: {drops}{held}")
+        if "mined_negatives" in d:
+            mn = d["mined_negatives"]
+            lines.append(f"  mined negatives: {mn['minings']} mining(s), each a forward pass over "
+                         f"{mn['texts_per_mining']:,} texts shared by the processes (not in the compute figure below)")
     elif "streams" in d:
         lines.append(f"data: global batch {d['global_batch']}, streamed by {d['readers']} reader(s) "
                      "(processes x workers)")

@@ -94,6 +94,30 @@ def test_forward_token_budget_plans_the_regrouped_chunks(tiny_bert, pairs_file, 
     assert flops["1"] < flops["48"] and memory["1"] < memory["48"]
 
 
+def test_mined_negatives_are_planned_at_their_rows_positive_length(tiny_bert, pairs_file, tmp_path, capsys):
+    """A mined negative is another row's positive, unknown before training: the plan counts it at the length of its
+    row's positive, which is what a dataset whose negative column repeats the positive gets planned as."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    copied = tmp_path / "copied.jsonl"
+    copied.write_text("".join(json.dumps({**r, "negative": r["positive"]}) + "\n" for r in rows))
+    plans = {}
+    for name, data, mined in (("mined", pairs_file, {"num_negatives": 1, "every": 4}), ("copied", copied, None)):
+        recipe = tiny_recipe(tiny_bert, data, tmp_path / "run", train={"max_steps": 10})
+        recipe["data"]["train"][0]["negative_columns"] = [] if mined else ["negative"]
+        recipe["data"]["mined_negatives"] = mined
+        recipe["data"]["length_grouping"] = False  # grouping counts a dataset's own negatives: the same batches
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(recipe))
+        assert main(["plan", str(path), "--output", str(tmp_path / f"{name}.json")]) == 0
+        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for part in ("compute", "memory_per_device"):
+        key = "flops_per_step_per_device" if part == "compute" else "activations"
+        assert plans["mined"][part][key] == plans["copied"][part][key]
+    # steps 0, 4 and 8 mine; each mining embeds the 256 distinct queries and 256 distinct positives
+    assert plans["mined"]["data"]["mined_negatives"] == {"minings": 3, "texts_per_mining": 512}
+    assert "mined negatives: 3 mining(s), each a forward pass over 512 texts" in capsys.readouterr().out
+
+
 def test_communication_per_engine_and_step_kind():
     """Buffers per step on a model of 4000 bytes, 3600 of them in blocks (2000 trainable, 1800 of them in blocks);
     two roles of 8 rows. tests/integration/test_plan_communication.py holds the same rules to a real step."""
