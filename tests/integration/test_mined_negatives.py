@@ -37,8 +37,15 @@ class Watch(Callback):
         self.tables = {}
 
     def on_step_begin(self, trainer, batch):
-        mined = trainer.task.collator.mined[0]
+        mined, ds = trainer.task.collator.mined[0], trainer.task.datasets[0]
         self.tables.setdefault(mined.step, mined.candidates.copy())
+        # the batch (collated in a DataLoader worker when there are any) took each row's mined negative from the
+        # candidates of the latest mining: the last of the row's two negatives (after the file's own)
+        row_of = {k[1]: r for r, k in enumerate(ds.row_keys)}
+        last = batch["negative_ids"].view(len(batch["positive_ids"]), 2)[:, 1]
+        for positive, negative in zip(batch["positive_ids"].tolist(), last.tolist()):
+            ranked = mined.candidates[row_of[positive]]
+            assert negative in {int(mined.corpus.keys[c]) for c in ranked if c >= 0}
 
     def on_step_end(self, trainer, figures):
         if figures["step"] == 3:
@@ -54,10 +61,13 @@ class Watch(Callback):
         self.again = tables[0].candidates
 
 
-def test_negatives_are_mined_with_the_weights_of_their_step(tiny_bert, pairs_file, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_negatives_are_mined_with_the_weights_of_their_step(tiny_bert, pairs_file, tmp_path, workers,
+                                                            one_torch_thread):
     watch = Watch()
-    result = train(recipe_from_dict(recipe(tiny_bert, pairs_file, tmp_path / "run")), log=lambda *_: None,
-                   callbacks=[watch])
+    r = recipe(tiny_bert, pairs_file, tmp_path / "run")
+    r["data"]["num_workers"] = workers  # a worker collates with the candidates it was started with: one per mining
+    result = train(recipe_from_dict(r), log=lambda *_: None, callbacks=[watch])
     assert sorted(watch.tables) == [0, 3, 6]  # mined at the start, then every 3 steps
     # the batches after step 3 were built from candidates equal to a mining with the weights after step 3
     assert np.array_equal(watch.tables[3], watch.again)
