@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from embedtrain.errors import EmbedtrainError
+
 
 @dataclass
 class Corpus:
@@ -87,3 +89,35 @@ class MinedNegatives:
                 picks += extra
             chosen[r] = picks
         return chosen, repeated
+
+
+def to_tensors(tables: Sequence[MinedNegatives]) -> dict:
+    """Every dataset's candidates, corpus rows and mining step as tensors named ``<dataset index>.<what>`` (for a
+    checkpoint's safetensors file)."""
+    import torch
+
+    tensors = {}
+    for i, table in enumerate(tables):
+        tensors[f"{i}.candidates"] = torch.as_tensor(table.candidates, dtype=torch.int32)
+        tensors[f"{i}.corpus_rows"] = torch.as_tensor(table.corpus.rows, dtype=torch.int64)
+        tensors[f"{i}.step"] = torch.tensor([table.step], dtype=torch.int64)
+    return tensors
+
+
+def from_tensors(tensors: dict, datasets, count: int, where: str) -> list[MinedNegatives]:
+    """The tables :func:`to_tensors` wrote, for ``datasets`` as they are read now (``count`` negatives per row); an
+    error naming ``where`` when they were mined from other data."""
+    tables = []
+    for i, ds in enumerate(datasets):
+        corpus = corpus_of(ds.row_keys)
+        names = [f"{i}.candidates", f"{i}.corpus_rows", f"{i}.step"]
+        ok = all(n in tensors for n in names)
+        if ok:
+            candidates, rows = tensors[names[0]].numpy().astype(np.int64), tensors[names[1]].numpy()
+            ok = (np.array_equal(rows, corpus.rows) and candidates.ndim == 2 and candidates.shape[0] == len(ds)
+                  and candidates.max(initial=-1) < len(corpus))
+        if not ok:
+            raise EmbedtrainError(f"{where} does not match data.train[{i}] ({ds.name}): the data changed since the "
+                                  "checkpoint; resume with the same data, or start again with --overwrite")
+        tables.append(MinedNegatives(corpus, candidates, count, int(tensors[names[2]][0])))
+    return tables

@@ -262,19 +262,15 @@ class TextTask(PairsTask):
 
     def save_files(self, path: Path) -> None:
         """The mined candidates (a checkpoint's weights may be later than the ones that mined them)."""
-        if self.collator is None or self.collator.mined is None:
-            return
-        from safetensors.torch import save_file
+        if self.collator is not None and self.collator.mined is not None:
+            from safetensors.torch import save_file
 
-        tensors = {}
-        for i, table in enumerate(self.collator.mined):
-            tensors[f"{i}.candidates"] = torch.as_tensor(table.candidates, dtype=torch.int32)
-            tensors[f"{i}.corpus_rows"] = torch.as_tensor(table.corpus.rows, dtype=torch.int64)
-            tensors[f"{i}.step"] = torch.tensor([table.step], dtype=torch.int64)
-        save_file(tensors, str(path / self.MINED_FILE))
+            from embedtrain.data.mined import to_tensors
+
+            save_file(to_tensors(self.collator.mined), str(path / self.MINED_FILE))
 
     def load_files(self, path: Path) -> None:
-        from embedtrain.data.mined import MinedNegatives, corpus_of
+        from embedtrain.data.mined import from_tensors
 
         m, file = self.recipe.data.mined_negatives, path / self.MINED_FILE
         if m is None:
@@ -289,18 +285,8 @@ class TextTask(PairsTask):
         except Exception as err:  # a damaged file: one line naming it
             raise EmbedtrainError(f"--resume: {file} cannot be read ({err.__class__.__name__}); resume from an older "
                                   "checkpoint with --resume PATH") from None
-        tables = []
-        for i, ds in enumerate(self.datasets):
-            corpus = corpus_of(ds.row_keys)
-            candidates = tensors.get(f"{i}.candidates")
-            if (candidates is None or not torch.equal(tensors[f"{i}.corpus_rows"], torch.as_tensor(corpus.rows))
-                    or candidates.shape[0] != len(ds) or int(candidates.max()) >= len(corpus)):
-                raise EmbedtrainError(f"--resume: {file} does not match data.train[{i}] ({ds.name}): the data changed "
-                                      "since the checkpoint; resume with the same data, or start again with --overwrite")
-            count = m.num_negatives
-            tables.append(MinedNegatives(corpus, candidates.long().numpy(), count, int(tensors[f"{i}.step"][0])))
-        self.collator.mined = tables
-        self.log(f"mined negatives: read from the checkpoint (mined at step {tables[0].step})")
+        self.collator.mined = from_tensors(tensors, self.datasets, m.num_negatives, f"--resume: {file}")
+        self.log(f"mined negatives: read from the checkpoint (mined at step {self.collator.mined[0].step})")
 
     def results(self) -> dict:
         out = super().results()

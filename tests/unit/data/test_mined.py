@@ -131,3 +131,20 @@ def test_mining_ranks_the_corpus_by_the_model_and_drops_likely_false_negatives()
     assert sorted(c[5]) == [1, 2]  # q f: d d and d a dropped (its positive scores -0.8): d b and d c at random
     assert report["rows"] == {"rows": 6, "corpus": 5, "rows_short": 2, "random_candidates": 6,
                               "dropped_false_negatives": 7}
+
+
+def test_candidates_round_trip_through_tensors_and_other_data_is_refused():
+    from embedtrain.data.mined import from_tensors, to_tensors
+
+    ds, mined = table([[3, 2], [0, 2], [1, 3], [0, 2], [0, 1], [1, -1]], count=2)
+    mined.step = 12
+    back = from_tensors(to_tensors([mined]), [ds], 2, "--resume: x")[0]
+    assert np.array_equal(back.candidates, mined.candidates) and (back.step, back.count) == (12, 2)
+    assert np.array_equal(back.corpus.rows, mined.corpus.rows)
+    other = dataset(ROWS[:5])  # a row fewer: another corpus
+    with pytest.raises(EmbedtrainError, match=r"^--resume: x does not match data.train\[0\] \(rows\): the data changed"):
+        from_tensors(to_tensors([mined]), [other], 2, "--resume: x")
+    tensors = to_tensors([mined])
+    del tensors["0.step"]
+    with pytest.raises(EmbedtrainError, match="does not match data.train"):
+        from_tensors(tensors, [ds], 2, "--resume: x")
