@@ -227,7 +227,7 @@ def mine_during_training(encode, datasets, settings, step: int, seed: int, accel
         q_emb = encode_shared(lambda t: encode(i, t, "query"), distinct, accelerator)
         c_emb = encode_shared(lambda t: encode(i, t, "document"), documents, accelerator)
         candidates = torch.full((len(ds), settings.top_k), -1, dtype=torch.long)
-        figures = {"rows": len(ds), "corpus": len(corpus)}
+        figures, problem = {"rows": len(ds), "corpus": len(corpus)}, None
         if accelerator.is_main_process:
             device = accelerator.device
             q_row = torch.nn.functional.normalize(q_emb, dim=-1)[torch.as_tensor(query_of_row)].to(device)
@@ -237,14 +237,19 @@ def mine_during_training(encode, datasets, settings, step: int, seed: int, accel
             kept, dropped = select_negatives(q_row, c_emb, positive_scores, excluded, settings.top_k,
                                              settings.top_k, settings.factor)
             never = [e | set(d) for e, d in zip(excluded, dropped)]  # nor a likely false negative, by chance
-            figures.update(_fill_randomly(kept, never, len(corpus), settings, np.random.default_rng([seed, step, i]),
-                                          f"data.train[{i}] ({ds.name})"))
+            try:
+                figures.update(_fill_randomly(kept, never, len(corpus), settings,
+                                              np.random.default_rng([seed, step, i]), f"data.train[{i}] ({ds.name})"))
+            except EmbedtrainError as err:  # every process raises it (below), none waits for the others
+                problem = str(err)
             figures["dropped_false_negatives"] = sum(len(d) for d in dropped)
             for r, row in enumerate(kept):
                 candidates[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         if accelerator.num_processes > 1:
+            figures, problem = broadcast_object_list([figures, problem], from_process=0)
             candidates = broadcast(candidates.to(accelerator.device), from_process=0).cpu()
-            figures = broadcast_object_list([figures], from_process=0)[0]
+        if problem:
+            raise EmbedtrainError(problem)
         tables.append(MinedNegatives(corpus, candidates.numpy(), settings.num_negatives, step))
         report[ds.name] = figures
     return tables, report

@@ -153,3 +153,27 @@ def test_two_processes_share_one_choice_of_mined_negatives(tiny_bert, pairs_file
     assert len(ranks[0]["batches"]) == 4
     assert repeats == results["mined_negatives"]["negatives_repeated"]
     assert [m["step"] for m in results["mined_negatives"]["minings"]] == [0, 2]
+
+
+@pytest.mark.slow
+def test_a_mining_error_stops_both_processes_with_its_line(tiny_bert, tmp_path):
+    """Only the main process ranks the candidates: when it cannot (one distinct positive, every row's own, leaves no
+    negative to mine), the other process must stop with the same error instead of waiting for candidates."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"question number {i}", "positive": "the answer"}) + "\n"
+                            for i in range(32)))
+    r = tiny_recipe(tiny_bert, data, tmp_path / "run", train={"max_steps": 2})
+    r["data"]["train"][0]["negative_columns"] = []
+    r["data"]["mined_negatives"] = {"num_negatives": 1}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    proc = subprocess.run(accelerate_launch("multi_cpu.yaml") + ["-m", "embedtrain", "train", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    # each process says it (the line, not a lost connection)
+    assert errors == 2 * ["error: data.train[0] (pairs) row 1: only 0 of the 1 distinct positives may be its "
+                          "negative, fewer than data.mined_negatives.num_negatives (1); lower it or add rows"], \
+        proc.stderr[-2000:]
