@@ -8,7 +8,6 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from embedtrain.config import recipe_from_dict  # noqa: E402

@@ -33,7 +33,7 @@ class Watch(Callback):
     """Keeps the weights after step 3 and the candidates the batch after it was collated with."""
 
     def __init__(self):
-        self.weights = self.candidates = None
+        self.weights = self.again = None
         self.tables = {}
 
     def on_step_begin(self, trainer, batch):
