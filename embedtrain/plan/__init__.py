@@ -20,7 +20,8 @@ from typing import Optional
 
 from embedtrain.data.readers import column_list
 from embedtrain.errors import EmbedtrainError
-from embedtrain.plan.estimate import Engine, Work, engine_from_accelerate_config, estimate, step_communication
+from embedtrain.plan.estimate import (Engine, Work, engine_from_accelerate_config, estimate, forward_flops,
+                                      step_communication)
 from embedtrain.plan.model import ModelShape, model_shape
 
 CHARS_PER_TOKEN = 4
@@ -74,6 +75,18 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     comms = [step_communication(shape, engine, w, chunks) for w in works]
     communication = {k: sum(c[k] for c in comms) // max(1, len(comms)) for k in comms[0]}
     communication_seconds = communication["sent"] / (settings.link_gbs * 1e9)
+    mined = data.get("mined_negatives")
+    if mined is not None:  # every mining: one forward pass over its texts, shared by the processes
+        rows = sum(w.rows for work in works for w in work) or 1
+        mean_length = round(sum(w.rows * w.length for work in works for w in work) / rows)
+        per_device = -(-mined["texts_per_mining"] // engine.processes)
+        tower = shape.towers[0]
+        # the main process also ranks the corpus for every row: a (rows x d) by (d x corpus) product
+        mined["flops_per_mining_main_device"] = (forward_flops(tower, per_device, mean_length)
+                                                + 2.0 * mined["scores_per_mining"] * tower.hidden)
+        rate = settings.device_tflops * 1e12 * settings.mfu
+        mined["seconds_per_mining"] = mined["flops_per_mining_main_device"] / rate
+        mined["mean_tokens_per_text"] = mean_length
     gib = 1024 ** 3
     if settings.device_memory_gb and peak.memory["total"] > settings.device_memory_gb * 1e9:
         problems.append(f"memory: the peak of {peak.memory['total'] / gib:.1f} GiB per device is more than the "
@@ -140,9 +153,11 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
         data["mined_negatives"] = {
             "minings": 1 + (steps - 1) // mined.every if mined.every else 1,
-            # each mining embeds every distinct query and positive once (the corpus is the positives)
+            # each mining embeds every distinct query and positive once (the corpus is the positives) and scores
+            # every row's query against the corpus
             "texts_per_mining": sum(len({k[0] for k in ds.row_keys}) + len({k[1] for k in ds.row_keys})
-                                    for ds in task.datasets)}
+                                    for ds in task.datasets),
+            "scores_per_mining": sum(len(ds) * len({k[1] for k in ds.row_keys}) for ds in task.datasets)}
     return data, task
 
 
@@ -306,7 +321,10 @@ def format_plan(plan: dict) -> list[str]:
         if "mined_negatives" in d:
             mn = d["mined_negatives"]
             lines.append(f"  mined negatives: {mn['minings']} mining(s), each a forward pass over "
-                         f"{mn['texts_per_mining']:,} texts shared by the processes (not in the compute figure below)")
+                         f"{mn['texts_per_mining']:,} texts shared by the processes: "
+                         f"{mn['flops_per_mining_main_device']:.3g} FLOPs on the main device at {mn['mean_tokens_per_text']} "
+                         f"tokens per text (the scanned batches' mean) and the ranking of {mn['scores_per_mining']:.3g} "
+                         f"scores, {mn['seconds_per_mining']:.3g} s each at the rate below (not in its per-step figures)")
     elif "streams" in d:
         lines.append(f"data: global batch {d['global_batch']}, streamed by {d['readers']} reader(s) "
                      "(processes x workers)")

@@ -136,12 +136,17 @@ def activation_bytes(towers: dict[str, Tower], work: Sequence[Work], b: int, che
     return sum(one(w, w.rows) for w in work)
 
 
+def forward_flops(tower: Tower, rows: int, length: int) -> float:
+    """FLOPs of one forward pass of ``rows`` texts of ``length`` tokens through ``tower`` (weights and attention)."""
+    return 2.0 * tower.params * rows * length + 4.0 * tower.layers * rows * length ** 2 * tower.hidden
+
+
 def step_flops(towers: dict[str, Tower], work: Sequence[Work], checkpointing: bool, grad_cache: bool) -> float:
     total = 0.0
     for w in work:
         t = towers[w.tower]
         tokens = w.rows * w.length
-        forward = 2.0 * t.params * tokens + 4.0 * t.layers * w.rows * w.length ** 2 * t.hidden
+        forward = forward_flops(t, w.rows, w.length)
         passes = 1 + (1 if grad_cache else 0) + (1 if checkpointing and t.backward else 0)
         backward = (forward + 2.0 * t.trainable * tokens) if t.backward else 0.0
         total += passes * forward + backward

@@ -113,8 +113,15 @@ def test_mined_negatives_are_planned_at_their_rows_positive_length(tiny_bert, pa
     for part in ("compute", "memory_per_device"):
         key = "flops_per_step_per_device" if part == "compute" else "activations"
         assert plans["mined"][part][key] == plans["copied"][part][key]
-    # steps 0, 4 and 8 mine; each mining embeds the 256 distinct queries and 256 distinct positives
-    assert plans["mined"]["data"]["mined_negatives"] == {"minings": 3, "texts_per_mining": 512}
+    # steps 0, 4 and 8 mine; each mining embeds the 256 distinct queries and 256 distinct positives, and scores each
+    # of the 256 rows against the 256 positives
+    mined = plans["mined"]["data"]["mined_negatives"]
+    assert (mined["minings"], mined["texts_per_mining"], mined["scores_per_mining"]) == (3, 512, 256 * 256)
+    tower = plans["mined"]["model"]["towers"][0]
+    length = mined["mean_tokens_per_text"]
+    forward = 2.0 * tower["params"] * 512 * length + 4.0 * tower["layers"] * 512 * length ** 2 * tower["hidden"]
+    assert mined["flops_per_mining_main_device"] == pytest.approx(forward + 2.0 * 256 * 256 * tower["hidden"])
+    assert 4 <= length <= 32  # the tiny recipe's texts: a few words each, max_length 32
     assert "mined negatives: 3 mining(s), each a forward pass over 512 texts" in capsys.readouterr().out
 
 
