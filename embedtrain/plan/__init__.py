@@ -77,6 +77,8 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     communication_seconds = communication["sent"] / (settings.link_gbs * 1e9)
     mined = data.get("mined_negatives")
     if mined is not None:  # every mining: one forward pass over its texts, shared by the processes
+        every = recipe.data.mined_negatives.every
+        mined["minings"] = 1 + (steps - 1) // every if every else 1
         rows = sum(w.rows for work in works for w in work) or 1
         mean_length = round(sum(w.rows * w.length for work in works for w in work) / rows)
         per_device = -(-mined["texts_per_mining"] // engine.processes)
@@ -148,11 +150,8 @@ def _data(recipe, engine: Engine, problems: list[str], log):
     accounts = task.data_accounts()
     problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
     data = {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}
-    mined = getattr(recipe.data, "mined_negatives", None)
-    if mined is not None:
-        steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)
+    if getattr(recipe.data, "mined_negatives", None) is not None:
         data["mined_negatives"] = {
-            "minings": 1 + (steps - 1) // mined.every if mined.every else 1,
             # each mining embeds every distinct query and positive once (the corpus is the positives) and scores
             # every row's query against the corpus
             "texts_per_mining": sum(len({k[0] for k in ds.row_keys}) + len({k[1] for k in ds.row_keys})
