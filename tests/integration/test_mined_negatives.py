@@ -3,7 +3,6 @@ of their step, kept in checkpoints so that a resumed run is the run, and shared 
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -18,7 +17,7 @@ from embedtrain.train.callbacks import Callback
 from embedtrain.train.loop import train
 from embedtrain.train.mining import mine_during_training
 
-from conftest import REPO, accelerate_launch, tiny_recipe
+from conftest import REPO, accelerate_launch, subprocess_env, tiny_recipe
 
 MINED = {"num_negatives": 1, "every": 3, "top_k": 5}
 
@@ -129,11 +128,9 @@ def test_two_processes_share_one_choice_of_mined_negatives(tiny_bert, pairs_file
     r["data"]["mined_negatives"]["every"] = 2
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(r))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
     cmd = accelerate_launch(config) + [str(REPO / "tests" / "integration" / "dist_mined_worker.py"), str(path),
                                        str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["engine"]["processes"] == 2
@@ -171,10 +168,8 @@ def test_a_mining_error_stops_both_processes_with_its_line(tiny_bert, tmp_path):
     r["data"]["mined_negatives"] = {"num_negatives": 1}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(r))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
     proc = subprocess.run(accelerate_launch("multi_cpu.yaml") + ["-m", "embedtrain", "train", str(path)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=REPO)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     # each process stops on the line (the launcher may end the second before it prints it), none on a lost connection

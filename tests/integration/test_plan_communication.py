@@ -5,23 +5,20 @@ step, a token-budget step and a GradCache step of the tiny BERT (tests/integrati
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 import yaml
 
 from comm_support import ROWS, STEPS
-from conftest import REPO, accelerate_launch, tiny_recipe
+from conftest import REPO, accelerate_launch, subprocess_env, tiny_recipe
 
 pytestmark = pytest.mark.slow  # three launches of two processes
 
 
 def _launch(config, model, out):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
     cmd = accelerate_launch(config) + [str(REPO / "tests" / "integration" / "dist_comm_worker.py"), str(model), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
