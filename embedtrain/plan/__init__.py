@@ -71,7 +71,8 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     peak_batch = max(range(len(estimates)), key=lambda i: estimates[i].memory["total"])
     peak = estimates[peak_batch]
     flops = sum(e.flops_per_step for e in estimates) / max(1, len(estimates))
-    seconds_per_step = flops / (settings.device_tflops * 1e12 * settings.mfu)
+    rate = settings.device_tflops * 1e12 * settings.mfu
+    seconds_per_step = flops / rate
     comms = [step_communication(shape, engine, w, chunks) for w in works]
     communication = {k: sum(c[k] for c in comms) // max(1, len(comms)) for k in comms[0]}
     communication_seconds = communication["sent"] / (settings.link_gbs * 1e9)
@@ -86,7 +87,6 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
         # the main process also ranks the corpus for every row: a (rows x d) by (d x corpus) product
         mined["flops_per_mining_main_device"] = (forward_flops(tower, per_device, mean_length)
                                                 + 2.0 * mined["scores_per_mining"] * tower.hidden)
-        rate = settings.device_tflops * 1e12 * settings.mfu
         mined["seconds_per_mining"] = mined["flops_per_mining_main_device"] / rate
         mined["mean_tokens_per_text"] = mean_length
     gib = 1024 ** 3
@@ -151,12 +151,12 @@ def _data(recipe, engine: Engine, problems: list[str], log):
     problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
     data = {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}
     if getattr(recipe.data, "mined_negatives", None) is not None:
-        data["mined_negatives"] = {
-            # each mining embeds every distinct query and positive once (the corpus is the positives) and scores
-            # every row's query against the corpus
-            "texts_per_mining": sum(len({k[0] for k in ds.row_keys}) + len({k[1] for k in ds.row_keys})
-                                    for ds in task.datasets),
-            "scores_per_mining": sum(len(ds) * len({k[1] for k in ds.row_keys}) for ds in task.datasets)}
+        # each mining embeds every distinct query and positive once (the corpus is the positives) and scores every
+        # row's query against the corpus
+        queries = [len({k[0] for k in ds.row_keys}) for ds in task.datasets]
+        corpus = [len({k[1] for k in ds.row_keys}) for ds in task.datasets]
+        data["mined_negatives"] = {"texts_per_mining": sum(queries) + sum(corpus),
+                                   "scores_per_mining": sum(len(ds) * c for ds, c in zip(task.datasets, corpus))}
     return data, task
 
 
@@ -231,13 +231,14 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_li
     limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}
     if at_limit:
         tokenizer, how = None, "every text at the recipe's token limit (--lengths max)"
+    mined = recipe.data.mined_negatives.num_negatives if recipe.data.mined_negatives else 0
     out = []
     for d, ds in enumerate(task.datasets):
         rows = sorted(needed.get(d, ()))
         picked = ds.rows.select(rows) if rows else None
         roles: dict[str, dict[int, tuple[int, ...]]] = {"query": {}, "positive": {}}
         negatives = [c for c in ds.role_columns if c.startswith("negative_")]
-        if negatives:
+        if negatives or mined:
             roles["negative"] = {}
         per_column = {}
         for column in (ds.role_columns if rows else []):
@@ -250,16 +251,13 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_li
                 per_column[column] = [len(x) for x in tokenizer(texts, truncation=True, max_length=limit[role])["input_ids"]]
             else:
                 per_column[column] = [min(limit[role], math.ceil(len(t) / CHARS_PER_TOKEN) + 2) for t in texts]
-        mined = recipe.data.mined_negatives.num_negatives if recipe.data.mined_negatives else 0
-        if mined:
-            roles["negative"] = {}
         for i, r in enumerate(rows):
             roles["query"][r] = (per_column["query"][i],)
             roles["positive"][r] = (per_column["positive"][i],)
             if negatives or mined:  # a mined negative is another row's positive: counted at this row's positive length
                 roles["negative"][r] = tuple(per_column[c][i] for c in negatives) + (per_column["positive"][i],) * mined
         out.append(roles)
-    if recipe.data.mined_negatives:
+    if mined:
         how += "; each mined negative at the length of its row's positive"
     return how, out
 

@@ -229,8 +229,7 @@ def step_communication(shape: ModelShape, engine: Engine, work: Sequence[Work],
         # backward passes, each with the towers it goes through
         passes = [[w.tower] for w in trained for _ in range(_calls(w, chunks))] if chunks else \
             [sorted({w.tower for w in trained})] if trained else []
-        sharded = engine.distributed_type == "FSDP" or (engine.distributed_type == "DEEPSPEED"
-                                                        and (engine.zero_stage or 0) >= 3)
+        sharded = engine.shards["weights"] > 1  # FSDP, ZeRO-3
         if engine.distributed_type in ("MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU") and passes:
             out["all_reduce"] = shape.trainable_bytes
         elif sharded:
