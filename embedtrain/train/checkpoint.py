@@ -95,19 +95,40 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def load_checkpoint(accelerator, path: Path, loss_fn=None) -> dict:
-    """Restore model, optimizer, scheduler, random states (and the loss's own parameters) from ``path``;
-    returns its trainer state. Weights come from safetensors; the optimizer, scheduler and random
+LOSS_FILE = "loss.safetensors"
+LOSS_OPTIMIZER_FILE = "loss_optimizer.safetensors"
+
+
+def save_loss(path: Path, loss_fn, loss_optimizer) -> None:
+    """The loss's own parameters and buffers (``loss.safetensors``) and, when it learns some, their optimizer's
+    state (``loss_optimizer.safetensors``, see :class:`embedtrain.train.optim.LossOptimizer`)."""
+    from safetensors.torch import save_file
+
+    params = dict(loss_fn.state_dict())
+    if params:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(path / LOSS_FILE))
+    if loss_optimizer.optimizer is not None:
+        save_file(loss_optimizer.state_tensors(), str(path / LOSS_OPTIMIZER_FILE))
+
+
+def load_checkpoint(accelerator, path: Path, loss_fn=None, loss_optimizer=None) -> dict:
+    """Restore model, optimizer, scheduler, random states (and the loss's own parameters and their optimizer)
+    from ``path``; returns its trainer state. Weights come from safetensors; the optimizer, scheduler and random
     states go through ``torch.load`` with ``weights_only=True``. A file that cannot be read (damaged, or one that
     asks to run code) is reported as one line naming the checkpoint."""
     try:
         state = read_state(path)
         accelerator.load_state(str(path))
-        loss_path = path / "loss.safetensors"
-        if loss_fn is not None and loss_path.is_file():
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
+        loss_path = path / LOSS_FILE
+        if loss_fn is not None and loss_path.is_file():
             loss_fn.load_state_dict(load_file(str(loss_path)), strict=False)
+        if loss_optimizer is not None and loss_optimizer.optimizer is not None:
+            if not (path / LOSS_OPTIMIZER_FILE).is_file():
+                raise FileNotFoundError(f"{LOSS_OPTIMIZER_FILE} is missing (the loss learns "
+                                        f"{', '.join(loss_optimizer.names)})")
+            loss_optimizer.load_tensors(load_file(str(path / LOSS_OPTIMIZER_FILE)))
     except Exception as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
         raise EmbedtrainError(

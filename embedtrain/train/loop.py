@@ -27,7 +27,7 @@ from embedtrain.train.accelerator import build_accelerator, engine_of
 from embedtrain.train.averaging import averaging_callbacks
 from embedtrain.train.callbacks import Callback
 from embedtrain.train.diagnostics import diagnostics_callbacks
-from embedtrain.train.optim import build_optimizer, build_scheduler, layerwise_lr_decay, loss_group
+from embedtrain.train.optim import LossOptimizer, build_optimizer, build_scheduler, layerwise_lr_decay
 from embedtrain.train.signals import StopRequest, any_process
 from embedtrain.train.step import apply_update, to_device
 
@@ -108,7 +108,7 @@ class Trainer:
         self.log = log
         self.task = task_for(recipe, log=self._say, chain=chain, run_stage=self._run_stage)
         self.state = TrainState()
-        self.accelerator = self.model = self.loss_fn = self.optimizer = self.scheduler = None
+        self.accelerator = self.model = self.loss_fn = self.optimizer = self.scheduler = self.loss_optimizer = None
         self.data_seconds = 0.0
         self.final_weights = "the last step's weights"
         """What the final model is; a callback that replaces the weights by an average says so here."""
@@ -166,18 +166,20 @@ class Trainer:
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
         self.total_steps = total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
-        if self.engine.sharding and any(p.requires_grad for p in loss_fn.parameters()):
-            # FSDP maps and saves the optimizer's parameters through the model; the loss's own live outside it
+        if self.engine.distributed_type == "DEEPSPEED" and any(p.requires_grad for p in loss_fn.parameters()):
+            # DeepSpeed scales the fp16 loss in its engine: the loss's own gradients, outside it, would stay scaled
             raise EmbedtrainError(f"loss: a learnable temperature or bias ({', '.join(n for n, _ in loss_fn.named_parameters())})"
-                                  f" is not available under {self.engine.distributed_type} yet; set "
+                                  f" is not available under DeepSpeed ({self.engine.sharding}) yet; set "
                                   "loss.learnable_temperature (and loss.learnable_bias) to false")
         groups = layerwise_lr_decay(task.parameter_groups(model), model.named_parameters(), r.train.lr,
                                     r.train.layerwise_lr_decay)
-        optimizer = build_optimizer(groups + loss_group(loss_fn), r.train.lr, r.train.optimizer, r.train.momentum)
+        optimizer = build_optimizer(groups, r.train.lr, r.train.optimizer, r.train.momentum)
         scheduler = build_scheduler(optimizer, r.train.scheduler, total_steps, r.train.warmup_ratio)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         loss_fn.to(accelerator.device)
+        loss_optimizer = LossOptimizer(loss_fn, r.train.optimizer, r.train.lr, r.train.momentum)
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.loss_optimizer = loss_optimizer
 
         # -- output directory: only now, after every input check -------------------------------
         _prepare_output_dir(accelerator, out, r.output.overwrite, resuming=self.resume is not None)
@@ -192,7 +194,7 @@ class Trainer:
         # -- resume --------------------------------------------------------------------------------
         self.metrics_path = out / "metrics.jsonl"
         if resume_from is not None:
-            state.load_state_dict(ckpt.load_checkpoint(accelerator, resume_from, loss_fn))
+            state.load_state_dict(ckpt.load_checkpoint(accelerator, resume_from, loss_fn, loss_optimizer))
             task.load_files(resume_from)
             self.log(f"resumed from {resume_from} at step {state.step}")
             if accelerator.is_main_process:
@@ -216,8 +218,7 @@ class Trainer:
         self.record({"step": state.step, "startup_seconds": task.startup.to_dict()}, track=False)
 
         # -- loop ----------------------------------------------------------------------------------
-        loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-        params = [p for p in model.parameters() if p.requires_grad] + loss_params
+        params = list(model.parameters())  # all of them: see apply_update
         step = state.step
         epoch, offset = _position(task.batches_in_epoch, step)
         model.train()
@@ -245,9 +246,10 @@ class Trainer:
                     self._emit("on_step_begin", batch)
                     figures = task.step(model, loss_fn, batch, accelerator)
                     finite, grad_norm, loss_value = apply_update(
-                        accelerator, optimizer, scheduler, figures["loss"], params, loss_params, r.train.max_grad_norm,
+                        accelerator, optimizer, scheduler, figures["loss"], params, loss_optimizer, r.train.max_grad_norm,
                         state, r.train.max_consecutive_nonfinite, step, ckpt.last_good(out), self.log)
                     optimizer.zero_grad(set_to_none=True)
+                    loss_optimizer.zero_grad()
                     step += 1
                     skipped += not finite
                     state.skipped_steps += not finite
@@ -422,15 +424,12 @@ class Trainer:
         def write_files(path: Path) -> None:
             self._emit("on_checkpoint_files", path)
             self.task.save_files(path)
-            params = dict(loss_fn.state_dict())
-            if params:
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(path / "loss.safetensors"))
+            ckpt.save_loss(path, loss_fn, self.loss_optimizer)
 
         self.task.sync(accelerator)  # e.g. every process's stream positions, into the task's counters
         saved_state = {**self.state.state_dict(), "step": step}
-        needed = ckpt.estimate_bytes([accelerator.unwrap_model(self.model), loss_fn], [self.optimizer])
+        needed = ckpt.estimate_bytes([accelerator.unwrap_model(self.model), loss_fn],
+                                     [o for o in (self.optimizer, self.loss_optimizer.optimizer) if o is not None])
         path = ckpt.save_checkpoint(accelerator, self.out, step, saved_state, {"recipe.yaml": self.recipe_text},
                                     write_files, needed_bytes=needed)
         if accelerator.is_main_process:

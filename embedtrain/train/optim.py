@@ -8,6 +8,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from embedtrain.errors import EmbedtrainError
+
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     """Biases, norms and prompt tokens are not decayed (decay would pull them to zero)."""
@@ -39,6 +41,66 @@ def loss_group(loss_fn: nn.Module) -> list[dict]:
     """The loss's own parameters (a learnable temperature or bias), never decayed."""
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     return [{"params": params, "weight_decay": 0.0}] if params else []
+
+
+class LossOptimizer:
+    """The loss's own parameters (a learnable temperature or bias) with an optimizer of their own.
+
+    FSDP maps the optimizer's parameters to the model's names to save and load its state, and the loss's
+    parameters live outside the model; so under every engine they are stepped apart from the model's, by the
+    recipe's optimizer kind, undecayed, at ``lr`` times the schedule's current factor (read from the model
+    optimizer's first group, :meth:`step`): the same update as one optimizer holding both. Every process holds
+    the same values (their gradients are averaged), and the checkpoint keeps the state as tensors
+    (:meth:`state_tensors`, ``loss_optimizer.safetensors``).
+    """
+
+    def __init__(self, loss_fn: nn.Module, kind: str, lr: float, momentum: float = 0.9):
+        self.names = [n for n, p in loss_fn.named_parameters() if p.requires_grad]
+        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.lr = lr
+        self.optimizer = build_optimizer(loss_group(loss_fn), lr, kind, momentum) if self.params else None
+
+    def step(self, model_optimizer) -> None:
+        """One update, at the learning rate the schedule gives the model's optimizer for this step."""
+        if self.optimizer is None:
+            return
+        first = model_optimizer.param_groups[0]
+        factor = first["lr"] / first["initial_lr"]  # the schedule's factor (LambdaLR scales every group alike)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state, one tensor per parameter name and state key (none before the first step)."""
+        if self.optimizer is None:
+            return {}
+        out = {}
+        for name, p in zip(self.names, self.params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()  # not the live state
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors`; a tensor of a parameter this loss lacks is an error."""
+        if self.optimizer is None:
+            if tensors:
+                raise EmbedtrainError("the loss's optimizer state is for learnable parameters this loss does not have")
+            return
+        state: dict[int, dict] = {}
+        known = set(self.names)
+        for key, value in tensors.items():
+            name, _, field = key.rpartition(".")
+            if name not in known:
+                raise EmbedtrainError(f"the loss's optimizer state names '{name}', which is not a learnable parameter "
+                                      f"of this loss ({', '.join(self.names)})")
+            state.setdefault(self.names.index(name), {})[field] = value.clone()
+        saved = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def build_optimizer(groups: list[dict], lr: float, kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:

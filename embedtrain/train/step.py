@@ -259,33 +259,51 @@ def average_gradients(params: list, world_size: int) -> None:
 # -- the update after backward ------------------------------------------------------------------
 
 
-def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: list, loss_params: list,
+def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: list, loss_optimizer,
                  max_grad_norm: Optional[float], state, max_consecutive_nonfinite: int, step: int,
                  last_good: str, log) -> tuple[bool, Any, torch.Tensor]:
-    """Finish one step after backward: average the loss's own gradients, clip, and step the optimizer and
-    scheduler unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
+    """Finish one step after backward: average the loss's own gradients, clip, and step the optimizers
+    (the model's, then ``loss_optimizer``, a :class:`~embedtrain.train.optim.LossOptimizer`) and the scheduler
+    unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
 
-    ``state`` carries ``consecutive_nonfinite``. A non-finite step leaves weights and optimizer state
-    those of the last good step; too many in a row stop training with an error naming ``last_good``.
+    ``params`` are all the model's parameters (frozen ones have no gradient): accelerate recognises an FSDP model
+    by its whole list, and measures its gradient norm with the model's own sharding (FSDP 1's flat shards, FSDP 2's
+    DTensors), unscaling fp16 gradients once. The loss's gradients join that norm, and clipping scales both. Under
+    DeepSpeed the engine clips by itself and reports its norm. ``state`` carries ``consecutive_nonfinite``. A
+    non-finite step leaves weights and optimizer state those of the last good step; too many in a row stop training
+    with an error naming ``last_good``.
     """
-    # the loss's own parameters (a learnable temperature) are not inside DDP: average by hand
+    from accelerate.utils import DistributedType
+
+    loss_params = loss_optimizer.params
+    # the loss's own parameters are outside the model (and DDP / FSDP): average by hand
     if accelerator.num_processes > 1:
         for p in loss_params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
     scaler = accelerator.scaler  # fp16: gradients carry the loss scale until unscaled
-    if max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first
-    else:
-        if scaler is not None:
-            accelerator.unscale_gradients()
-        grad_norm = grad_norm_of(params)
+    if scaler is not None:  # the accelerator unscales its own optimizer's gradients (in clip_grad_norm_); these by hand
+        for p in loss_params:
+            if p.grad is not None:
+                p.grad.div_(scaler.get_scale())
+    grad_norm = accelerator.clip_grad_norm_(params, float("inf"))  # inf: measure only
     if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
         grad_norm = grad_norm_of(params)
+    loss_grads = [p.grad.detach().float().reshape(-1) for p in loss_params if p.grad is not None]
+    if loss_grads:
+        grad_norm = torch.sqrt(torch.as_tensor(grad_norm, dtype=torch.float32).to(loss_grads[0].device) ** 2
+                               + torch.cat(loss_grads).square().sum())
+    if max_grad_norm and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        coefficient = max_grad_norm / (float(grad_norm) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if coefficient < 1:
+            for p in params + loss_params:
+                if p.grad is not None:
+                    p.grad.mul_(coefficient)
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
     finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
     if finite:
         optimizer.step()  # under fp16 also lets the scaler grow its scale after enough good steps
+        loss_optimizer.step(optimizer)
         scheduler.step()
         state.consecutive_nonfinite = 0
     else:
@@ -300,6 +318,7 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
             f"({state.consecutive_nonfinite} in a row, limit {max_consecutive_nonfinite}){backoff}")
         if state.consecutive_nonfinite >= max_consecutive_nonfinite:
             optimizer.zero_grad(set_to_none=True)
+            loss_optimizer.zero_grad()
             first = step + 2 - state.consecutive_nonfinite
             raise EmbedtrainError(
                 f"training stopped: {state.consecutive_nonfinite} steps in a row had a non-finite loss "

@@ -5,6 +5,7 @@ resumes exactly, and a saved folder gathered complete."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -43,8 +44,6 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
     # arithmetic (the key bias of attention: softmax ignores it) into a full lr-sized step, which would compare
     # rounding noise rather than sharding (seen: 6e-5 on CLIP's in_proj_bias, every other tensor within 1e-7)
     recipe["train"].update(max_steps=STEPS, save_every=1, optimizer="sgd", momentum=0.9)
-    if kind == "clip":  # a learnable temperature lives outside the model, which FSDP does not take yet
-        recipe.setdefault("loss", {})["learnable_temperature"] = False
     return recipe
 
 
@@ -69,25 +68,36 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
         assert all(abs(finals["fsdp"][k] - finals["ddp"][k]) < 1e-6 for k in finals["ddp"]), finals
     a, b = runs["ddp"], runs["fsdp"]
     assert a.keys() == b.keys()
+    if kind == "clip":  # the learnable temperature (outside the sharded model, its own optimizer) was trained
+        key = next(k for k in b if k.endswith("logit_scale"))
+        moved = abs(float(b[key]) - math.log(1 / 0.07))
+        # three SGD steps at lr 1e-3 move it ~6e-5 here, against float32's 2.4e-7 spacing at 2.66
+        assert moved > 1e-5, moved
+        # the weights it is learnt from differ by 1e-5 at most, and a step moves it by lr x its gradient: far below
+        # 1e-6, which would still catch a temperature left out of the averaging or of the update (seen: 0.0)
+        assert float((a[key] - b[key]).abs()) <= 1e-6
     # 1e-5: both average the same float32 gradients, in another order (all-reduce vs reduce-scatter)
     diffs = sorted(((float((a[k].float() - b[k].float()).abs().max()), k) for k in a), reverse=True)
     assert diffs[0][0] <= 1e-5, diffs[:5]
 
 
-def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp_path):
+@pytest.mark.parametrize("kind", ["text", "clip"])
+def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(kind, assets, tmp_path):
     """SIGKILL inside the step-2 checkpoint write (a sharded checkpoint), then --resume auto under FSDP again:
-    the weights of an uninterrupted FSDP run (1e-6: the same operations in the same order on both sides)."""
+    the weights of an uninterrupted FSDP run (1e-6: the same operations in the same order on both sides). CLIP's
+    learnable temperature is outside the sharded model: its value and optimizer state come from the checkpoint's
+    loss files (a resume that lost the optimizer state ends with another temperature)."""
     import time
 
     from embedtrain.train import checkpoint as ckpt
 
     full = tmp_path / "full"
-    proc = _launch("fsdp_cpu.yaml", _recipe("text", assets, full), tmp_path / "full.yaml")
+    proc = _launch("fsdp_cpu.yaml", _recipe(kind, assets, full), tmp_path / "full.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "killed"
     path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(_recipe("text", assets, out)), encoding="utf-8")
+    path.write_text(yaml.safe_dump(_recipe(kind, assets, out)), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **{ckpt.PAUSE_ENV: "120@2"})
     env.pop("ACCELERATE_CONFIG_FILE", None)
     cmd = accelerate_launch("fsdp_cpu.yaml") + ["-m", "embedtrain", "train", str(path)]
@@ -105,8 +115,9 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(assets, tmp
             run.wait(timeout=60)
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
     assert (out / "checkpoints" / "step-0000001" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
+    assert (out / "checkpoints" / "step-0000001" / ckpt.LOSS_OPTIMIZER_FILE).is_file() == (kind == "clip")
 
-    proc = _launch("fsdp_cpu.yaml", _recipe("text", assets, out), path, "--resume", "auto")
+    proc = _launch("fsdp_cpu.yaml", _recipe(kind, assets, out), path, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     a, b = saved_weights(full / "model"), saved_weights(out / "model")
