@@ -29,6 +29,10 @@ from typing import Optional, Sequence
 from embedtrain.plan.model import ModelShape, Tower
 
 
+DDP_KINDS = ("MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
+"""accelerate's distributed types that wrap the model in DistributedDataParallel."""
+
+
 @dataclass
 class Engine:
     distributed_type: str = "NO"
@@ -38,6 +42,12 @@ class Engine:
     source: str = "one process"
     wrap: Optional[str] = None
     """FSDP's ``fsdp_auto_wrap_policy``: NO_WRAP shards the model as one unit, any other policy its blocks one by one."""
+
+    @property
+    def ddp(self) -> bool:
+        """Replicated weights kept equal by DistributedDataParallel (accelerate's MULTI_* kinds, on any device):
+        its gradient buckets and its one all-reduce a step."""
+        return self.distributed_type in DDP_KINDS and self.processes > 1
 
     @property
     def shards(self) -> dict[str, int]:
@@ -180,7 +190,7 @@ def estimate(shape: ModelShape, engine: Engine, work: Sequence[Work], optimizer:
     grads = shape.trainable_bytes // shards["gradients"]
     states = states_per_param * shape.trainable_bytes // shards["optimizer"]
     memory = {"weights": shape.weight_bytes // shards["weights"], "gradients": grads, "optimizer_states": states}
-    if engine.distributed_type == "MULTI_GPU" and engine.processes > 1:
+    if engine.ddp:
         memory["ddp_buckets"] = shape.trainable_bytes
     transient = 0
     if engine.distributed_type == "FSDP" and engine.processes > 1:
@@ -230,7 +240,7 @@ def step_communication(shape: ModelShape, engine: Engine, work: Sequence[Work],
         passes = [[w.tower] for w in trained for _ in range(_calls(w, chunks))] if chunks else \
             [sorted({w.tower for w in trained})] if trained else []
         sharded = engine.shards["weights"] > 1  # FSDP, ZeRO-3
-        if engine.distributed_type in ("MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU") and passes:
+        if engine.ddp and passes:
             out["all_reduce"] = shape.trainable_bytes
         elif sharded:
             per_block = engine.distributed_type == "DEEPSPEED" or engine.wrap != "NO_WRAP"

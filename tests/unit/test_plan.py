@@ -48,6 +48,9 @@ def test_memory_parts_follow_the_engine():
         (1000, 1000, 2000, 200)
     ddp = estimate(_shape(1000), Engine("MULTI_GPU", 4), work, "adamw", False, None).memory
     assert ddp["ddp_buckets"] == 4000 and ddp["weights"] == 4000
+    # DDP on CPU processes (gloo) keeps the same buckets; one process has none
+    assert estimate(_shape(1000), Engine("MULTI_CPU", 2), work, "adamw", False, None).memory == {**ddp}
+    assert "ddp_buckets" not in estimate(_shape(1000), Engine("MULTI_CPU", 1), work, "adamw", False, None).memory
     sgd = estimate(_shape(1000), Engine(), work, "sgd", False, None).memory
     assert sgd["optimizer_states"] == 4000
 
