@@ -117,7 +117,7 @@ def check_compact(c: Optional[CompactConfig], problems: list[str], where: str = 
     elif c.binary_rotation == "random" and not trains_binary:
         problems.append(f"{where}.binary_rotation: random rotates binary codes, and no term trains any; add binary to "
                         "precisions (or a rescore_weight) or set binary_rotation to none")
-    if c.basis == "pca" and "binary" in c.precisions and c.binary_rotation == "none":
+    if c.basis == "pca" and trains_binary and c.binary_rotation == "none":
         problems.append(f"{where}.basis: pca orders the dimensions by variance, and the sign of each one makes poor "
                         "binary codes (the last ones carry little of it); set binary_rotation to random")
     if c.center_rows < 1:

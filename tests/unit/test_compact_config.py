@@ -62,6 +62,12 @@ def test_a_basis_needs_a_centre_and_binary_codes_a_rotation(recipe_dict):
     recipe_dict["loss"]["compact"] = {"precisions": ["float32", "binary"], "center": True, "basis": "pca"}
     with pytest.raises(ConfigError, match="loss.compact.basis: pca orders the dimensions by variance"):
         recipe_from_dict(recipe_dict)
+    # a rescore term alone trains binary codes too
+    recipe_dict["loss"]["compact"] = {"precisions": ["float32"], "rescore_weight": 0.5, "center": True, "basis": "pca"}
+    with pytest.raises(ConfigError, match="loss.compact.basis: pca orders the dimensions by variance"):
+        recipe_from_dict(recipe_dict)
+    recipe_dict["loss"]["compact"]["binary_rotation"] = "random"
+    assert recipe_from_dict(recipe_dict).loss.compact.binary_rotation == "random"
     recipe_dict["loss"]["compact"] = {"precisions": ["float32", "int8"], "binary_rotation": "random"}
     with pytest.raises(ConfigError, match="loss.compact.binary_rotation: random rotates binary codes, and no term"):
         recipe_from_dict(recipe_dict)
