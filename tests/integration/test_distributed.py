@@ -1,7 +1,6 @@
 """Two real CPU processes (torchrun, gloo) against one process holding the whole batch."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -20,9 +19,9 @@ ROWS = 4
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    return env
+    from conftest import subprocess_env
+
+    return subprocess_env()
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tiny_bert_no_dropout, tmp_path):

@@ -9,7 +9,6 @@ run (1e-6: the same float32 operations in the same order, on one thread, so only
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from embedtrain.config import recipe_from_dict
 from embedtrain.train import checkpoint as ckpt
 from embedtrain.train.loop import _position, train
 
-from conftest import REPO, kill_tree
+from conftest import REPO, kill_tree, subprocess_env
 from kinds_support import KINDS, STEPS, build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 from tests.unit.hub.hub_server import FakeHub
@@ -49,9 +48,7 @@ def assets(tmp_path_factory, tiny_vlm):  # noqa: F811
 
 def _kill_during_checkpoint(recipe_path: Path, out: Path, log: Path) -> None:
     """Start ``embedtrain train`` in its own session, SIGKILL it while it writes the step-KILL_AT checkpoint."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
-               **{ckpt.PAUSE_ENV: f"120@{KILL_AT}"})
-    env.pop("ACCELERATE_CONFIG_FILE", None)
+    env = subprocess_env(**{ckpt.PAUSE_ENV: f"120@{KILL_AT}"})
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "embedtrain", "train", str(recipe_path)], cwd=REPO, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

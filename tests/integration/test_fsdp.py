@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, accelerate_launch, kill_tree
+from conftest import REPO, accelerate_launch, kill_tree, subprocess_env
 from kinds_support import build_assets, recipe_data, saved_weights
 from multimodal_support import tiny_vlm  # noqa: F401  (a fixture)
 
@@ -29,8 +28,7 @@ def assets(tmp_path_factory, tiny_vlm):  # noqa: F811
 
 def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
+    env = subprocess_env()
     cmd = accelerate_launch(config) + ["-m", "embedtrain", "train", str(path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
 
@@ -98,8 +96,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(kind, asset
     out = tmp_path / "killed"
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(_recipe(kind, assets, out)), encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **{ckpt.PAUSE_ENV: "120@2"})
-    env.pop("ACCELERATE_CONFIG_FILE", None)
+    env = subprocess_env(**{ckpt.PAUSE_ENV: "120@2"})
     cmd = accelerate_launch("fsdp_cpu.yaml") + ["-m", "embedtrain", "train", str(path)]
     with (tmp_path / "killed.log").open("w") as log:
         run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -3,7 +3,6 @@ dataset's expert only, the router learns the domains, GradCache and resume stay 
 on one line, and two processes train an MoE under DDP."""
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from embedtrain.models import load_text_encoder
 from embedtrain.models.moe import upcycle_encoder
 from embedtrain.train.loop import train
 
-from conftest import REPO, free_port, tiny_recipe, write_beir
+from conftest import REPO, free_port, subprocess_env, tiny_recipe, write_beir
 from helpers_parity import grads, make_batch, slice_batch, step
 
 NATURE = "small large animal plant tree fruit water river city red blue green light dark".split()
@@ -207,8 +206,7 @@ def test_two_processes_train_an_moe(tiny_bert_no_dropout, domains, tmp_path):
     single["data"]["batch_size"], double["data"]["batch_size"] = 8, 4  # the same global batch
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(double))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("ACCELERATE_CONFIG_FILE", None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "embedtrain", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
