@@ -84,18 +84,27 @@ def test_the_loss_optimizer_state_round_trips():
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_the_gradient_norm_and_clipping_take_the_model_and_the_loss_together(max_grad_norm):
-    from accelerate import Accelerator
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_the_gradient_norm_and_clipping_take_the_model_and_the_loss_together(max_grad_norm, precision):
+    """Under fp16 the gradients arrive multiplied by the loss scale: the accelerator unscales the model's, the update
+    the loss's own (the scale is a power of two, so unscaled gradients equal the reference exactly)."""
+    from embedtrain.train.accelerator import build_accelerator
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = build_accelerator(precision)  # fp16 on the CPU: torch's autocast and GradScaler, as a run has
+    assert (accelerator.scaler is not None) == (precision == "fp16")
     model, loss = _pair()
     optimizer = build_optimizer(parameter_groups(model.named_parameters(), 0.0), 1e-2, "sgd")
     scheduler = build_scheduler(optimizer, "constant", 10, 0.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_optimizer = LossOptimizer(loss, "sgd", 1e-2)
-    _gradients(0, model, loss, scale=3.0)
     both = list(model.parameters()) + list(loss.parameters())
+    _gradients(0, model, loss, scale=3.0)
     reference = [p.grad.clone() for p in both]
+    if accelerator.scaler is not None:  # what a backward of the scaled loss leaves
+        scale = float(accelerator.scaler.scale(torch.ones(())))  # the scale, as accelerator.backward applies it
+        assert scale > 1
+        for p in both:
+            p.grad.mul_(scale)
     expected_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in reference]))
     if max_grad_norm:  # torch's own clipping of the same gradients
         copies = [nn.Parameter(torch.zeros_like(g)) for g in reference]
