@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -40,6 +40,25 @@ class Engine:
             parts.append(self.sharding)
         parts.append(f"mixed precision {self.mixed_precision}")
         return ", ".join(parts)
+
+
+def engine_problems(distributed_type: str, train, loss_parameters: Sequence[str]) -> list[str]:
+    """Recipe settings an engine (accelerate's distributed type) cannot run, one line each: ``embedtrain train``
+    stops on them before it loads the model, ``embedtrain plan`` lists them for its accelerate config.
+    ``loss_parameters``: the names of the loss's own learnable parameters (:attr:`Task.loss_parameters`)."""
+    problems = []
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        shard = f"is not available under {distributed_type} (each process holds a shard of the weights); remove it " \
+                "or train without sharding"
+        if train.ema_decay is not None:
+            problems.append(f"train.ema_decay: an exponential moving average of the weights {shard}")
+        if train.average_last_checkpoints > 1:
+            problems.append(f"train.average_last_checkpoints: averaging checkpoints {shard}")
+    if distributed_type == "DEEPSPEED" and loss_parameters:
+        # DeepSpeed scales the fp16 loss in its engine: the loss's own gradients, outside it, would stay scaled
+        problems.append(f"loss: a learnable temperature or bias ({', '.join(loss_parameters)}) is not available under "
+                        "DeepSpeed yet; set loss.learnable_temperature (and loss.learnable_bias) to false")
+    return problems
 
 
 def requested_engine() -> Optional[str]:

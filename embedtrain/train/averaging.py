@@ -40,12 +40,6 @@ def _trainable(trainer) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _refuse_sharding(trainer, what: str, field: str) -> None:
-    if trainer.engine.sharding:
-        raise EmbedtrainError(f"train.{field}: {what} is not available under {trainer.engine.distributed_type} "
-                              "(each process holds a shard of the weights); remove it or train without sharding")
-
-
 class ExponentialMovingAverage(Callback):
     r"""Keeps :math:`\bar\theta_t = d\,\bar\theta_{t-1} + (1 - d)\,\theta_t` after every applied update
     (a skipped step leaves it as it is), starting from the weights at step 0; the final model is
@@ -59,7 +53,6 @@ class ExponentialMovingAverage(Callback):
         self.shadow: dict[str, torch.Tensor] = {}
 
     def on_train_begin(self, trainer) -> None:
-        _refuse_sharding(trainer, "an exponential moving average of the weights", "ema_decay")
         params = _trainable(trainer)
         saved = getattr(trainer, "resumed_from", None)
         if saved is not None and (Path(saved) / EMA_FILE).is_file():
@@ -99,9 +92,6 @@ class CheckpointAverage(Callback):
 
     def __init__(self, count: int, log=print):
         self.count, self.log = int(count), log
-
-    def on_train_begin(self, trainer) -> None:
-        _refuse_sharding(trainer, "averaging checkpoints", "average_last_checkpoints")
 
     def on_train_loop_end(self, trainer, step: int) -> None:
         from safetensors.torch import load_file

@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from embedtrain.config import to_dict
-from embedtrain.errors import EmbedtrainError
+from embedtrain.errors import ConfigError, EmbedtrainError
 from embedtrain.train import checkpoint as ckpt
-from embedtrain.train.accelerator import build_accelerator, engine_of
+from embedtrain.train.accelerator import build_accelerator, engine_of, engine_problems
 from embedtrain.train.averaging import averaging_callbacks
 from embedtrain.train.callbacks import Callback
 from embedtrain.train.diagnostics import diagnostics_callbacks
@@ -153,6 +153,9 @@ class Trainer:
             self.log(f"mixed precision: the accelerate config asks for {self.engine.launcher_mixed_precision}; "
                      f"train.mixed_precision ({self.engine.mixed_precision}) is used")
         task.check_data(world_size)
+        problems = engine_problems(self.engine.distributed_type, r.train, task.loss_parameters)
+        if problems:  # before the model loads
+            raise ConfigError(problems)
         resume_from = self._resume_point()
         task.startup.lap("accelerator")
 
@@ -166,11 +169,6 @@ class Trainer:
         total = sum(p.numel() for p in model.parameters())
         steps_per_epoch = task.batches_in_epoch(0)
         self.total_steps = total_steps = r.train.max_steps or r.train.epochs * steps_per_epoch
-        if self.engine.distributed_type == "DEEPSPEED" and any(p.requires_grad for p in loss_fn.parameters()):
-            # DeepSpeed scales the fp16 loss in its engine: the loss's own gradients, outside it, would stay scaled
-            raise EmbedtrainError(f"loss: a learnable temperature or bias ({', '.join(n for n, _ in loss_fn.named_parameters())})"
-                                  f" is not available under DeepSpeed ({self.engine.sharding}) yet; set "
-                                  "loss.learnable_temperature (and loss.learnable_bias) to false")
         groups = layerwise_lr_decay(task.parameter_groups(model), model.named_parameters(), r.train.lr,
                                     r.train.layerwise_lr_decay)
         optimizer = build_optimizer(groups, r.train.lr, r.train.optimizer, r.train.momentum)

@@ -39,9 +39,11 @@ class Task:
     find_unused_parameters = False
     """Tell DDP that a step may leave parameters without gradient (an MoE step's other experts)."""
 
-    def __init__(self, recipe, log=print):
+    def __init__(self, recipe, log=print, loss: Optional[torch.nn.Module] = None):
         self.recipe = recipe
         self.log = log
+        self.loss_parameters = [n for n, p in loss.named_parameters() if p.requires_grad] if loss is not None else []
+        """Names of the loss's own learnable parameters (a temperature, a bias), from the recipe's loss as built."""
         self.counters: dict = {}
         """The task's own figures that a checkpoint keeps (the loop hands in the training state's)."""
         self.startup = StartupPhases(log)
@@ -173,7 +175,7 @@ class PairsTask(Task):
     then :class:`~embedtrain.data.streaming.StreamSource` and a subclass sets ``self.stream_tokenize`` in ``build``."""
 
     def __init__(self, recipe, log=print, loss: Optional[torch.nn.Module] = None):
-        super().__init__(recipe, log)
+        super().__init__(recipe, log, loss)
         self._plans: dict[int, list] = {}
         self.lengths: Optional[list] = None
         self.repeat_documents = bool(getattr(loss, "masks_repeated_documents", False))

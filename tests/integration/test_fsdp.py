@@ -135,3 +135,18 @@ def test_a_sharded_decoder_folder_loads_in_sentence_transformers(assets, tmp_pat
     st = SentenceTransformer(str(out / "model"), device="cpu", trust_remote_code=True)
     theirs = torch.as_tensor(st.encode(texts, prompt_name="document") if "document" in st.prompts else st.encode(texts))
     assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_what_fsdp_cannot_run_stops_the_run_before_the_model_loads(assets, tmp_path):
+    """A setting the engine cannot run (an average of sharded weights) is one line from every process before any
+    weights are read or any output written (embedtrain plan lists the same line)."""
+    out = tmp_path / "out"
+    recipe = _recipe("text", assets, out)
+    recipe["train"]["ema_decay"] = 0.99
+    proc = _launch("fsdp_cpu.yaml", recipe, tmp_path / "ema.yaml")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    line = "error: train.ema_decay: an exponential moving average of the weights is not available under FSDP"
+    assert text.count(line) == 2  # each process, in one line (the launcher then reports its failed children)
+    assert "loading model" not in text and f'File "{REPO / "embedtrain"}' not in text
+    assert not out.exists()

@@ -164,3 +164,29 @@ def test_plan_reports_communication_and_refuses_bad_rates(tiny_bert, pairs_file,
     for flag, value in (("--link-gbs", "0"), ("--mfu", "1.5"), ("--device-tflops", "-1")):
         assert main(["plan", str(path), flag, value]) == 2
         assert f"{flag} " in capsys.readouterr().err
+
+
+def test_plan_lists_what_the_engine_cannot_run(tiny_bert, pairs_file, tmp_path, capsys):
+    """What `embedtrain train` would refuse under the accelerate config's engine (before loading the model) is a
+    plan problem: averaging under sharding, a learnable temperature under DeepSpeed (FSDP takes it)."""
+    from embedtrain.train.accelerator import engine_problems
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")))
+    fsdp, zero3 = (str(REPO / "recipes" / "accelerate" / f) for f in ("fsdp.yaml", "deepspeed_zero3.yaml"))
+    assert main(["plan", str(path), "train.ema_decay=0.99", "--accelerate-config", fsdp]) == 2
+    assert ("problem: train.ema_decay: an exponential moving average of the weights is not available under FSDP"
+            in capsys.readouterr().out)
+    assert main(["plan", str(path), "loss.learnable_temperature=true", "--accelerate-config", fsdp]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(path), "loss.learnable_temperature=true", "train.average_last_checkpoints=3",
+                 "train.save_every=5", "--accelerate-config", zero3]) == 2
+    out = capsys.readouterr().out
+    assert "problem: loss: a learnable temperature or bias (log_scale) is not available under DeepSpeed" in out
+    assert "problem: train.average_last_checkpoints: averaging checkpoints is not available under DEEPSPEED" in out
+
+    class Train:
+        ema_decay, average_last_checkpoints = None, 1
+
+    assert engine_problems("MULTI_GPU", Train, ["log_scale"]) == []
+    assert engine_problems("FSDP", Train, ["log_scale"]) == []
