@@ -319,6 +319,23 @@ def check_datasets(entries: Sequence[DatasetSource], where: str, name_of: Callab
             problems.append(f"{at}.max_rows: must be at least 1, got {ds.max_rows}")
 
 
+def check_streaming(entries: Sequence, max_steps: Optional[int], problems: list[str]) -> None:
+    """Streaming datasets (entries with ``streaming``): all of them or none, a step budget, no cut by rows."""
+    streaming = [ds.streaming for ds in entries]
+    if not any(streaming):
+        return
+    if not all(streaming):
+        i = streaming.index(False)
+        problems.append(f"data.train[{i}].streaming: false while other datasets stream; a run streams every "
+                        "dataset or none, so set streaming: true here too (or turn it off everywhere)")
+    if max_steps is None:
+        problems.append("train.max_steps: a streaming dataset has no epochs to count; set train.max_steps")
+    for i, ds in enumerate(entries):
+        if ds.streaming and ds.max_rows is not None:
+            problems.append(f"data.train[{i}].max_rows: a stream is not cut by rows; remove max_rows or give "
+                            "fewer shards (a folder or glob of them)")
+
+
 def check_data_mix(d: DatasetMixConfig, problems: list[str]) -> None:
     """The values of a ``data`` section that mixes datasets (see :class:`DatasetMixConfig`)."""
     if not 0.0 <= d.max_dropped_share <= 1.0:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type, task_name
-from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train, check_unused
+from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_streaming, check_train, check_unused
 from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import check_beir_folder, looks_local, resolve_path
 from embedtrain.errors import did_you_mean
@@ -55,6 +55,8 @@ class MultimodalDatasetConfig(DatasetSource):
     """A query as the model's text: {text} is its text, {image} the image token(s); data.train[0]'s are saved with the model."""
     document_template: str = "{image}{text}"
     """The same for positives and negatives (CLIP: {image} stands for nothing; images go to the image tower)."""
+    streaming: bool = False
+    """Read the dataset as a stream (local shards: webdataset .tar, Parquet or JSON lines, a folder or glob of them; or a Hub id) instead of loading it whole: images checked as they are read, split across processes and workers, resumed at the same row; needs train.max_steps."""
 
 
 @dataclass
@@ -65,7 +67,9 @@ class MultimodalDataConfig(DatasetMixConfig):
     bad_images: Literal["stop", "skip"] = "stop"
     """An image that is missing or cannot be decoded: stop with its row and path, or skip the row and count it."""
     verify_images: bool = True
-    """Decode every image once before training, so that bad files are found before the first step."""
+    """Decode every image once before training (streams: as each row is read), so that bad files are found before a step uses them."""
+    stream_pool_batches: int = 4
+    """Streams: batches' worth of rows each reader holds at a time (the batches are cut from them, rows that would repeat a text or image of a batch wait for the next pool)."""
 
 
 @dataclass
@@ -271,6 +275,9 @@ def _check_datasets(recipe: MultimodalRecipe, problems: list[str], files: bool) 
         problems.append("data.train: no datasets; add at least one {path: ...}")
     check_datasets(d.train, "data.train", mm_dataset_name, problems, files)
     check_data_mix(d, problems)
+    check_streaming(d.train, recipe.train.max_steps, problems)
+    if d.stream_pool_batches < 1:
+        problems.append(f"data.stream_pool_batches: must be at least 1, got {d.stream_pool_batches}")
     placeholders = ("image", "text")
     for i, ds in enumerate(d.train):
         where = f"data.train[{i}]"

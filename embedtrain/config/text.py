@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from embedtrain.config.common import DatasetMixConfig, DatasetSource, EvalConfig, EvalTaskSource, LoraSettings, recipe_type
-from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_train
+from embedtrain.config.common import check_data_mix, check_datasets, check_eval, check_local_model, check_lora, check_output, check_streaming, check_train
 from embedtrain.config.compact import CompactConfig, check_compact
 from embedtrain.config.schema import check_beir_folder, resolve_path
 from embedtrain.errors import did_you_mean
@@ -215,24 +215,11 @@ def moe_domains(recipe: TextRecipe) -> list[str]:
 
 def _check_streaming(d: DataConfig, t, problems: list[str]) -> None:
     """Streaming datasets: all or none of them, a step budget, pairs as they are (see embedtrain.data.streaming)."""
-    streaming = [ds.streaming for ds in d.train]
-    if not any(streaming):
-        return
-    if not all(streaming):
-        i = streaming.index(False)
-        problems.append(f"data.train[{i}].streaming: false while other datasets stream; a run streams every "
-                        "dataset or none, so set streaming: true here too (or turn it off everywhere)")
-    if t.max_steps is None:
-        problems.append("train.max_steps: a streaming dataset has no epochs to count; set train.max_steps")
+    check_streaming(d.train, t.max_steps, problems)
     for i, ds in enumerate(d.train):
-        if not ds.streaming:
-            continue
-        if ds.label_column is not None:
+        if ds.streaming and ds.label_column is not None:
             problems.append(f"data.train[{i}].label_column: labelled rows are made into pairs from the whole "
                             "dataset, which a stream never holds; set streaming: false for this dataset")
-        if ds.max_rows is not None:
-            problems.append(f"data.train[{i}].max_rows: a stream is not cut by rows; remove max_rows or give "
-                            "fewer shards (a folder or glob of them)")
 
 
 def _check_mined(d: DataConfig, problems: list[str]) -> None:

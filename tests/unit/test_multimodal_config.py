@@ -128,3 +128,25 @@ def test_vlm2vec_takes_the_gte_loss_and_hardness_weights(tmp_path):
         recipe_from_dict(data)
     text = "\n".join(err.value.problems)
     assert "the gte loss holds the document→query term" in text and "loss.hardness_weight: must be 0 or more" in text
+
+
+def test_streamed_image_text_datasets_are_checked(tmp_path):
+    data = clip_dict(tmp_path)
+    first = dict(data["data"]["train"][0])
+    data["data"]["train"] = [{**first, "streaming": True, "max_rows": 10}, {**first, "name": "other"}]
+    data["train"].pop("max_steps", None)
+    data["train"]["epochs"] = 1
+    data["data"]["stream_pool_batches"] = 0
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    problems = err.value.problems
+    assert any(p.startswith("data.train[1].streaming: false while other datasets stream") for p in problems)
+    assert "train.max_steps: a streaming dataset has no epochs to count; set train.max_steps" in problems
+    assert any(p.startswith("data.train[0].max_rows: a stream is not cut by rows") for p in problems)
+    assert "data.stream_pool_batches: must be at least 1, got 0" in problems
+    data["data"]["train"] = [{**first, "streaming": True}]
+    data["data"]["train"][0].pop("max_rows", None)
+    data["data"]["stream_pool_batches"] = 4
+    data["train"]["max_steps"] = 10
+    r = recipe_from_dict(data)
+    assert r.data.train[0].streaming and r.data.stream_pool_batches == 4
