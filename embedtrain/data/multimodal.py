@@ -192,14 +192,8 @@ def read_multimodal_pairs(
     """
     import datasets
 
-    from embedtrain.config import looks_local, resolve_path
-    from embedtrain.config.schema import local_data_files
-
     ds, source = load_table(path, where, split)
-    # a folder or glob of shards: relative paths are read from the (first) shard's folder, as from one file's
-    default_root = Path(local_data_files(path)[1][0]).parent if looks_local(path) else Path.cwd()
-
-    root = Path(resolve_path(image_root)) if image_root else default_root
+    root = image_folder(path, image_root)
     wanted = [c for pair in columns.values() for c in pair if c is not None]
     ds = flatten_fields(ds, wanted)
     missing = [c for c in dict.fromkeys(wanted) if c not in ds.column_names]
@@ -217,18 +211,57 @@ def read_multimodal_pairs(
     samples = list(zip(column_list(ds, SHARD_COLUMN), column_list(ds, KEY_COLUMN))) if is_webdataset(ds.column_names) \
         else None
 
+    pairs = pairs_from_columns(
+        {c: column_list(ds, c) for c in dict.fromkeys(wanted)}, samples, name, source, columns, root,
+        list(range(1, len(ds) + 1)), query_template, document_template, weight, bad_images, verify)
+    if len(pairs) == 0:
+        raise EmbedtrainError(f"{where}: {source} has no usable rows")
+    return pairs
+
+
+def image_folder(path: str, image_root: Optional[str]) -> Path:
+    """Where a dataset's relative image paths are read from: ``image_root``, else the data file's folder (for a
+    folder or glob of shards, the first shard's), else (a Hub dataset) the working directory."""
+    from embedtrain.config import looks_local, resolve_path
+    from embedtrain.config.schema import local_data_files
+
+    if image_root:
+        return Path(resolve_path(image_root))
+    return Path(local_data_files(path)[1][0]).parent if looks_local(path) else Path.cwd()
+
+
+def pairs_from_columns(
+    values: dict[str, list],
+    samples: Optional[list[tuple[str, str]]],
+    name: str,
+    source: str,
+    columns: dict[str, tuple[Optional[str], Optional[str]]],
+    root: Path,
+    line_numbers: list[int],
+    query_template: str = "{image}{text}",
+    document_template: str = "{image}{text}",
+    weight: float = 1.0,
+    bad_images: str = "stop",
+    verify: bool = True,
+) -> MultimodalPairs:
+    """Checked rows from their columns' values (``values[column][i]``): a table read whole, or the rows a stream
+    has just read. Texts must be text (empty only beside an image); image paths are resolved from ``root``; bad
+    images stop with one line naming the first, or under ``bad_images='skip'`` leave their rows out
+    (``skipped``). ``samples``: each row's (shard, key) when the rows are webdataset samples, which messages name
+    instead of ``source`` and a row number from ``line_numbers``."""
+
     def at(i: int) -> str:
-        return f"{source} row {i + 1}" if samples is None else sample_location(*samples[i])
+        return f"{source} row {line_numbers[i]}" if samples is None else sample_location(*samples[i])
 
     texts: dict[str, Optional[list[str]]] = {}
     images: dict[str, Optional[list[ImageRef]]] = {}
     for role, (text_col, image_col) in columns.items():
         texts[role] = None
         if text_col is not None:
-            values = column_list(ds, text_col)
-            for i, value in enumerate(values):
+            column = list(values[text_col])
+            for i, value in enumerate(column):
                 if value is None and image_col is not None:
-                    values[i] = value = ""  # an image with no text
+                    column[i] = value = ""  # an image with no text
                 if value is None and samples is not None:
                     raise EmbedtrainError(f"{at(i)}: no '{text_col}' member (the text column); "
                                           "add it to the sample or remove the sample")
@@ -237,17 +270,17 @@ def read_multimodal_pairs(
                                           "not text; fix or remove the row")
                 if not value.strip() and image_col is None:
                     raise EmbedtrainError(f"{at(i)}: column '{text_col}' is empty; fix or remove the row")
-            texts[role] = values
+            texts[role] = column
         images[role] = None
         if image_col is not None:
-            values = column_list(ds, image_col)
+            column = values[image_col]
             if samples is None:
-                images[role] = [_image_ref(v, root, source, i + 1, image_col) for i, v in enumerate(values)]
+                images[role] = [_image_ref(v, root, source, line_numbers[i], image_col) for i, v in enumerate(column)]
             else:
-                images[role] = [_sample_image_ref(v, root, *samples[i], image_col) for i, v in enumerate(values)]
+                images[role] = [_sample_image_ref(v, root, *samples[i], image_col) for i, v in enumerate(column)]
 
     pairs = MultimodalPairs(name=name, source=source, columns=dict(columns), texts=texts, images=images,
-                            line_numbers=list(range(1, len(ds) + 1)), query_template=query_template,
+                            line_numbers=list(line_numbers), query_template=query_template,
                             document_template=document_template, weight=weight, samples=samples)
     bad = _check_images(pairs, verify)
     if bad:
@@ -260,8 +293,6 @@ def read_multimodal_pairs(
         pairs = _select(pairs, keep)
         pairs.skipped = bad
         pairs.dropped = {"bad_images": len(drop)}
-    if len(pairs) == 0:
-        raise EmbedtrainError(f"{where}: {source} has no usable rows")
     pairs.row_keys = [_row_key(pairs, i) for i in range(len(pairs))]
     return pairs
 
@@ -422,15 +453,23 @@ class MultimodalCollator:
         return self.prepare(texts, images, ds.template(roles[0]))
 
     def __call__(self, planned: PlannedBatch, rows: Sequence[int]) -> dict:
-        ds = self.datasets[planned.dataset]
-        rows, decoded, bad, stop = self._decode_rows(ds, list(rows))
+        return self._collate(self.datasets[planned.dataset], list(rows), planned.dataset)
+
+    def collate(self, index: int, data: tuple[MultimodalPairs, list[int]], keys) -> dict:
+        """A streamed batch (:class:`~embedtrain.data.streaming.ImageStreamReader`): ``data`` is the reader's pool and
+        the batch's rows in it (``keys``, the rows' keys, are the pool's own ``row_keys``)."""
+        pool, rows = data
+        return self._collate(pool, list(rows), index)
+
+    def _collate(self, ds: MultimodalPairs, rows: list[int], index: int) -> dict:
+        rows, decoded, bad, stop = self._decode_rows(ds, rows)
         if stop:
-            return {"dataset": planned.dataset, "bad_images": bad, "stop": True}
+            return {"dataset": index, "bad_images": bad, "stop": True}
         k = ds.num_negatives
         negatives = [f"negative_{j}" for j in range(k)]
         # the recipe gives every negative the same kind (text, image or both), so they collate together
         return {
-            "dataset": planned.dataset,
+            "dataset": index,
             "query": self._role_inputs(ds, ["query"], rows, decoded),
             "positive": self._role_inputs(ds, ["positive"], rows, decoded),
             "positive_ids": torch.tensor([ds.row_keys[r][1] for r in rows], dtype=torch.long),

@@ -3,6 +3,8 @@
 A ``data.train`` entry with ``streaming: true`` is read through ``datasets``' iterable datasets (local Parquet,
 JSON-lines or CSV shards: one file, a folder or a glob; or a Hub id), one pool of rows at a time, inside the
 DataLoader's worker processes, and tokenized there. Nothing is read before training but the shards' metadata.
+Image-text rows (CLIP, VLM2Vec: webdataset shards too) are read the same way by :class:`ImageStreamReader`, which
+checks each pool's images as they are read and leaves tokenizing and decoding to the collator.
 
 - **Split across processes and workers.** With P processes of W workers there are G = P x W readers; reader g
   takes shards g, g+G, g+2G, ... when the dataset has at least G shards, else it reads every shard and keeps
@@ -37,7 +39,21 @@ import torch
 from embedtrain.data.collate import role_settings, tokenize_roles
 from embedtrain.data.readers import text_hash
 from embedtrain.data.sampler import _fill_batches
+from embedtrain.data.webdataset import KEY_COLUMN, SHARD_COLUMN, flatten_fields, is_webdataset
 from embedtrain.errors import EmbedtrainError
+
+
+@dataclass
+class ImageRows:
+    """What a stream of multimodal rows adds to its :class:`StreamSource` (plain values)."""
+
+    roles: dict[str, tuple[Optional[str], Optional[str]]]  # role -> (text column, image column)
+    image_root: str  # relative image paths are read from here
+    query_template: str = "{image}{text}"
+    document_template: str = "{image}{text}"
+    webdataset: bool = False  # rows are webdataset samples: messages name their shard and key
+    bad_images: str = "stop"
+    verify: bool = True
 
 
 @dataclass
@@ -59,14 +75,23 @@ class StreamSource:
     rows: Optional[int] = None  # rows in all shards: from Parquet footers, or estimated (rows_estimated)
     num_shards: int = 1
     rows_estimated: bool = False  # rows is the shards' bytes over the first shard's bytes per row
+    images: Optional[ImageRows] = None  # multimodal rows: columns then holds each role's text and image columns
 
     @property
     def num_negatives(self) -> int:
-        return len(self.columns) - 2
+        return len(self.images.roles if self.images is not None else self.columns) - 2
 
     @property
     def role_columns(self) -> list[str]:
         return list(self.columns)
+
+    @property
+    def read_columns(self) -> list[str]:
+        """The source's columns a row is read from, in order (a column two roles share, once)."""
+        columns = list(dict.fromkeys(self.columns.values()))
+        if self.images is not None and self.images.webdataset:
+            columns += [KEY_COLUMN, SHARD_COLUMN]
+        return columns
 
     def open(self, order: Optional[Sequence[int]] = None):
         """The source as a ``datasets.IterableDataset`` with role columns (local shards in ``order``)."""
@@ -85,7 +110,10 @@ class StreamSource:
             first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
             raise EmbedtrainError(f"{self.where}.path: cannot stream {self.path} ({first[:160]}); check the "
                                   "path, the Hub id or the shards' format") from None
-        return ds.select_columns(list(self.columns.values()))
+        if self.images is None:
+            return ds.select_columns(list(self.columns.values()))
+        return _image_columns_kept_encoded(flatten_fields(ds, list(self.columns.values())).select_columns(self.read_columns),
+                                           [c for _, c in self.images.roles.values() if c is not None])
 
     def line(self) -> str:
         rows = "rows unknown until read" if self.rows is None else f"{'about ' * self.rows_estimated}{self.rows:,} rows"
@@ -98,12 +126,13 @@ class StreamSource:
 
 def open_stream(where: str, name: str, path: str, columns: dict[str, str], query_prompt: str = "",
                 document_prompt: str = "", weight: float = 1.0, split: str = "train",
-                subset: Optional[str] = None) -> StreamSource:
+                subset: Optional[str] = None, images: Optional[ImageRows] = None) -> StreamSource:
     """A checked :class:`StreamSource`: its shards found, its columns present (read from the shards' schema, or
-    from the first row when the format has none), its row count when the shards record it."""
+    from the first row when the format has none), its row count when the shards record it. ``images``: the rows
+    are multimodal (``columns`` then maps ``<role>.text`` / ``<role>.image`` to columns)."""
     from embedtrain.config.schema import local_data_files, looks_local
 
-    if len(set(columns.values())) != len(columns):
+    if images is None and len(set(columns.values())) != len(columns):
         raise EmbedtrainError(f"{where}: the same column is used for two roles ({', '.join(columns.values())}); "
                               "give each role its own column")
     builder, files = None, []
@@ -113,13 +142,17 @@ def open_stream(where: str, name: str, path: str, columns: dict[str, str], query
         except EmbedtrainError as err:
             raise EmbedtrainError(f"{where}.path: {err}") from None
     source = StreamSource(name, where, path, builder, files, dict(columns), query_prompt, document_prompt, weight,
-                          split, subset)
+                          split, subset, images=images)
     import datasets
 
     try:
         ds = (datasets.load_dataset(builder, data_files=files, split="train", streaming=True) if builder
               else datasets.load_dataset(path, subset, split=split, streaming=True))
+        if images is not None:
+            ds = flatten_fields(ds, list(columns.values()))  # json.<field> columns of webdataset samples
         names = ds.column_names or list(next(iter(ds.take(1)), {}))
+        if images is not None:
+            images.webdataset = is_webdataset(names)
     except Exception as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
         raise EmbedtrainError(f"{where}.path: cannot stream {path} ({first[:160]}); check the path, the Hub id or "
@@ -136,6 +169,17 @@ def open_stream(where: str, name: str, path: str, columns: dict[str, str], query
     elif builder in ("json", "csv"):
         source.rows, source.rows_estimated = _estimate_rows(files, header=builder == "csv"), True
     return source
+
+
+def _image_columns_kept_encoded(ds, columns: Sequence[str]):
+    """``ds`` with its image columns (``datasets.Image`` features) read as encoded bytes, decoded per batch."""
+    import datasets
+
+    features = ds.features or {}
+    for column in dict.fromkeys(columns):
+        if isinstance(features.get(column), datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
 
 
 def _estimate_rows(files: Sequence[str], header: bool, sample: int = 1 << 20) -> Optional[int]:
@@ -190,8 +234,8 @@ class TokenizeRoles:
 
 @dataclass
 class _Pool:
-    rows: list[list[str]]  # the pool's rows: texts per role, in column order
-    tokens: dict[str, list]  # <column>_ids of those rows
+    rows: list[list]  # the pool's rows: their values, in the order of the reader's columns
+    tokens: Any  # what batches are taken from: <column>_ids of those rows (text), their checked pairs (images)
     batches: list[list[int]]  # row indices of its batches, in the order they are given out
 
 
@@ -208,7 +252,7 @@ class StreamReader:
         p = position or {}
         self.pass_ = p.get("pass", 0)
         self.pool_no = p.get("pool", 0)
-        self.carry: list[list[str]] = p.get("carry", [])
+        self.carry: list[list] = _from_json(p.get("carry", []))
         self.read_before, self.dropped_before = p.get("read", 0), p.get("dropped", 0)
         self.given_before, self.done = p.get("given", 0), p.get("done", 0)
         self.rows_this_pass = p.get("rows_this_pass", 0)
@@ -247,28 +291,49 @@ class StreamReader:
                     f"({self.source.num_shards} shards); give the dataset more rows or run fewer processes or workers")
             self.pass_, self.rows_this_pass = self.pass_ + 1, 0
             self._open_pass(None)
-        columns = self.source.role_columns
-        fresh = [[new[self.source.columns[c]][i] for c in columns] for i in range(len(next(iter(new.values()))))]
-        self._check(fresh)
+        columns = self._columns()
+        fresh = [[new[c][i] for c in columns] for i in range(len(next(iter(new.values()))))]
+        read = len(fresh)
+        fresh = self._check(fresh)
         rows = self.carry + fresh
-        data = {c: [r[j] for r in rows] for j, c in enumerate(columns)}
-        tokens = self.tokenize(self.source, data)
-        keys = [tuple(text_hash(t) for t in r) for r in rows]
+        tokens, keys, lengths = self._prepare(rows)
         rng = np.random.default_rng([self.seed, self.index, self.reader, self.pass_, self.pool_no])
         order = rng.permutation(len(rows))
-        if self.group_by_length:
-            lengths = np.asarray([sum(len(tokens[f"{c}_ids"][i]) for c in columns) for i in range(len(rows))])
+        if self.group_by_length and lengths is not None:
+            lengths = np.asarray(lengths)
             order = order[np.argsort(lengths[order], kind="stable")]
         leftover: list[int] = []
         batches = _fill_batches(order.tolist(), keys, self.batch_size, self.no_duplicates, leftover,
                                 self.repeat_documents)
         rng.shuffle(batches)
         self.pool = _Pool(rows, tokens, batches)
-        self.fresh, self.keys = len(fresh), keys
+        self.fresh, self.keys = read, keys
         self.next_carry = [rows[i] for i in leftover[: self.pool_rows]]
         self.dropped_here = max(0, len(leftover) - self.pool_rows)
 
-    def _check(self, rows: list[list[str]]) -> None:
+    def _columns(self) -> list[str]:
+        """The source's columns of a row, in order."""
+        return [self.source.columns[c] for c in self.source.role_columns]
+
+    def _prepare(self, rows: list[list]) -> tuple[Any, list[tuple[int, ...]], Optional[list[int]]]:
+        """(what batches are taken from, each row's keys for de-duplication, each row's tokens or None)."""
+        columns = self.source.role_columns
+        data = {c: [r[j] for r in rows] for j, c in enumerate(columns)}
+        tokens = self.tokenize(self.source, data)
+        keys = [tuple(text_hash(t) for t in r) for r in rows]
+        lengths = [sum(len(tokens[f"{c}_ids"][i]) for c in columns) for i in range(len(rows))]
+        return tokens, keys, lengths
+
+    def _take(self, picked: list[int]):
+        """A batch's data: its rows' token columns."""
+        return {name: [values[i] for i in picked] for name, values in self.pool.tokens.items()}
+
+    def notes(self) -> dict[str, Any]:
+        """What a batch reports besides its data (nothing for text)."""
+        return {}
+
+    def _check(self, rows: list[list]) -> list[list]:
+        """The rows read, checked (a bad one is an error naming it); returns the rows kept."""
         for n, row in enumerate(rows):
             for column, value in zip(self.source.role_columns, row):
                 problem = (f"is {type(value).__name__}, not text" if not isinstance(value, str)
@@ -279,6 +344,7 @@ class StreamReader:
                         f"row {self.rows_this_pass + n + 1} that reader {self.reader} of {self.readers} reads in pass "
                         f"{self.pass_ + 1}; fix or remove the row")
         self.rows_this_pass += len(rows)
+        return rows
 
     def next_batch(self) -> tuple[dict, list[tuple[int, ...]]]:
         """The next batch: its ``<column>_ids`` token columns and the rows' text hashes (query, documents...)."""
@@ -292,12 +358,11 @@ class StreamReader:
             self._read_pool()
         picked = self.pool.batches[self.done]
         self.done += 1
-        data = {name: [values[i] for i in picked] for name, values in self.pool.tokens.items()}
-        return data, [self.keys[i] for i in picked]
+        return self._take(picked), [self.keys[i] for i in picked]
 
     def position(self) -> dict[str, Any]:
         """Where this reader is after the batches it gave out (JSON-ready)."""
-        return {"pass": self.pass_, "pool": self.pool_no, "source": self.source_state, "carry": self.carry,
+        return {"pass": self.pass_, "pool": self.pool_no, "source": self.source_state, "carry": _to_json(self.carry),
                 "done": self.done, "read": self.read_before, "dropped": self.dropped_before,
                 "given": self.given_before, "rows_this_pass": self.rows_this_pass - (self.fresh if self.pool else 0)}
 
@@ -307,6 +372,100 @@ class StreamReader:
         return {"rows_read": self.read_before + fresh, "rows_trained": (self.given_before + self.done) * self.batch_size,
                 "rows_dropped": self.dropped_before + (self.dropped_here if self.pool is not None else 0),
                 "passes": self.pass_ + 1}
+
+
+class ImageStreamReader(StreamReader):
+    """A :class:`StreamReader` of multimodal rows (:class:`ImageRows`). The rows each pool reads are checked as a
+    dataset read whole is (:func:`~embedtrain.data.multimodal.pairs_from_columns`): texts, image paths, and with
+    ``verify`` every image decoded once. A bad image stops the run with a line naming it (its shard and sample, or
+    the row of this reader's pass), or under ``bad_images: skip`` leaves its row out, counted and reported with the
+    next batch. A pool is a :class:`~embedtrain.data.multimodal.MultimodalPairs`; a batch is the pool and its
+    rows, which the collator reads and decodes (a row whose image fails then is replaced by another of the pool
+    under 'skip', as in a dataset read whole)."""
+
+    def __init__(self, *args, position: Optional[dict] = None, **kwargs):
+        self.bad_before = (position or {}).get("bad", 0)  # bad rows of the pools before the current one
+        self.bad_messages: list[str] = []
+        self.bad_here = 0
+        super().__init__(*args, position=position, **kwargs)
+
+    def _columns(self) -> list[str]:
+        return self.source.read_columns
+
+    def _pairs(self, rows: list[list], lines: list[int], verify: bool, bad_images: str, where: str):
+        from pathlib import Path
+
+        from embedtrain.data.multimodal import pairs_from_columns
+
+        im = self.source.images
+        values = {c: [r[j] for r in rows] for j, c in enumerate(self._columns())}
+        samples = list(zip(values[SHARD_COLUMN], values[KEY_COLUMN])) if im.webdataset else None
+        return pairs_from_columns(values, samples, self.source.name, f"{self.source.path} ({where})", im.roles,
+                                  Path(im.image_root), lines, im.query_template, im.document_template,
+                                  self.source.weight, bad_images, verify)
+
+    def _check(self, rows: list[list]) -> list[list]:
+        first = self.rows_this_pass
+        self.rows_this_pass += len(rows)
+        self.bad_before, self.bad_here = self.bad_before + self.bad_here, 0  # a new pool: the last one's are counted
+        if not rows:
+            return rows
+        im = self.source.images
+        where = f"reader {self.reader + 1} of {self.readers}, pass {self.pass_ + 1}"
+        pairs = self._pairs(rows, list(range(first + 1, first + len(rows) + 1)), im.verify, im.bad_images, where)
+        if pairs.skipped:
+            self.bad_here = len(rows) - len(pairs)
+            self.bad_messages += [b.message() for b in pairs.skipped]
+        kept = {line - first - 1 for line in pairs.line_numbers}
+        return [r for i, r in enumerate(rows) if i in kept]
+
+    def _prepare(self, rows: list[list]):
+        # the rows were checked when read (and carried rows in an earlier pool): here only their paths are looked up
+        where = f"reader {self.reader + 1} of {self.readers}, pass {self.pass_ + 1}, pool {self.pool_no + 1}"
+        pairs = self._pairs(rows, list(range(1, len(rows) + 1)), False, "stop", where)
+        return pairs, pairs.row_keys, None
+
+    def _take(self, picked: list[int]):
+        return self.pool.tokens, picked
+
+    def notes(self) -> dict[str, Any]:
+        """The bad images left out since the last batch (their messages), for the run's log."""
+        out, self.bad_messages = {"bad_images_read": self.bad_messages}, []
+        return out
+
+    def position(self) -> dict[str, Any]:
+        return {**super().position(), "bad": self.bad_before}  # before the current pool, which a resume reads again
+
+    def figures(self) -> dict[str, int]:
+        return {**super().figures(), "rows_bad_images": self.bad_before + (self.bad_here if self.pool is not None else 0)}
+
+
+def _to_json(rows: list[list]) -> list[list]:
+    """Carried rows as JSON values: bytes (an image read from the shards) as ``{"base64": ...}``."""
+    import base64
+
+    def value(v):
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return {"base64": base64.b64encode(bytes(v)).decode("ascii")}
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        return v
+
+    return [[value(v) for v in row] for row in rows]
+
+
+def _from_json(rows: list[list]) -> list[list]:
+    """The inverse of :func:`_to_json`."""
+    import base64
+
+    def value(v):
+        if isinstance(v, dict):
+            if set(v) == {"base64"}:
+                return base64.b64decode(v["base64"])
+            return {k: value(x) for k, x in v.items()}
+        return v
+
+    return [[value(v) for v in row] for row in rows]
 
 
 @dataclass
@@ -355,14 +514,15 @@ class PairStream(torch.utils.data.IterableDataset):
             d = step_dataset(s.seed, step, s.probabilities, s.mixing)
             try:
                 if d not in open_readers:
-                    open_readers[d] = StreamReader(
+                    kind = ImageStreamReader if self.sources[d].images is not None else StreamReader
+                    open_readers[d] = kind(
                         self.sources[d], d, reader, readers, s.seed, s.batch_size, s.pool_rows, self.tokenize,
-                        s.group_by_length, s.no_duplicates, s.repeat_documents, saved.get(d))
+                        s.group_by_length, s.no_duplicates, s.repeat_documents, position=saved.get(d))
                 data, keys = open_readers[d].next_batch()
             except EmbedtrainError as err:  # one clear line in the main process, not a worker's traceback
                 yield {"error": str(err)}
                 return
-            batch = self.collate(d, data, keys)
+            batch = {**self.collate(d, data, keys), **open_readers[d].notes()}
             saved.update({i: r.position() for i, r in open_readers.items()})
             batch["stream_position"] = {"lane": lane, "streams": dict(saved),
                                         "figures": {i: r.figures() for i, r in open_readers.items()}}
@@ -422,12 +582,15 @@ def stream_figures(saved: dict, sources: Sequence[StreamSource]) -> list[dict]:
     out = []
     for d, source in enumerate(sources):
         total = {"rows_read": 0, "rows_trained": 0, "rows_dropped": 0, "passes": 0}
+        if source.images is not None:
+            total["rows_bad_images"] = 0  # left out under data.bad_images: skip (rows_read counts them)
         for proc in saved.get("per_process", []):
             for lane in proc["figures"].values():
                 f = lane.get(str(d))
                 if f:
-                    for k in ("rows_read", "rows_trained", "rows_dropped"):
-                        total[k] += f[k]
+                    for k in total:
+                        if k != "passes":
+                            total[k] += f.get(k, 0)
                     total["passes"] = max(total["passes"], f["passes"])
         out.append({"index": d, "name": source.name, "path": source.path, "streaming": True,
                     "shards": source.num_shards, "rows_in_shards": source.rows, **total})

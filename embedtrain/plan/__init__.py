@@ -150,6 +150,10 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         task = MultimodalTask(recipe, log)
         task.read_data()
         task.check_data(engine.processes)
+        if task.streams is not None:
+            readers = engine.processes * max(1, recipe.data.num_workers)
+            return {"global_batch": task.global_batch, "readers": readers,
+                    "streams": [s.to_dict() for s in task.datasets]}, task
     accounts = task.data_accounts()
     problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
     data = {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}
@@ -182,6 +186,20 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
         backbone = shape.towers[0]
         return "patches", [[Work(backbone.name, "image", recipe.data.batch_size, backbone.tokens)]]
     per = recipe.data.batch_size
+    if getattr(task, "streams", None) is not None and recipe.kind != "text":
+        # a stream is not read ahead: each dataset's roles (text, image) with every text at its limit
+        from types import SimpleNamespace
+
+        from embedtrain.data.sampler import PlannedBatch
+
+        stand_ins = [SimpleNamespace(roles=list(s.images.roles), num_negatives=s.num_negatives,
+                                     texts={r: None if t is None else [] for r, (t, _) in s.images.roles.items()},
+                                     images={r: None if i is None else [] for r, (_, i) in s.images.roles.items()})
+                     for s in task.datasets]
+        task = SimpleNamespace(datasets=stand_ins)
+        plan = [PlannedBatch(d, tuple(range(per * engine.processes))) for d in range(len(stand_ins))]
+        how, works = _multimodal_work(recipe, task, shape, plan, engine, per, at_limit=True)
+        return f"{how} (streaming datasets are not read ahead)", works
     if getattr(task, "streams", None) is not None:  # a stream is not read ahead: every text at its token limit
         tower, m = shape.towers[0].name, recipe.model
         limit = {"query": m.query_max_length or m.max_length, "document": m.document_max_length or m.max_length}

@@ -172,7 +172,9 @@ class PairsTask(Task):
     """Set in ``build``: turns planned rows into batches."""
     streams = None
     """Set in ``read_data`` when the datasets are streams (:mod:`embedtrain.data.streaming`): ``self.datasets`` are
-    then :class:`~embedtrain.data.streaming.StreamSource` and a subclass sets ``self.stream_tokenize`` in ``build``."""
+    then :class:`~embedtrain.data.streaming.StreamSource` and a text task sets ``self.stream_tokenize`` in ``build``."""
+    stream_tokenize = None
+    """What a stream reader tokenizes text rows with; None for multimodal rows, which the collator prepares."""
 
     def __init__(self, recipe, log=print, loss: Optional[torch.nn.Module] = None):
         super().__init__(recipe, log, loss)
@@ -217,7 +219,9 @@ class PairsTask(Task):
         self.streams = StreamState(world_size, workers)
         self.stream_settings = StreamSettings(
             seed=r.train.seed, batch_size=r.data.batch_size,
-            pool_rows=max(1, getattr(r.data, "length_grouping_window", 64)) * r.data.batch_size,
+            # text: the length-grouping window's batches; multimodal (no length grouping): data.stream_pool_batches
+            pool_rows=max(1, getattr(r.data, "length_grouping_window", None) or r.data.stream_pool_batches)
+            * r.data.batch_size,
             group_by_length=bool(getattr(r.data, "length_grouping", False)),
             no_duplicates=r.data.no_duplicates and self.rows_interact, repeat_documents=self.repeat_documents,
             mixing=r.data.mixing, probabilities=probabilities)

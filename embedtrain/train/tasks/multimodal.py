@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
-from embedtrain.data.multimodal import MultimodalCollator, read_multimodal_pairs, split_inputs
+from embedtrain.data.multimodal import MultimodalCollator, image_folder, read_multimodal_pairs, split_inputs
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import LOSSES, InfoNCELoss, SigmoidLoss
 from embedtrain.train import compact
@@ -90,6 +90,11 @@ class MultimodalTask(PairsTask):
     # -- data -------------------------------------------------------------------------------------
     def read_data(self) -> None:
         r = self.recipe
+        self.eval_tasks = [(t, load_beir(t.path, mm_task_name(t))) for t in r.eval.tasks]
+        self.has_evaluation = bool(self.eval_tasks)
+        if any(ds.streaming for ds in r.data.train):
+            self._open_streams()
+            return
         self.datasets = [
             read_multimodal_pairs(
                 ds.path, f"data.train[{i}]", mm_dataset_name(ds), role_columns(ds), ds.image_root, ds.query_template,
@@ -98,8 +103,23 @@ class MultimodalTask(PairsTask):
             for i, ds in enumerate(r.data.train)
         ]
         self.bad_before = [b for ds in self.datasets for b in ds.skipped]
-        self.eval_tasks = [(t, load_beir(t.path, mm_task_name(t))) for t in r.eval.tasks]
-        self.has_evaluation = bool(self.eval_tasks)
+
+    def _open_streams(self) -> None:
+        """Streaming datasets (all of them, the recipe check says): shards and columns checked, nothing read yet;
+        images are checked as each row is read (see embedtrain.data.streaming.ImageStreamReader)."""
+        from embedtrain.data.streaming import ImageRows, StreamState, open_stream
+
+        r = self.recipe
+        self.datasets = []
+        for i, ds in enumerate(r.data.train):
+            roles = role_columns(ds)
+            columns = {f"{role}.{kind}": c for role, pair in roles.items()
+                       for kind, c in zip(("text", "image"), pair) if c is not None}
+            rows = ImageRows(roles, str(image_folder(ds.path, ds.image_root)), ds.query_template, ds.document_template,
+                             bad_images=r.data.bad_images, verify=r.data.verify_images)
+            self.datasets.append(open_stream(f"data.train[{i}]", mm_dataset_name(ds), ds.path, columns,
+                                             weight=ds.weight, split=ds.split, images=rows))
+        self.streams = StreamState(1, r.data.num_workers)  # sized for the run's processes in check_data
 
     def check_data(self, world_size: int) -> None:
         for b in self.bad_before[:20]:
@@ -120,6 +140,11 @@ class MultimodalTask(PairsTask):
 
     # -- training ---------------------------------------------------------------------------------
     def check_batch(self, batch: dict, step: int) -> Optional[str]:
+        for message in batch.pop("bad_images_read", []):  # streams: rows left out as they were read
+            self.log(f"skipped: {message}")
+        problem = super().check_batch(batch, step)  # streams: the position the batch carries, or its error
+        if problem is not None:
+            return problem
         bad_here = batch.pop("bad_images")
         for b in bad_here:
             self.log(f"step {step + 1}: {b.message()}")
@@ -159,5 +184,5 @@ class MultimodalTask(PairsTask):
                              self.recipe.kind == "clip" or self.recipe.model.normalize)
 
     def results(self) -> dict:
-        return {"bad_images": {"skipped_before_training": len(self.bad_before),
+        return {**super().results(), "bad_images": {"skipped_before_training": len(self.bad_before),
                                "replaced_during_training": self.replaced_so_far}}
