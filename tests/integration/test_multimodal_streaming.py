@@ -5,7 +5,8 @@
   through JSON, as a checkpoint keeps it;
 - a bad image stops the run with one line naming its shard and sample, or under ``bad_images: skip`` leaves its
   row out, counted in results.json;
-- a streamed CLIP run killed (SIGKILL) and resumed trains the same rows at every step to the same weights;
+- a streamed CLIP run, and a streamed VLM2Vec run, killed (SIGKILL) and resumed train the same rows at every step
+  to the same weights;
 - ``embedtrain plan`` plans a streamed recipe without reading it.
 """
 
@@ -197,3 +198,42 @@ def test_vlm2vec_streams_two_datasets_from_shards(tiny_vlm, shards, tmp_path):  
     losses = [e["loss"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if "loss" in e]
     assert len(losses) == 4 and all(v == v for v in losses)
+
+
+def test_a_killed_streamed_vlm2vec_run_resumes_to_the_same_rows_and_weights(tiny_vlm, shards, tmp_path):  # noqa: F811
+    """The same for the tiny VLM2Vec recipe with its two datasets streamed in turn (round robin), GradCache on,
+    1 process with 2 DataLoader workers."""
+    from kinds_support import saved_weights
+    from test_streaming import _finish, _kill_at, _launch
+
+    def recipe(out: Path) -> dict:
+        r = yaml.safe_load((REPO / "recipes" / "qwen2-vl-2b" / "vlm2vec_tiny_cpu.yaml").read_text())
+        r["model"]["name_or_path"] = str(tiny_vlm)
+        for ds, columns in zip(r["data"]["train"], (("query_image_column", "positive_text_column"),
+                                                     ("query_text_column", "positive_image_column"))):
+            for key in ("query_image_column", "query_text_column", "positive_image_column", "positive_text_column",
+                        "max_rows"):
+                ds.pop(key, None)
+            ds.update({columns[0]: "png" if "image" in columns[0] else "txt",
+                       columns[1]: "png" if "image" in columns[1] else "txt", "path": str(shards), "streaming": True})
+        r["data"].update(num_workers=2, stream_pool_batches=2)
+        r["train"].update(max_steps=8, save_every=3, keep_last=2)
+        r["eval"]["tasks"] = []
+        r["output"]["dir"] = str(out)
+        return r
+
+    ref_out, ref_rows = tmp_path / "reference", tmp_path / "reference-rows"
+    proc, log = _launch(_write(tmp_path / "ref.yaml", recipe(ref_out)), ref_rows, tmp_path / "ref.txt", 1)
+    _finish(proc, log, tmp_path / "ref.txt")
+    out, rows = tmp_path / "run", tmp_path / "rows"
+    path = _write(tmp_path / "run.yaml", recipe(out))
+    proc, log = _launch(path, rows, tmp_path / "log1.txt", 1, "--step-seconds", "0.4")
+    _kill_at(proc, log, out, 4)
+    proc, log = _launch(path, rows, tmp_path / "log2.txt", 1, "--resume", "auto")
+    _finish(proc, log, tmp_path / "log2.txt")
+    assert "streams continue where the checkpoint left them" in (tmp_path / "log2.txt").read_text()
+    reference = rows_by_step(ref_rows)
+    assert len(reference) == 8 and rows_by_step(rows) == reference
+    a, b = saved_weights(ref_out / "model"), saved_weights(out / "model")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert [s["rows_trained"] for s in json.loads((out / "results.json").read_text())["streams"]] == [32, 32]
