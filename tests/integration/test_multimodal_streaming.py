@@ -237,3 +237,20 @@ def test_a_killed_streamed_vlm2vec_run_resumes_to_the_same_rows_and_weights(tiny
     a, b = saved_weights(ref_out / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert [s["rows_trained"] for s in json.loads((out / "results.json").read_text())["streams"]] == [32, 32]
+
+
+def test_a_json_lines_stream_reads_image_paths_from_the_files_folder(tmp_path, capsys):
+    """Image paths in a JSON-lines stream are read from the file's folder (or image_root); a missing one stops the
+    run with the row of the reader's pass that names it."""
+    jsonl = write_image_text_rows(tmp_path / "rows", n=ROWS, broken={30: "missing"})
+    recipe = _recipe(jsonl, tmp_path / "run")
+    recipe["data"]["train"][0].update(query_text_column="name", positive_image_column="image")
+    recipe["train"]["max_steps"] = 2  # the first pool: rows 1-16
+    assert main(["train", str(_write(tmp_path / "ok.yaml", recipe))]) == 0
+    (stream,) = json.loads((tmp_path / "run" / "results.json").read_text())["streams"]
+    assert (stream["path"], stream["rows_read"], stream["rows_trained"]) == (str(jsonl), 16, 16)
+    recipe["train"]["max_steps"] = STEPS
+    recipe["output"]["dir"] = str(tmp_path / "stopped")
+    assert main(["train", str(_write(tmp_path / "stop.yaml", recipe))]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{jsonl} (reader 1 of 1, pass 1) row 31: image " in line and "missing-" in line and "not found" in line
