@@ -168,7 +168,26 @@ def open_stream(where: str, name: str, path: str, columns: dict[str, str], query
         source.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     elif builder in ("json", "csv"):
         source.rows, source.rows_estimated = _estimate_rows(files, header=builder == "csv"), True
+    elif builder == "webdataset":
+        source.rows, source.rows_estimated = _estimate_samples(files), len(files) > 1
     return source
+
+
+def _estimate_samples(files: Sequence[str]) -> Optional[int]:
+    """Samples of webdataset shards: the first shard's (its members' distinct keys, read from the tar headers
+    alone) times the shards' bytes over the first shard's; exact for one shard."""
+    import os
+    import tarfile
+
+    try:
+        with tarfile.open(files[0]) as tar:
+            keys = {m.name.rpartition("/")[0] + "/" + m.name.rpartition("/")[2].split(".", 1)[0] for m in tar if m.isfile()}
+    except (OSError, tarfile.TarError) as err:
+        raise EmbedtrainError(f"{files[0]}: cannot read it as a tar shard ({err}); check the file") from None
+    if not keys:
+        return None
+    first = os.path.getsize(files[0])
+    return max(1, round(len(keys) * sum(os.path.getsize(f) for f in files) / first))
 
 
 def _image_columns_kept_encoded(ds, columns: Sequence[str]):

@@ -176,6 +176,9 @@ def test_plan_plans_a_streamed_image_text_recipe_without_reading_it(shards, tmp_
     plan = json.loads((tmp_path / "plan.json").read_text())
     (stream,) = plan["data"]["streams"]
     assert stream["format"] == "webdataset" and stream["shards"] == 6 and plan["problems"] == []
+    # the first shard's samples (from its tar headers) scaled by bytes: 48 samples in 6 shards of 8
+    assert stream["rows_estimated"] and abs(stream["rows"] - ROWS) <= 0.2 * ROWS
+    assert "about " in capsys.readouterr().out
     works = plan["memory_per_device"]
     assert "streaming datasets are not read ahead" in works["token_lengths"]
     assert plan["compute"]["flops_per_step_per_device"] > 0
