@@ -612,5 +612,6 @@ def stream_figures(saved: dict, sources: Sequence[StreamSource]) -> list[dict]:
                             total[k] += f.get(k, 0)
                     total["passes"] = max(total["passes"], f["passes"])
         out.append({"index": d, "name": source.name, "path": source.path, "streaming": True,
-                    "shards": source.num_shards, "rows_in_shards": source.rows, **total})
+                    "shards": source.num_shards, "rows_in_shards": source.rows,
+                    "rows_in_shards_estimated": source.rows_estimated, **total})
     return out

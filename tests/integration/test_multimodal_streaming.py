@@ -168,6 +168,7 @@ def test_a_killed_streamed_clip_run_resumes_to_the_same_rows_and_weights(shards,
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     (stream,) = json.loads((out / "results.json").read_text())["streams"]
     assert stream["rows_trained"] == 8 * STEPS * processes and stream["rows_bad_images"] == 0 and stream["shards"] == 6
+    assert stream["rows_in_shards_estimated"] and abs(stream["rows_in_shards"] - ROWS) <= 0.2 * ROWS
 
 
 def test_plan_plans_a_streamed_image_text_recipe_without_reading_it(shards, tmp_path, capsys):
