@@ -9,6 +9,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -35,9 +36,11 @@ def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.Com
 
 def _recipe(kind: str, assets: dict, out: Path) -> dict:
     budget = kind.endswith("+token_budget")  # every role's texts in length-sorted chunks: many calls of each layer
-    recipe = recipe_data(kind.removesuffix("+token_budget"), assets, out)
+    recipe = recipe_data(kind.removesuffix("+token_budget").removesuffix("+siglip"), assets, out)
     if budget:
         recipe["train"]["forward_token_budget"] = 16
+    if kind.endswith("+siglip"):  # SigLIP's loss learns a bias besides the temperature
+        recipe["loss"] = {"name": "siglip", "temperature": 0.1}
     # SGD with momentum: AdamW's step m/sqrt(v) turns the float32 rounding of a gradient that is zero in exact
     # arithmetic (the key bias of attention: softmax ignores it) into a full lr-sized step, which would compare
     # rounding noise rather than sharding (seen: 6e-5 on CLIP's in_proj_bias, every other tensor within 1e-7)
@@ -45,7 +48,7 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "clip", "vlm2vec"])
+@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "clip", "clip+siglip", "vlm2vec"])
 def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     from conftest import write_beir
 
@@ -66,14 +69,19 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
         assert all(abs(finals["fsdp"][k] - finals["ddp"][k]) < 1e-6 for k in finals["ddp"]), finals
     a, b = runs["ddp"], runs["fsdp"]
     assert a.keys() == b.keys()
-    if kind == "clip":  # the learnable temperature (outside the sharded model, its own optimizer) was trained
-        key = next(k for k in b if k.endswith("logit_scale"))
-        moved = abs(float(b[key]) - math.log(1 / 0.07))
-        # three SGD steps at lr 1e-3 move it ~6e-5 here, against float32's 2.4e-7 spacing at 2.66
-        assert moved > 1e-5, moved
-        # the weights it is learnt from differ by 1e-5 at most, and a step moves it by lr x its gradient: far below
-        # 1e-6, which would still catch a temperature left out of the averaging or of the update (seen: 0.0)
-        assert float((a[key] - b[key]).abs()) <= 1e-6
+    if kind.startswith("clip"):  # the learnable temperature (outside the sharded model, its own optimizer) was trained
+        learnt = {"logit_scale": math.log(1 / (0.1 if kind.endswith("siglip") else 0.07))}
+        if kind.endswith("siglip"):
+            learnt["logit_bias"] = -10.0  # SigLIP's starting bias
+        for name, start in learnt.items():
+            key = next(k for k in b if k.endswith(name))
+            moved = abs(float(b[key]) - start)
+            # three SGD steps at lr 1e-3 moved them 2.2e-6 (SigLIP's scale) to 6.2e-5 here: more than 4 float32
+            # spacings at their value (2.4e-7 near 2.5, 9.5e-7 near 10), so a parameter left untrained fails
+            assert moved > 4 * float(np.spacing(np.float32(start))), (name, moved)
+            # the weights it is learnt from differ by 1e-5 at most, and a step moves it by lr x its gradient: far
+            # below 1e-6, which would still catch a sharded run that updates it otherwise than DDP (seen: 0.0)
+            assert float((a[key] - b[key]).abs()) <= 1e-6, name
     # 1e-5: both average the same float32 gradients, in another order (all-reduce vs reduce-scatter)
     diffs = sorted(((float((a[k].float() - b[k].float()).abs().max()), k) for k in a), reverse=True)
     assert diffs[0][0] <= 1e-5, diffs[:5]
