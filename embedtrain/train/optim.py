@@ -48,8 +48,8 @@ class LossOptimizer:
 
     FSDP maps the optimizer's parameters to the model's names to save and load its state, and the loss's
     parameters live outside the model; so under every engine they are stepped apart from the model's, by the
-    recipe's optimizer kind, undecayed, at ``lr`` times the schedule's current factor (read from the model
-    optimizer's first group, :meth:`step`): the same update as one optimizer holding both. Every process holds
+    recipe's optimizer kind, undecayed, at ``lr`` times the model's schedule at its current step (:meth:`step`):
+    the same update, to the bit, as one optimizer holding both. Every process holds
     the same values (their gradients are averaged), and the checkpoint keeps the state as tensors
     (:meth:`state_tensors`, ``loss_optimizer.safetensors``).
     """
@@ -60,14 +60,14 @@ class LossOptimizer:
         self.lr = lr
         self.optimizer = build_optimizer(loss_group(loss_fn), lr, kind, momentum) if self.params else None
 
-    def step(self, model_optimizer) -> None:
-        """One update, at the learning rate the schedule gives the model's optimizer for this step."""
+    def step(self, scheduler) -> None:
+        """One update, at the rate the model's schedule (a ``LambdaLR``, or accelerate's wrapper of one) gives this
+        step: ``lr * lambda(step)``, the product LambdaLR computes for each of its groups."""
         if self.optimizer is None:
             return
-        first = model_optimizer.param_groups[0]
-        factor = first["lr"] / first["initial_lr"]  # the schedule's factor (LambdaLR scales every group alike)
+        schedule = getattr(scheduler, "scheduler", scheduler)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * factor
+            group["lr"] = self.lr * schedule.lr_lambdas[0](schedule.last_epoch)
         self.optimizer.step()
 
     def zero_grad(self) -> None:

@@ -266,12 +266,14 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
     (the model's, then ``loss_optimizer``, a :class:`~embedtrain.train.optim.LossOptimizer`) and the scheduler
     unless the loss or gradient is not finite. Returns (finite, grad_norm, mean loss).
 
-    ``params`` are all the model's parameters (frozen ones have no gradient): accelerate recognises an FSDP model
-    by its whole list, and measures its gradient norm with the model's own sharding (FSDP 1's flat shards, FSDP 2's
-    DTensors), unscaling fp16 gradients once. The loss's gradients join that norm, and clipping scales both. Under
-    DeepSpeed the engine clips by itself and reports its norm. ``state`` carries ``consecutive_nonfinite``. A
-    non-finite step leaves weights and optimizer state those of the last good step; too many in a row stop training
-    with an error naming ``last_good``.
+    ``params`` are all the model's parameters (frozen ones have no gradient). The gradient norm, and clipping, take
+    the model's and the loss's gradients together, through accelerate (which unscales fp16 gradients first; the
+    loss's own it does not hold, so they are unscaled here). Under FSDP with a learnable loss parameter the model's
+    norm is measured on its own: accelerate's FSDP path recognises the model only by its whole parameter list (given
+    more, it unscales fp16 gradients twice), and both are then clipped with the combined norm, as accelerate clips
+    DTensor and plain gradients. Under DeepSpeed the engine clips by itself and reports its norm. ``state`` carries
+    ``consecutive_nonfinite``. A non-finite step leaves weights and optimizer state those of the last good step;
+    too many in a row stop training with an error naming ``last_good``.
     """
     from accelerate.utils import DistributedType
 
@@ -286,24 +288,21 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
         for p in loss_params:
             if p.grad is not None:
                 p.grad.div_(scaler.get_scale())
-    grad_norm = accelerator.clip_grad_norm_(params, float("inf"))  # inf: measure only
+    if accelerator.distributed_type == DistributedType.FSDP and loss_params:
+        grad_norm = _clip_beside_a_sharded_model(accelerator, params, loss_params, max_grad_norm)
+    elif max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(params + loss_params, max_grad_norm)  # unscales first
+    else:
+        if scaler is not None:
+            accelerator.unscale_gradients()
+        grad_norm = grad_norm_of(params + loss_params)
     if grad_norm is None:  # DeepSpeed clips inside its engine and reports no norm here
-        grad_norm = grad_norm_of(params)
-    loss_grads = [p.grad.detach().float().reshape(-1) for p in loss_params if p.grad is not None]
-    if loss_grads:
-        grad_norm = torch.sqrt(torch.as_tensor(grad_norm, dtype=torch.float32).to(loss_grads[0].device) ** 2
-                               + torch.cat(loss_grads).square().sum())
-    if max_grad_norm and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        coefficient = max_grad_norm / (float(grad_norm) + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if coefficient < 1:
-            for p in params + loss_params:
-                if p.grad is not None:
-                    p.grad.mul_(coefficient)
+        grad_norm = grad_norm_of(params + loss_params)
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean")
     finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
     if finite:
         optimizer.step()  # under fp16 also lets the scaler grow its scale after enough good steps
-        loss_optimizer.step(optimizer)
+        loss_optimizer.step(scheduler)  # at this step's rate, before the schedule moves on
         scheduler.step()
         state.consecutive_nonfinite = 0
     else:
@@ -325,6 +324,21 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
                 f"or gradient (steps {first}-{step + 1}); lower train.lr or check the data; {last_good}"
             )
     return finite, grad_norm, loss_value
+
+
+def _clip_beside_a_sharded_model(accelerator, params: list, loss_params: list, max_grad_norm: Optional[float]):
+    """The norm of an FSDP model's gradients (its whole parameter list, as accelerate recognises it) and the loss's
+    together; with ``max_grad_norm``, both clipped by it with torch's coefficient."""
+    from torch.nn.utils import clip_grads_with_norm_
+
+    model_norm = accelerator.clip_grad_norm_(params, float("inf"))  # inf: measure only
+    grads = [p.grad.detach().float().reshape(-1) for p in loss_params if p.grad is not None]
+    loss_norm = torch.linalg.vector_norm(torch.cat(grads)) if grads else torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([model_norm.float().to(loss_norm.device), loss_norm]))
+    if max_grad_norm:
+        clip_grads_with_norm_([p for p in params if p.grad is not None], max_grad_norm, total)
+        clip_grads_with_norm_(loss_params, max_grad_norm, total)
+    return total
 
 
 def grad_norm_of(params) -> torch.Tensor:

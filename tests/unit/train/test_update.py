@@ -47,7 +47,7 @@ def test_the_loss_optimizer_updates_as_one_optimizer_over_both(kind):
         one.step()
         one_schedule.step()
         model_only.step()
-        apart.step(model_only)
+        apart.step(schedule)
         schedule.step()
     for a, b in zip(list(model_a.parameters()) + list(loss_a.parameters()),
                     list(model_b.parameters()) + list(loss_b.parameters())):
@@ -58,11 +58,11 @@ def test_the_loss_optimizer_updates_as_one_optimizer_over_both(kind):
 def test_the_loss_optimizer_state_round_trips():
     model, loss = _pair()
     model_opt = build_optimizer(parameter_groups(model.named_parameters(), 0.0), 1e-2)
-    build_scheduler(model_opt, "constant", 10, 0.0)
+    schedule = build_scheduler(model_opt, "constant", 10, 0.0)
     first = LossOptimizer(loss, "adamw", 1e-2)
     for step in range(3):
         _gradients(step, model, loss)
-        first.step(model_opt)
+        first.step(schedule)
     saved = first.state_tensors()
     assert set(saved) == {f"{n}.{k}" for n in ("log_scale", "bias") for k in ("step", "exp_avg", "exp_avg_sq")}
 
@@ -72,7 +72,7 @@ def test_the_loss_optimizer_state_round_trips():
     second.load_tensors(saved)
     for opt, module in ((first, loss), (second, copy)):
         _gradients(7, model, module)
-        opt.step(model_opt)
+        opt.step(schedule)
     assert torch.equal(loss.log_scale, copy.log_scale) and torch.equal(loss.bias, copy.bias)
 
     with pytest.raises(EmbedtrainError, match="names 'temperature', which is not a learnable parameter"):
