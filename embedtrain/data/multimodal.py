@@ -190,8 +190,6 @@ def read_multimodal_pairs(
     Relative image paths are read from ``image_root`` (default: the data file's folder; for a folder or glob
     of shards, the first shard's).
     """
-    import datasets
-
     ds, source = load_table(path, where, split)
     root = image_folder(path, image_root)
     wanted = [c for pair in columns.values() for c in pair if c is not None]
@@ -204,9 +202,7 @@ def read_multimodal_pairs(
         )
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
-    for column in dict.fromkeys(c for _, c in columns.values() if c is not None):
-        if isinstance(ds.features.get(column), datasets.Image):
-            ds = ds.cast_column(column, datasets.Image(decode=False))  # keep the encoded bytes, decode per batch
+    ds = images_kept_encoded(ds, [c for _, c in columns.values() if c is not None])
     # webdataset shards: each row is a sample of a shard; messages name the shard and the key, not a row number
     samples = list(zip(column_list(ds, SHARD_COLUMN), column_list(ds, KEY_COLUMN))) if is_webdataset(ds.column_names) \
         else None
@@ -217,6 +213,18 @@ def read_multimodal_pairs(
     if len(pairs) == 0:
         raise EmbedtrainError(f"{where}: {source} has no usable rows")
     return pairs
+
+
+def images_kept_encoded(ds, columns: Sequence[str]):
+    """``ds`` (a table or a stream) with its image columns (``datasets.Image`` features) read as encoded bytes,
+    which the collator decodes per batch."""
+    import datasets
+
+    features = ds.features or {}
+    for column in dict.fromkeys(columns):
+        if isinstance(features.get(column), datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
 
 
 def image_folder(path: str, image_root: Optional[str]) -> Path:

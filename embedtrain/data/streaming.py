@@ -112,8 +112,10 @@ class StreamSource:
                                   "path, the Hub id or the shards' format") from None
         if self.images is None:
             return ds.select_columns(list(self.columns.values()))
-        return _image_columns_kept_encoded(flatten_fields(ds, list(self.columns.values())).select_columns(self.read_columns),
-                                           [c for _, c in self.images.roles.values() if c is not None])
+        from embedtrain.data.multimodal import images_kept_encoded
+
+        return images_kept_encoded(flatten_fields(ds, list(self.columns.values())).select_columns(self.read_columns),
+                                   [c for _, c in self.images.roles.values() if c is not None])
 
     def line(self) -> str:
         rows = "rows unknown until read" if self.rows is None else f"{'about ' * self.rows_estimated}{self.rows:,} rows"
@@ -188,17 +190,6 @@ def _estimate_samples(files: Sequence[str]) -> Optional[int]:
         return None
     first = os.path.getsize(files[0])
     return max(1, round(len(keys) * sum(os.path.getsize(f) for f in files) / first))
-
-
-def _image_columns_kept_encoded(ds, columns: Sequence[str]):
-    """``ds`` with its image columns (``datasets.Image`` features) read as encoded bytes, decoded per batch."""
-    import datasets
-
-    features = ds.features or {}
-    for column in dict.fromkeys(columns):
-        if isinstance(features.get(column), datasets.Image):
-            ds = ds.cast_column(column, datasets.Image(decode=False))
-    return ds
 
 
 def _estimate_rows(files: Sequence[str], header: bool, sample: int = 1 << 20) -> Optional[int]:
