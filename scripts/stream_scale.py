@@ -156,6 +156,19 @@ def run(name: str, overrides: list[str], steps: int, recipe: str = RECIPE) -> di
             "log_lines": [l for l in text.splitlines() if l.startswith(("data:", "engine:"))]}
 
 
+def run_all(plan: dict[str, list[str]], only, steps: int, recipe: str) -> list[dict]:
+    """Each named run of ``plan`` (its overrides) in turn, or only those of ``only``; a line per run on stderr."""
+    runs = []
+    for name, overrides in plan.items():
+        if only and name not in only:
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        runs.append(run(name, overrides, steps, recipe))
+        print(f"  {runs[-1]['seconds_to_first_step']} s to the first step, peak {runs[-1]['peak_pss_mb']} MB, "
+              f"{runs[-1]['examples_per_s_median']} examples/s", file=sys.stderr, flush=True)
+    return runs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -177,14 +190,7 @@ def main(argv=None) -> int:
         f"streamed_{args.rows // 1_000_000}m" if args.rows >= 1_000_000 else f"streamed_{args.rows}":
             [f"data.train.0.path={large}", *stream],
     }
-    runs = []
-    for name, overrides in plan.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        runs.append(run(name, overrides, args.steps))
-        print(f"  {runs[-1]['seconds_to_first_step']} s to the first step, peak {runs[-1]['peak_pss_mb']} MB, "
-              f"{runs[-1]['examples_per_s_median']} examples/s", file=sys.stderr, flush=True)
+    runs = run_all(plan, args.only, args.steps, RECIPE)
     by = {r["name"]: r for r in runs}
     summary = {}
     if "streamed_50k" in by and len(runs) == 4:
@@ -210,15 +216,8 @@ def images(args, argv) -> int:
     plan = {"loaded_emoji": [f"data.train.0.path={emoji}"], "streamed_emoji": [f"data.train.0.path={emoji}", *stream],
             f"loaded_{size}": [f"data.train.0.path={large}"], f"loaded_{size}_again": [f"data.train.0.path={large}"],
             f"streamed_{size}": [f"data.train.0.path={large}", *stream]}
-    runs = []
-    for name, overrides in plan.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        runs.append(run(name, ["eval.before_training=false", "train.log_every=10", *overrides], args.steps,
-                        IMAGE_RECIPE))
-        print(f"  {runs[-1]['seconds_to_first_step']} s to the first step, peak {runs[-1]['peak_pss_mb']} MB, "
-              f"{runs[-1]['examples_per_s_median']} examples/s", file=sys.stderr, flush=True)
+    plan = {name: ["eval.before_training=false", "train.log_every=10", *overrides] for name, overrides in plan.items()}
+    runs = run_all(plan, args.only, args.steps, IMAGE_RECIPE)
     doc = {"command": "python scripts/stream_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "recipe": IMAGE_RECIPE, "machine": machine_info(), "runs": runs,
            "differences": "loaded: every sample read into a datasets table and every image decoded once before "
