@@ -138,11 +138,7 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         task = TextTask(recipe, log)
         task.read_training_data()
         task.check_data(engine.processes)
-        if task.streams is not None:  # nothing to scan: the shards, their rows, the readers
-            readers = engine.processes * max(1, recipe.data.num_workers)
-            return {"global_batch": task.global_batch, "readers": readers,
-                    "streams": [s.to_dict() for s in task.datasets]}, task
-        if recipe.data.length_grouping:  # characters stand in for tokens: grouping is by rank, not by size
+        if task.streams is None and recipe.data.length_grouping:  # characters stand in for tokens: by rank, not size
             task.lengths = [token_lengths(ds) for ds in task.datasets]
     else:
         from embedtrain.train.tasks.multimodal import MultimodalTask
@@ -150,10 +146,10 @@ def _data(recipe, engine: Engine, problems: list[str], log):
         task = MultimodalTask(recipe, log)
         task.read_data()
         task.check_data(engine.processes)
-        if task.streams is not None:
-            readers = engine.processes * max(1, recipe.data.num_workers)
-            return {"global_batch": task.global_batch, "readers": readers,
-                    "streams": [s.to_dict() for s in task.datasets]}, task
+    if task.streams is not None:  # nothing to scan: the shards, their rows, the readers
+        readers = engine.processes * max(1, recipe.data.num_workers)
+        return {"global_batch": task.global_batch, "readers": readers,
+                "streams": [s.to_dict() for s in task.datasets]}, task
     accounts = task.data_accounts()
     problems += data_problems(accounts, recipe.data.max_dropped_share, task.global_batch)
     data = {"global_batch": task.global_batch, "datasets": [a.to_dict() for a in accounts]}
