@@ -292,3 +292,38 @@ def test_first_step_equals_the_dense_models_first_step(tiny_bert, domains, tmp_p
         else:
             expected = a[key]
         assert torch.allclose(value, expected, atol=1e-6), key
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_a_causal_decoder_is_upcycled_by_the_trainer(family, domains, tmp_path):
+    """A decoder read as a sentence-transformers model (causal attention, last-token pooling) trains as an MoE:
+    its `mlp` blocks become experts, each expert learns its own domain, the router learns to tell the domains
+    apart, and the saved folder gives the same embeddings in sentence-transformers. Qwen2's tokenizer adds no
+    special token (the domain token goes first), Mistral's adds <s> (the domain token goes after it)."""
+    from sentence_transformers import SentenceTransformer
+
+    from nvembed_support import save_tiny_decoder
+
+    model_dir = save_tiny_decoder(tmp_path / family, family)
+    recipe = moe_recipe(model_dir, domains, tmp_path / "run", moe={"domain_tokens": True, "router_lr": 0.05},
+                        train={"max_steps": 12, "lr": 1e-3, "log_every": 6})
+    recipe["model"]["pooling"] = "last_token"
+    result = run(recipe)
+
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [l for l in lines if "loss" in l]
+    assert all(l["moe/share/nature"] == l["moe/share/tech"] == 0.5 for l in logged)
+    dense = load_file(str(model_dir / "model.safetensors"))
+    saved = load_file(str(result.model_dir / "model.safetensors"))
+    for layer in (0, 1):
+        name = f"layers.{layer}.mlp.{{}}up_proj.weight"
+        experts = [saved[name.format(f"experts.{e}.")] for e in (0, 1)]
+        assert all(not torch.equal(w, dense[name.format("")]) for w in experts)  # both trained
+        assert not torch.allclose(experts[0], experts[1])  # and apart
+    model = load_text_encoder(str(result.model_dir))
+    assert model.settings.domain_token_offset == (1 if family == "mistral" else 0)
+    st = SentenceTransformer(str(result.model_dir), device="cpu", trust_remote_code=True)
+    texts = ["green river light", "open the network"]
+    for domain in ("nature", "tech"):
+        ours = model.encode(texts, domain=domain)
+        assert torch.allclose(ours, st.encode(texts, domain=domain, convert_to_tensor=True), atol=1e-5)
