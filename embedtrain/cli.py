@@ -98,7 +98,10 @@ def cmd_mine(args: argparse.Namespace) -> int:
         corpus=args.corpus, top_k=args.top_k, num_negatives=args.num_negatives, factor=args.factor,
         query_prompt=query_prompt, document_prompt=args.document_prompt, max_length=args.max_length,
         batch_size=args.batch_size, max_rows=args.max_rows, split=args.split, subset=args.subset, device=args.device,
+        cache=args.cache, chunk_rows=args.chunk_rows, keep_cache=args.keep_cache,
     )
+    if report is None:  # a process of a multi-process launch other than the main one
+        return 0
     columns = ", ".join(f"negative_{i + 1}" for i in range(args.num_negatives))
     print(f"wrote {args.output}; read it in a recipe with: {{path: {args.output}, negative_columns: [{columns}]}}")
     return 0 if report.rows_out else 2
@@ -224,7 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--split", default="train", help="split of a Hub dataset")
     p.add_argument("--subset", default=None, help="configuration of a Hub dataset")
-    p.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    p.add_argument("--device", default=None,
+                   help="e.g. cuda (default: CPU); under torchrun / accelerate launch each process takes its own GPU")
+    p.add_argument("--cache", default=None,
+                   help="folder for the embeddings, written chunk by chunk; running the same command again after a "
+                        "stop reads them back (default: OUTPUT.cache)")
+    p.add_argument("--chunk-rows", type=int, default=16384, help="texts per cached chunk of embeddings (default 16384)")
+    p.add_argument("--keep-cache", action="store_true", help="keep the embeddings once the output is written")
     p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     p.add_argument("model_dir")
     p.add_argument("--repo-id", required=True, help="user/name")

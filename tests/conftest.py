@@ -169,10 +169,12 @@ def subprocess_env(**extra) -> dict:
     """The environment of a training command a test starts: one thread, unbuffered (what a run printed before it
     was killed is in its log), the repository and tests importable, no launcher config or test pause inherited."""
     from embedtrain.train.checkpoint import PAUSE_ENV
+    from embedtrain.train.chunked_embeddings import PAUSE_ENV as CHUNK_PAUSE_ENV
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     env.pop("ACCELERATE_CONFIG_FILE", None)
     env.pop(PAUSE_ENV, None)
+    env.pop(CHUNK_PAUSE_ENV, None)
     env.update(extra)
     return env
 

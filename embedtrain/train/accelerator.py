@@ -70,6 +70,20 @@ def requested_engine() -> Optional[str]:
     return None
 
 
+def _cpu_process_group() -> bool:
+    """Whether this process was launched with others (``torchrun``, ``accelerate launch``) on a machine without
+    GPUs: accelerate forms their process group only when told the run is on CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def process_state():
+    """accelerate's ``PartialState`` (the processes of the launch, their ranks and barriers) for work that needs
+    no ``Accelerator`` (``embedtrain mine``), with the process group formed on CPU-only machines too."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_process_group())
+
+
 def build_accelerator(mixed_precision: str = "no", log_with=None, project_dir: str | None = None,
                       find_unused_parameters: bool = False):
     """An Accelerator that steps the scheduler once per optimizer step, and that also forms a process
@@ -102,7 +116,7 @@ def build_accelerator(mixed_precision: str = "no", log_with=None, project_dir: s
         log_with=log_with,
         project_dir=project_dir,
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
-        cpu=launched and on_cpu,
+        cpu=_cpu_process_group(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
     )
     if wanted == "FSDP" and accelerator.distributed_type == DistributedType.MULTI_CPU:

@@ -114,16 +114,28 @@ def mine_hard_negatives(
     split: str = "train",
     subset: Optional[str] = None,
     device: Optional[str] = None,
+    cache: Optional[str] = None,
+    chunk_rows: int = 16384,
+    keep_cache: bool = False,
     log=print,
-) -> MiningReport:
+) -> Optional[MiningReport]:
     """Mine hard negatives for the (query, positive) rows of ``data`` with ``teacher``; write ``output``.
 
     ``data``: a local file or Hub dataset id (as in recipes). The corpus searched is the dataset's
     positives plus the texts of the ``corpus`` files. ``teacher``: any model ``embedtrain`` loads (a
     sentence-transformers folder, ``pkg://`` path or Hub id).
+
+    The embeddings go through :func:`embedtrain.train.chunked_embeddings.embed_in_chunks`: chunks of
+    ``chunk_rows`` texts cached in ``cache`` (default: ``OUTPUT.cache`` beside the output), shared among the
+    processes of a ``torchrun`` / ``accelerate launch`` and read back when the same command runs again after a
+    stop. The cache is removed once the output is written, unless ``keep_cache``. Returns the report on the
+    main process, None on the others (the main process searches and writes).
     """
+    from embedtrain.config import resolve_path
     from embedtrain.data import read_pairs
     from embedtrain.models import load_text_encoder
+    from embedtrain.train.accelerator import process_state
+    from embedtrain.train.chunked_embeddings import TextSet, embed_in_chunks, folder_fingerprint
 
     if top_k < 1 or num_negatives < 1:
         raise EmbedtrainError("--top-k and --num-negatives must be at least 1")
@@ -134,8 +146,12 @@ def mine_hard_negatives(
     out = Path(output)
     if out.suffix != ".jsonl":
         raise EmbedtrainError(f"--output: {out} must end in .jsonl")
-    pairs = read_pairs(data, "--data", Path(data).stem, query_column, positive_column, [], split=split,
-                       max_rows=max_rows, subset=subset)
+    if chunk_rows < 1:
+        raise EmbedtrainError(f"--chunk-rows must be at least 1, got {chunk_rows}")
+    state = process_state()
+    with state.main_process_first():  # a Hub dataset is downloaded and cached once
+        pairs = read_pairs(data, "--data", Path(data).stem, query_column, positive_column, [], split=split,
+                           max_rows=max_rows, subset=subset)
     queries, positives = column_list(pairs.rows, "query"), column_list(pairs.rows, "positive")
 
     texts: list[str] = []
@@ -150,14 +166,18 @@ def mine_hard_negatives(
     excluded = [positives_of[q] | ({index[q]} if q in index else set()) for q in queries]
 
     encoder = load_text_encoder(teacher, max_length=max_length)
-    if device:
-        encoder.to(device)
-    q_emb = torch.nn.functional.normalize(
-        encoder.encode(queries, role="query", prompt=query_prompt, batch_size=batch_size, show_progress=True,
-                       desc="queries"), dim=-1)
-    c_emb = torch.nn.functional.normalize(
-        encoder.encode(texts, role="document", prompt=document_prompt, batch_size=batch_size, show_progress=True,
-                       desc="corpus"), dim=-1)
+    if device:  # several processes on GPUs: each its own
+        several_gpus = state.num_processes > 1 and torch.device(device).type == "cuda"
+        encoder.to(state.device if several_gpus else device)
+    cache_dir = Path(cache) if cache else out.with_name(out.name + ".cache")
+    identity = {"teacher": teacher, "teacher_files": folder_fingerprint(resolve_path(teacher)),
+                "query_max_length": encoder.max_length_for("query"),
+                "document_max_length": encoder.max_length_for("document")}
+    sets = [TextSet("queries", queries, "query", query_prompt), TextSet("corpus", texts, "document", document_prompt)]
+    embedded = embed_in_chunks(encoder, sets, cache_dir, identity, state, chunk_rows, batch_size, log)
+    if embedded is None:  # not the main process: it searches and writes alone
+        return None
+    q_emb, c_emb = (torch.nn.functional.normalize(e, dim=-1) for e in embedded)
     positive_scores = (q_emb * c_emb[[index[p] for p in positives]]).sum(-1)
     kept, dropped = select_negatives(q_emb, c_emb, positive_scores, excluded, top_k, num_negatives, factor)
 
@@ -178,6 +198,13 @@ def mine_hard_negatives(
             report.rows_out += 1
     tmp.replace(out)
     log(report.summary())
+    if keep_cache:
+        log(f"embeddings kept in {cache_dir} (--keep-cache)")
+    else:
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        log(f"embedding cache {cache_dir} removed (the output is written; --keep-cache keeps it)")
     return report
 
 
