@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -147,10 +147,41 @@ def _pause_after(written: int) -> None:
             time.sleep(float(seconds))
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """The cached embeddings of one set of texts, read back chunk by chunk (each checked against its texts)."""
+
+    folder: Path
+    text_set: TextSet
+    chunk_rows: int
+    dim: int
+
+    def paths(self) -> Iterator[tuple[int, Path]]:
+        for c, start in enumerate(range(0, len(self.text_set.texts), self.chunk_rows)):
+            yield start, _chunk_path(self.folder, self.text_set.name, c)
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, embeddings) of every chunk in order, float32."""
+        texts = self.text_set.texts
+        for start, path in self.paths():
+            embeddings = _read_chunk(path, texts[start:start + self.chunk_rows], self.dim)
+            if embeddings is None:
+                raise EmbedtrainError(f"{path}: missing after every process embedded its chunks; is the cache folder "
+                                      "on a file system every process shares?")
+            yield start, embeddings
+
+    def load(self) -> torch.Tensor:
+        """Every embedding of the set (texts, dim), in input order."""
+        out = torch.empty(len(self.text_set.texts), self.dim, dtype=torch.float32)
+        for start, embeddings in self.chunks():
+            out[start:start + embeddings.shape[0]] = embeddings
+        return out
+
+
 def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike, identity: dict, state,
-                    chunk_rows: int = 16384, batch_size: int = 128, log=print) -> Optional[list[torch.Tensor]]:
-    """Embed every set of texts in chunks cached under ``folder``; the embeddings of each set (float32, in
-    input order) on the main process, None on the others.
+                    chunk_rows: int = 16384, batch_size: int = 128, log=print) -> Optional[list[Embedded]]:
+    """Embed every set of texts in chunks cached under ``folder``; on the main process, the embeddings of each
+    set, to read back chunk by chunk or whole (:class:`Embedded`); None on the others.
 
     ``identity``: what else the embeddings depend on (the teacher, token limits), recorded in the manifest
     beside each set's digest. ``state``: accelerate's ``PartialState`` (one process or several).
@@ -212,12 +243,9 @@ def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike,
     if not state.is_main_process:
         return None
 
-    out = [torch.empty(len(s.texts), dim, dtype=torch.float32) for s in sets]
-    for s, c, start, end in jobs:
-        text_set = sets[s]
-        embeddings = _read_chunk(_chunk_path(folder, text_set.name, c), text_set.texts[start:end], dim)
-        if embeddings is None:
-            raise EmbedtrainError(f"{_chunk_path(folder, text_set.name, c)}: missing after every process embedded "
-                                  "its chunks; is the cache folder on a file system every process shares?")
-        out[s][start:end] = embeddings
-    return out
+    embedded = [Embedded(folder, s, chunk_rows, dim) for s in sets]
+    missing = [str(path) for e in embedded for _, path in e.paths() if not path.is_file()]
+    if missing:
+        raise EmbedtrainError(f"{missing[0]}: missing after every process embedded its chunks ({len(missing)} in "
+                              "all); is the cache folder on a file system every process shares?")
+    return embedded

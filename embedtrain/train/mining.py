@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,74 @@ class MiningReport:
                 "false negatives")
 
 
+SCORE_BLOCK = 1 << 26
+"""Scores held at once by :func:`nearest`: query rows x corpus rows (256 MB of float32)."""
+
+
 @torch.no_grad()
+def nearest(
+    query_emb: torch.Tensor,
+    corpus: Iterable[tuple[int, torch.Tensor]],
+    k: int,
+    paired: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The ``k`` best-scoring corpus rows of every query by dot product: scores (Q, k') best first and their
+    corpus indices, k' = min(k, corpus size).
+
+    ``corpus`` yields (offset, embeddings) chunks in order, read one at a time: the memory held grows with a chunk
+    and the queries, not with the corpus. Each chunk's top k merge with the best so far (an exact search; only
+    the order of equal scores may differ from one search over the whole corpus). Runs on ``query_emb``'s device.
+    ``paired`` (Q,): a corpus index per query whose score is also returned (the query's positive), computed as the
+    chunks pass.
+    """
+    device = query_emb.device
+    best_scores = torch.empty(query_emb.shape[0], 0, device=device)
+    best_index = torch.empty(query_emb.shape[0], 0, dtype=torch.long, device=device)
+    paired_scores = None if paired is None else torch.full((query_emb.shape[0],), float("nan"), device=device)
+    paired = None if paired is None else paired.to(device)
+    for offset, chunk in corpus:
+        chunk = chunk.to(device, query_emb.dtype)
+        if paired is not None:
+            rows = ((paired >= offset) & (paired < offset + chunk.shape[0])).nonzero().flatten()
+            paired_scores[rows] = (query_emb[rows] * chunk[paired[rows] - offset]).sum(-1)
+        block = max(1, SCORE_BLOCK // max(chunk.shape[0], 1))
+        merged_scores, merged_index = [], []
+        for start in range(0, query_emb.shape[0], block):
+            scores, index = (query_emb[start:start + block] @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+            index = index + offset
+            if best_scores.shape[1]:  # the first chunk's top k are the best so far as they are
+                scores = torch.cat([best_scores[start:start + block], scores], dim=1)
+                index = torch.cat([best_index[start:start + block], index], dim=1)
+                scores, at = scores.topk(min(k, scores.shape[1]), dim=1)
+                index = index.gather(1, at)
+            merged_scores.append(scores)
+            merged_index.append(index)
+        best_scores, best_index = torch.cat(merged_scores), torch.cat(merged_index)
+    return best_scores, best_index, paired_scores
+
+
+def keep_candidates(
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+    positive_scores: torch.Tensor,
+    excluded: Sequence[set[int]],
+    top_k: int = 30,
+    num_negatives: int = 4,
+    factor: float = 0.95,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """From each query's nearest corpus rows (:func:`nearest`, best first): the kept negatives (hardest first) and
+    the dropped candidates. The candidates are the ``top_k`` best rows not in ``excluded[i]``; one scoring at or
+    above ``factor`` x the positive's score is dropped."""
+    kept: list[list[int]] = []
+    dropped: list[list[int]] = []
+    for i, (s_row, i_row) in enumerate(zip(scores.tolist(), indices.tolist())):
+        limit = factor * float(positive_scores[i])
+        candidates = [(s, j) for s, j in zip(s_row, i_row) if j not in excluded[i]][:top_k]
+        kept.append([j for s, j in candidates if s < limit][:num_negatives])
+        dropped.append([j for s, j in candidates if s >= limit])
+    return kept, dropped
+
+
 def select_negatives(
     query_emb: torch.Tensor,
     corpus_emb: torch.Tensor,
@@ -56,7 +123,6 @@ def select_negatives(
     top_k: int = 30,
     num_negatives: int = 4,
     factor: float = 0.95,
-    chunk: int = 1024,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Corpus indices of the kept negatives per query (hardest first), and of the dropped candidates.
 
@@ -65,18 +131,13 @@ def select_negatives(
     the query's own text). The candidates are the ``top_k`` best-scoring corpus texts that are not
     excluded; a candidate with s(q, d) >= factor * s(q, p) is dropped.
     """
-    kept: list[list[int]] = []
-    dropped: list[list[int]] = []
-    k = min(corpus_emb.shape[0], top_k + max((len(e) for e in excluded), default=0))
-    for start in range(0, query_emb.shape[0], chunk):
-        scores, indices = (query_emb[start : start + chunk] @ corpus_emb.T).topk(k, dim=1)
-        for row, (s_row, i_row) in enumerate(zip(scores.tolist(), indices.tolist())):
-            i = start + row
-            limit = factor * float(positive_scores[i])
-            candidates = [(s, j) for s, j in zip(s_row, i_row) if j not in excluded[i]][:top_k]
-            kept.append([j for s, j in candidates if s < limit][:num_negatives])
-            dropped.append([j for s, j in candidates if s >= limit])
-    return kept, dropped
+    scores, indices, _ = nearest(query_emb, [(0, corpus_emb)], search_depth(top_k, excluded))
+    return keep_candidates(scores, indices, positive_scores, excluded, top_k, num_negatives, factor)
+
+
+def search_depth(top_k: int, excluded: Sequence[set[int]]) -> int:
+    """Rows to search per query so that ``top_k`` remain after the excluded ones are left out."""
+    return top_k + max((len(e) for e in excluded), default=0)
 
 
 def _read_corpus(path: str) -> list[str]:
@@ -177,9 +238,13 @@ def mine_hard_negatives(
     embedded = embed_in_chunks(encoder, sets, cache_dir, identity, state, chunk_rows, batch_size, log)
     if embedded is None:  # not the main process: it searches and writes alone
         return None
-    q_emb, c_emb = (torch.nn.functional.normalize(e, dim=-1) for e in embedded)
-    positive_scores = (q_emb * c_emb[[index[p] for p in positives]]).sum(-1)
-    kept, dropped = select_negatives(q_emb, c_emb, positive_scores, excluded, top_k, num_negatives, factor)
+    # the search runs where the teacher did, reading the corpus's embeddings one cached chunk at a time
+    normalize = torch.nn.functional.normalize
+    q_emb = normalize(embedded[0].load(), dim=-1).to(encoder.device)
+    corpus_chunks = ((offset, normalize(chunk, dim=-1)) for offset, chunk in embedded[1].chunks())
+    positive_of = torch.as_tensor([index[p] for p in positives], dtype=torch.long)
+    scores, found, positive_scores = nearest(q_emb, corpus_chunks, search_depth(top_k, excluded), positive_of)
+    kept, dropped = keep_candidates(scores, found, positive_scores, excluded, top_k, num_negatives, factor)
 
     report = MiningReport(rows_in=len(queries), corpus_size=len(texts))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +254,8 @@ def mine_hard_negatives(
             report.dropped_false_negatives += len(dropped[i])
             if dropped[i] and len(report.examples_dropped) < 5:
                 j = dropped[i][0]
-                report.examples_dropped.append((q, texts[j], float(q_emb[i] @ c_emb[j]), float(positive_scores[i])))
+                score = float(scores[i][found[i] == j][0])
+                report.examples_dropped.append((q, texts[j], score, float(positive_scores[i])))
             if len(kept[i]) < num_negatives:
                 report.rows_short += 1
                 continue

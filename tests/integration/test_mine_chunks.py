@@ -106,7 +106,7 @@ def test_a_cache_made_for_other_work_is_refused(teacher, tmp_path):
     first = embed_in_chunks(teacher, [TextSet("corpus", texts, "document", "")], tmp_path, identity, OneProcess(),
                             chunk_rows=2, log=lambda *_: None)
     # each chunk is one encode call of its own texts: the same bits
-    assert torch.equal(first[0], torch.cat([teacher.encode(texts[:2]), teacher.encode(texts[2:])]))
+    assert torch.equal(first[0].load(), torch.cat([teacher.encode(texts[:2]), teacher.encode(texts[2:])]))
     with pytest.raises(EmbedtrainError, match=r"sets\.corpus\.prompt differ.*delete the folder"):
         embed_in_chunks(teacher, [TextSet("corpus", texts, "document", "passage: ")], tmp_path, identity,
                         OneProcess(), chunk_rows=2, log=lambda *_: None)

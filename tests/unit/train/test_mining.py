@@ -79,3 +79,28 @@ def test_bad_mining_arguments_are_one_line_errors(tmp_path, capsys):
     assert "more than --top-k" in capsys.readouterr().err
     assert main(["mine", "--teacher", "x", "--data", "d.jsonl", "--output", "o.csv"]) == 2
     assert "must end in .jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50, 200])
+def test_nearest_over_chunks_is_the_search_over_the_whole_corpus(chunk):
+    """Read chunk by chunk, with chunks smaller and larger than k, the search finds what one top-k over the whole
+    corpus finds, and the paired scores are the dot products themselves."""
+    from embedtrain.train.mining import nearest
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(37, 16, generator=gen), dim=-1)
+    corpus = torch.nn.functional.normalize(torch.randn(120, 16, generator=gen), dim=-1)
+    paired = torch.randint(0, 120, (37,), generator=gen)
+    want_scores, want_index = (queries @ corpus.T).topk(10, dim=1)
+    chunks = [(start, corpus[start:start + chunk]) for start in range(0, 120, chunk)]
+    scores, index, paired_scores = nearest(queries, iter(chunks), 10, paired)
+    # a chunk's matmul may round differently from the whole corpus's: a dot product of unit vectors in d = 16
+    # float32 terms is within d x eps of its exact value (sum of |x_i y_i| <= 1), so two results within 2 d eps
+    eps = torch.finfo(torch.float32).eps
+    gaps = (queries @ corpus.T).topk(11, dim=1).values.diff(dim=1).abs()
+    assert gaps.min() > 4 * 16 * eps  # the premise: the order of the top 11 is not decided by rounding
+    assert torch.equal(index, want_index)
+    assert torch.allclose(scores, want_scores, rtol=0, atol=2 * 16 * eps)
+    assert torch.equal(paired_scores, (queries * corpus[paired]).sum(-1))
+    few, few_index, _ = nearest(queries, iter(chunks), 500)  # k above the corpus: every row, best first
+    assert few.shape == (37, 120) and torch.equal(few_index, (queries @ corpus.T).topk(120, dim=1).indices)
