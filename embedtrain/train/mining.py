@@ -209,6 +209,8 @@ def mine_hard_negatives(
         raise EmbedtrainError(f"--output: {out} must end in .jsonl")
     if chunk_rows < 1:
         raise EmbedtrainError(f"--chunk-rows must be at least 1, got {chunk_rows}")
+    if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EmbedtrainError(f"--device {device}: no GPU is visible to this process; leave --device out to run on CPU")
     state = process_state()
     with state.main_process_first():  # a Hub dataset is downloaded and cached once
         pairs = read_pairs(data, "--data", Path(data).stem, query_column, positive_column, [], split=split,

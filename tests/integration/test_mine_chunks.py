@@ -138,3 +138,7 @@ def test_bad_chunk_rows_is_one_line(pairs, tmp_path, capsys):
     assert main(["mine", "--teacher", TEACHER, "--data", str(pairs), "--output", str(tmp_path / "o.jsonl"),
                  "--chunk-rows", "0"]) == 2
     assert "--chunk-rows must be at least 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["mine", "--teacher", TEACHER, "--data", str(pairs), "--output", str(tmp_path / "o.jsonl"),
+                     "--device", "cuda"]) == 2
+        assert "--device cuda: no GPU is visible to this process" in capsys.readouterr().err
