@@ -117,6 +117,24 @@ def ru_maxrss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional set size in bytes of process ``pid`` and every process it started (shared pages split between
+    the processes sharing them); 0 once it is gone."""
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root] + root.children(recursive=True):
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
 class MemoryMonitor:
     """Samples this process's RSS every ``interval`` seconds in a background thread.
 

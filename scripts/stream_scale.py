@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import REPO, machine_info, offline_env, write_json  # noqa: E402
+from _bench_common import REPO, machine_info, offline_env, tree_pss, write_json  # noqa: E402
 
 WORK = REPO / "runs" / "stream_scale"
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
@@ -107,22 +107,6 @@ def make_image_shards(rows: Optional[int]) -> Path:
     return folder
 
 
-def _pss(pid: int) -> int:
-    import psutil
-
-    total = 0
-    try:
-        root = psutil.Process(pid)
-        for proc in [root] + root.children(recursive=True):
-            try:
-                total += proc.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    return total
-
-
 def run(name: str, overrides: list[str], steps: int, recipe: str = RECIPE) -> dict:
     out = WORK / "runs" / name
     first_file = WORK / f"{name}.first_step"
@@ -137,7 +121,7 @@ def run(name: str, overrides: list[str], steps: int, recipe: str = RECIPE) -> di
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _pss(proc.pid))
+        peak = max(peak, tree_pss(proc.pid))
         time.sleep(0.2)
     wall = time.time() - start
     log.seek(0)
