@@ -69,7 +69,8 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Names of the decoder's linear layers that get adapters (Mistral, Llama, Qwen and Gemma share these)."""
+    """Names of the linear layers that get adapters. The default names a decoder's (Mistral, Llama, Qwen and Gemma
+    share these); BERT-class encoders name theirs query, key, value and dense."""
 
 
 @dataclass

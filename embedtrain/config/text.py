@@ -80,7 +80,8 @@ class ModelConfig:
     bidirectional: bool = False
     """Load name_or_path as a decoder LLM (Mistral, Llama, Qwen2/3, Gemma) with its causal mask removed (NV-Embed)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision the backbone's weights are loaded in (bfloat16 halves a 7B model's memory)."""
+    """Precision the backbone's weights are loaded in (bfloat16 halves a 7B model's memory): decoders
+    (model.bidirectional), and other encoders under model.lora, whose weights it freezes."""
     latent_attention: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)
     """Sizes of the latent-attention pooling head (pooling: latent_attention)."""
     lora: Optional[LoraSettings] = None
@@ -347,6 +348,8 @@ def _check_moe(recipe: TextRecipe, problems: list[str]) -> None:
     if recipe.model.bidirectional:
         problems.append("model.moe: not available with model.bidirectional yet (decoder encoders are upcycled "
                         "through embedtrain.models.moe.upcycle, not by the trainer); remove one of them")
+    if recipe.model.lora is not None:
+        problems.append("model.lora: not available with model.moe yet (the experts are trained in full); remove one of them")
     if recipe.model.gradient_checkpointing:
         problems.append("model.gradient_checkpointing: not available with model.moe (a recomputed layer would see "
                         "another forward pass's routing); set it to false")
@@ -361,16 +364,15 @@ def _check_decoder_values(m: ModelConfig, d: DataConfig, problems: list[str]) ->
     decoder_only = []
     if m.pooling in ("latent_attention", "eos"):
         decoder_only.append(("model.pooling", f"pooling '{m.pooling}'"))
-    if m.lora is not None:
-        decoder_only.append(("model.lora", "LoRA"))
     if m.instruction_masking:
         decoder_only.append(("model.instruction_masking", "instruction masking"))
     if not m.bidirectional:
         for where, what in decoder_only:
             problems.append(f"{where}: {what} needs a decoder LLM; set model.bidirectional: true or remove it")
-        if m.dtype != "float32":
-            problems.append("model.dtype: only decoders (model.bidirectional: true) load in another precision; "
-                            "use train.mixed_precision for encoders")
+        if m.dtype != "float32" and m.lora is None:
+            problems.append("model.dtype: an encoder's weights load in another precision only under model.lora "
+                            "(which freezes them) or as a decoder (model.bidirectional: true); use "
+                            "train.mixed_precision to compute in it")
     elif m.pooling == "cls":
         problems.append("model.pooling: 'cls' reads the first token, which a decoder cannot make a summary of; "
                         "use latent_attention, mean, last_token or eos")

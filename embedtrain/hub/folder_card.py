@@ -42,7 +42,19 @@ def card_for_folder(model_dir: str | Path, repo_id: str) -> ModelCardData:
         prompts={k: v for k, v in (meta.get("prompts") or {}).items() if v},
         custom_modules=has_custom_modules(model_dir),
         instructions=read_instructions(model_dir) or {},
+        lora=lora_record(model_dir),
     )
+
+
+def lora_record(model_dir: str | Path) -> Optional[dict]:
+    """The LoRA adapter a folder was trained with (``r``, ``alpha``, ``target_modules``, its subfolder), or None."""
+    sub = read_metadata(model_dir).get("lora_adapter")
+    config = Path(model_dir) / str(sub) / "adapter_config.json" if sub else None
+    if config is None or not config.is_file():
+        return None
+    cfg = read_json_object(config)
+    return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "target_modules": sorted(cfg.get("target_modules") or []),
+            "folder": sub}
 
 
 def has_custom_modules(model_dir: str | Path) -> bool:

@@ -172,6 +172,8 @@ class ModelCardData:
     """Extra BibTeX entries by title (e.g. {'GradCache': GRADCACHE_CITATION})."""
     compact: Optional[dict] = None
     """Prefixes and precisions the model was trained for (its compact_embeddings.json), or None."""
+    lora: Optional[dict] = None
+    """The LoRA adapter it was trained with (``r``, ``alpha``, ``target_modules``, ``folder``), or None."""
     custom_modules: bool = False
     """The folder uses embedtrain's own module classes (decoder backbone, latent attention, experts):
     loading it needs embedtrain installed and trust_remote_code=True."""
@@ -325,6 +327,9 @@ def _details_rows(data: ModelCardData) -> list[list[str]]:
                          "`binary_rotations.safetensors` (key: the prefix length): "
                          "`quantize_embeddings(prefix @ R, \"ubinary\")`"
          if data.compact and data.compact.get("binary_rotation", "none") != "none" else None),
+        ("LoRA", f"r {data.lora['r']}, alpha {data.lora['alpha']:g} on {', '.join(_code(t) for t in data.lora['target_modules'])}: "
+                 f"merged into the weights; the adapter alone is in `{data.lora['folder']}/` (peft)"
+         if data.lora else None),
         ("Language", ", ".join(data.language) or None),
         ("License", data.license),
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from embedtrain.config import TextRecipe, dataset_name, looks_local, to_dict
-from embedtrain.hub.folder_card import embedding_dim, has_custom_modules, moe_summary
+from embedtrain.hub.folder_card import embedding_dim, has_custom_modules, lora_record, moe_summary
 from embedtrain.hub.model_card import GRADCACHE_CITATION, LOSS_CITATIONS, EvalEntry, ModelCardData
 from embedtrain.models.compact_record import read_record
 from embedtrain.models.folders import read_instructions, read_metadata
@@ -102,4 +102,5 @@ def card_for_run(
         custom_modules=has_custom_modules(model_dir),
         compact=read_record(model_dir),
         instructions=read_instructions(model_dir) or {},
+        lora=lora_record(model_dir),
     )

@@ -38,7 +38,7 @@ from sentence_transformers.sentence_transformer.modules import Transformer
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.folders import load_failure
 from embedtrain.models.instructions import prefix_token_lengths
-from embedtrain.models.lora import ADAPTER_DIR, is_peft_model, merged_state_dict
+from embedtrain.models.lora import is_peft_model, save_merged_transformer
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 """``config.model_type`` values whose base models :func:`make_bidirectional` is tested on."""
@@ -260,13 +260,7 @@ class BidirectionalTransformer(Transformer):
         (plain weights, no peft needed to load them) with its adapter alone in ``adapter/``."""
         if not is_peft_model(self.model):
             return super().save(output_path, *args, safe_serialization=safe_serialization, **kwargs)
-        import os
-
-        base = self.model.get_base_model()
-        base.save_pretrained(output_path, state_dict=merged_state_dict(self.model), safe_serialization=safe_serialization)
-        self.model.save_pretrained(os.path.join(output_path, ADAPTER_DIR), safe_serialization=safe_serialization)
-        self.processor.save_pretrained(output_path)
-        self.save_config(output_path)
+        save_merged_transformer(self, output_path, safe_serialization)
 
     def _get_prompt_length(self, prompt: str, **kwargs) -> Optional[int]:
         tokenizer = self.tokenizer

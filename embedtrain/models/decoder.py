@@ -57,7 +57,7 @@ from embedtrain.models.latent_attention import (
     LatentAttentionPooling,
     LatentAttentionPoolingModule,
 )
-from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model
+from embedtrain.models.lora import ADAPTER_DIR, apply_lora
 from embedtrain.models.pooling import last_token_pooling, mean_pooling
 
 BACKBONE_KIND = DECODER_BACKBONE
@@ -214,7 +214,6 @@ class DecoderEncoder(TextEncoder):
             "backbone": BACKBONE_KIND,
             **super()._metadata(),
             "instruction_masking": self.instruction_masking,
-            "lora_adapter": ADAPTER_DIR if is_peft_model(self.backbone) else None,
         }
         if self.head is not None:
             meta["latent_attention"] = self.head.sizes()

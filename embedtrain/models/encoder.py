@@ -18,6 +18,7 @@ from torch import nn
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.folders import MODULES_FILE, load_failure, read_metadata, read_modules, write_metadata
+from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model, saved_merged
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
 
 __all__ = ["TextEncoder", "load_failure", "load_sentence_transformers_encoder", "set_modules", "token_limits"]
@@ -87,7 +88,7 @@ class TextEncoder(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = self._pool(hidden, attention_mask)
+        emb = self._pool(hidden, attention_mask).float()  # a no-op for float32 weights; bfloat16 ones under LoRA
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         if self.center is not None:
             emb = emb - self.center.to(emb.dtype)
@@ -236,6 +237,7 @@ class TextEncoder(nn.Module):
             "prompts": self.prompts,
             **({"center": True} if self.center is not None else {}),
             **({"basis": True} if self.basis is not None else {}),
+            "lora_adapter": ADAPTER_DIR if is_peft_model(self.backbone) else None,
         }
 
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -246,8 +248,14 @@ class TextEncoder(nn.Module):
         (``Accelerator.get_state_dict``) and passes it here. The centre written is this module's own buffer
         (the trainer loads the gathered one into the module first, ``module_with_state``).
         """
+        if state_dict is not None and is_peft_model(self.backbone):
+            # the merged weights are computed from the module: it takes the gathered copy first (DDP and one
+            # process only; embedtrain.train.accelerator.engine_problems refuses LoRA on a sharded text encoder)
+            self.load_state_dict(state_dict)
+            state_dict = None
         st = self.sentence_transformer()
-        st.save(str(path), safe_serialization=True)
+        with saved_merged(st[0]):  # LoRA: merged weights (plain sentence-transformers folder) + adapter/
+            st.save(str(path), safe_serialization=True)
         if state_dict is not None:
             backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
             missing = set(self.backbone.state_dict()) - set(backbone_sd)
@@ -278,11 +286,15 @@ class TextEncoder(nn.Module):
         trust_remote_code: bool = False,
         revision: Optional[str] = None,
         gradient_checkpointing: bool = False,
+        lora: Optional[dict] = None,
+        dtype: str = "float32",
     ):
         """A saved folder (or, for :class:`TextEncoder`, a transformers folder or a Hub id) as an encoder of this class.
 
         Each setting left as None comes from the folder's ``embedtrain.json``, then from the model's own
         sentence-transformers modules and prompts, then from the defaults (mean pooling, normalised, 256 tokens).
+        ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules`` to add fresh adapters (:meth:`add_lora`).
+        ``dtype``: the precision the weights load in (``bfloat16`` suits weights LoRA freezes; embeddings are float32).
         """
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -291,7 +303,7 @@ class TextEncoder(nn.Module):
         path = resolve_path(name_or_path)
         saved = read_metadata(path)
         try:
-            st = cls.read_sentence_transformer(path, attn_implementation, trust_remote_code, revision)
+            st = cls.read_sentence_transformer(path, attn_implementation, trust_remote_code, revision, dtype)
         except (OSError, ValueError) as err:
             raise load_failure(name_or_path, err) from None
         if not isinstance(st[0], Transformer) or st[0].tokenizer is None:
@@ -322,16 +334,28 @@ class TextEncoder(nn.Module):
             encoder.set_center(center, basis)
         if gradient_checkpointing:
             encoder.enable_gradient_checkpointing()
+        if lora is not None:
+            encoder.add_lora(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"])
         return encoder
 
+    def add_lora(self, r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> None:
+        """Wrap the backbone with fresh LoRA adapters: only they train from now on (the pooling has no weights).
+        A saved folder holds the merged weights, which sentence-transformers loads without peft, and the adapter
+        alone in ``adapter/``; adding LoRA to such a folder trains new adapters on its merged weights."""
+        if is_peft_model(self.backbone):
+            raise EmbedtrainError("model.lora: the backbone has LoRA adapters already")
+        self.backbone = apply_lora(self.backbone, r, alpha, dropout, target_modules)
+        self._st[0].model = self.backbone
+
     @staticmethod
-    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str]):
+    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str],
+                                  dtype: str = "float32"):
         """The ``SentenceTransformer`` of a sentence-transformers folder, or one holding just the ``Transformer``
         module of a transformers folder or Hub id (on CPU)."""
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Transformer
 
-        model_kwargs = {"attn_implementation": attn_implementation}
+        model_kwargs = {"attn_implementation": attn_implementation, "dtype": getattr(torch, dtype)}
         if (Path(path) / MODULES_FILE).is_file():
             return SentenceTransformer(
                 path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=model_kwargs, revision=revision

@@ -1,15 +1,19 @@
-"""LoRA on a decoder backbone through peft, and the merged weights a saved model carries.
+"""LoRA on a text backbone through peft, and the merged weights a saved model carries.
 
 NV-Embed trains Mistral-7B with LoRA (rank 16, alpha 32, dropout 0.1) and the latent-attention head in
-full. Adapters are added with peft's ``get_peft_model`` on the base decoder (sentence-transformers'
-``add_adapter`` needs a newer peft than the one published). A saved model holds both the merged
-decoder (plain weights ``W + (alpha / r) B A``, loadable without peft) and the adapter alone, in
-``adapter/`` (peft's own format), to apply to the original base model again.
+full; a sentence-transformers text encoder (a BERT-class encoder, or a decoder with causal attention and
+last-token pooling such as Qwen3-Embedding) takes LoRA the same way. Adapters are added with peft's
+``get_peft_model`` on the backbone (sentence-transformers' ``add_adapter`` needs a newer peft than the one
+published). A saved model holds both the merged backbone (plain weights ``W + (alpha / r) B A``, loadable
+without peft) and the adapter alone, in ``adapter/`` (peft's own format), to apply to the original base
+model again.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+from typing import Iterator, Sequence
 
 import torch
 
@@ -72,3 +76,33 @@ def merged_state_dict(peft_model, device: str | torch.device = "cpu") -> dict[st
             tensor = (tensor.float() + deltas[key].float()).to(tensor.dtype)
         merged[key.replace(".base_layer.", ".")] = tensor.detach().to(device, copy=True).contiguous()
     return merged
+
+
+def save_merged_transformer(transformer, output_path: str, safe_serialization: bool = True) -> None:
+    """Save a sentence-transformers ``Transformer`` module whose model is LoRA-wrapped as its own ``save`` would
+    save a plain one (config, merged weights, tokenizer, ``sentence_bert_config.json``), with the adapter alone
+    in ``adapter/``."""
+    base = transformer.model.get_base_model()
+    base.save_pretrained(output_path, state_dict=merged_state_dict(transformer.model), safe_serialization=safe_serialization)
+    transformer.model.save_pretrained(os.path.join(output_path, ADAPTER_DIR), safe_serialization=safe_serialization)
+    transformer.processor.save_pretrained(output_path)
+    transformer.save_config(output_path)
+
+
+@contextlib.contextmanager
+def saved_merged(transformer) -> Iterator[None]:
+    """Inside the block, saving the stock sentence-transformers ``Transformer`` module ``transformer`` writes the
+    merged weights and the adapter (:func:`save_merged_transformer`) when its model is LoRA-wrapped. The module
+    keeps its class, so ``modules.json`` names sentence-transformers' own and the folder loads without embedtrain."""
+    if not is_peft_model(transformer.model):
+        yield
+        return
+
+    def save(output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        save_merged_transformer(transformer, output_path, safe_serialization)
+
+    transformer.save = save  # this instance only, for this block
+    try:
+        yield
+    finally:
+        del transformer.save

@@ -621,11 +621,13 @@ class MoETextEncoder(TextEncoder):
         self._active_domain: Domain = None
 
     @staticmethod
-    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str]):
+    def read_sentence_transformer(path: str, attn_implementation: str, trust_remote_code: bool, revision: Optional[str],
+                                  dtype: str = "float32"):
         """A saved MoE folder's ``SentenceTransformer``. The first module is built here from the installed
         package, so ``trust_remote_code`` and ``revision`` (accepted for :meth:`TextEncoder.load`'s
         signature) play no part: the folder is local."""
-        return load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation})
+        return load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation,
+                                                    "dtype": getattr(torch, dtype)})
 
     def enable_gradient_checkpointing(self) -> None:
         raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)

@@ -204,7 +204,7 @@ def _text(recipe, model_config: Optional[str]) -> ModelShape:
     m = recipe.model
     source = _config_source(recipe, model_config)
     config = transformers_config(read_config(source, "model.name_or_path"), "model.name_or_path")
-    dtype = DTYPES[m.dtype] if m.bidirectional else torch.float32
+    dtype = DTYPES[m.dtype]  # float32 for encoders unless LoRA freezes their weights (the recipe check)
     config._attn_implementation = m.attn_implementation or "sdpa"
     backbone = AutoModel.from_config(config, dtype=dtype)
     base_total = count(backbone)[0]
@@ -214,10 +214,6 @@ def _text(recipe, model_config: Optional[str]) -> ModelShape:
             from embedtrain.models.latent_attention import LatentAttentionPooling
 
             head = LatentAttentionPooling(int(config.hidden_size), **asdict(m.latent_attention))
-        if m.lora is not None:
-            from embedtrain.models.lora import apply_lora
-
-            backbone = apply_lora(backbone, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     else:
         pooler = getattr(backbone, "pooler", None)
         for p in (pooler.parameters() if pooler is not None else ()):  # unused by mean/cls pooling of hidden states
@@ -232,6 +228,10 @@ def _text(recipe, model_config: Optional[str]) -> ModelShape:
             upcycle(backbone, settings)
             if mo.domain_tokens:
                 notes.append(f"model.moe.domain_tokens: {len(settings.domains)} token embeddings not counted")
+    if m.lora is not None:
+        from embedtrain.models.lora import apply_lora
+
+        backbone = apply_lora(backbone, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     parts = nn.ModuleList([backbone] + ([head] if head is not None else []))
     total, trainable, total_b, trainable_b = count(parts)
     dropout = not m.bidirectional and float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0) > 0

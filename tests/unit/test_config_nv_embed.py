@@ -35,9 +35,11 @@ def test_decoder_settings_need_a_decoder(recipe):
     recipe["model"]["dtype"] = "bfloat16"
     text = _problems(recipe)
     assert "model.pooling: pooling 'latent_attention' needs a decoder LLM; set model.bidirectional: true" in text
-    assert "model.lora: LoRA needs a decoder LLM" in text
+    assert "model.lora" not in text  # any text encoder takes LoRA
     assert "model.instruction_masking: instruction masking needs a decoder LLM" in text
-    assert "model.dtype: only decoders" in text
+    assert "model.dtype" not in text  # LoRA freezes the weights: they may load in bfloat16
+    del recipe["model"]["lora"]
+    assert "model.dtype: an encoder's weights load in another precision only under model.lora" in _problems(recipe)
 
 
 def test_bad_values_are_reported_together(recipe, tmp_path):

@@ -190,3 +190,21 @@ def test_plan_lists_what_the_engine_cannot_run(tiny_bert, pairs_file, tmp_path, 
 
     assert engine_problems("MULTI_GPU", Train, ["log_scale"]) == []
     assert engine_problems("FSDP", Train, ["log_scale"]) == []
+
+
+def test_plan_counts_lora_on_a_text_encoder_and_refuses_it_sharded(tiny_bert, pairs_file, tmp_path, capsys):
+    """LoRA on a sentence-transformers text encoder: the plan counts only the adapters as trainable, and lists
+    FSDP as a problem (the saved weights are merged from the whole module)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run")))
+    lora = "model.lora={r: 4, alpha: 8, target_modules: [query, value]}"
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(path), lora, "--output", str(out)]) == 0
+    params = json.loads(out.read_text())["model"]
+    hidden, layers = 32, 2  # tests/conftest.py's tiny BERT
+    assert params["trainable"] == layers * 2 * (4 * hidden + hidden * 4)  # A (4 x 32) and B (32 x 4), query and value
+    fsdp = str(REPO / "recipes" / "accelerate" / "fsdp.yaml")
+    capsys.readouterr()
+    assert main(["plan", str(path), lora, "--accelerate-config", fsdp]) == 2
+    assert "problem: model.lora: LoRA on a sentence-transformers text encoder (its saved weights are merged from the " \
+           "whole module) is not available under FSDP" in capsys.readouterr().out

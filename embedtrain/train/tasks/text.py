@@ -4,6 +4,7 @@ instruction masking, chained stages) and their Mixture-of-Experts upcycling."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,10 @@ class TextTask(PairsTask):
         self.chain, self.run_stage = chain, run_stage
         # an MoE step leaves the other domains' experts without gradient, which DDP must be told
         self.find_unused_parameters = experts.uses_experts(recipe)
+        if recipe.model.lora is not None and not recipe.model.bidirectional:
+            self.whole_module_settings.append(
+                "model.lora: LoRA on a sentence-transformers text encoder (its saved weights are merged from the "
+                "whole module)")
 
     # -- data -------------------------------------------------------------------------------------
     def read_data(self) -> None:
@@ -123,6 +128,7 @@ class TextTask(PairsTask):
                 query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
                 attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
                 revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
+                lora=asdict(r.model.lora) if r.model.lora is not None else None, dtype=r.model.dtype,
             )
         return experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
 
