@@ -1,5 +1,6 @@
-"""Tiny recipes of every kind of model (text, MoE, decoder with LoRA + latent attention, CLIP, VLM2Vec,
-metric learning), shared by the tests that run the same thing on each kind."""
+"""Tiny recipes of every kind of model (text, MoE, decoder with LoRA + latent attention, a causal decoder read as a
+sentence-transformers model with LoRA, CLIP, VLM2Vec, metric learning), shared by the tests that run the same thing
+on each kind."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import REPO, build_tiny_bert, write_pairs
 from multimodal_support import write_image_text_rows
 from vpt_support import build_tiny_open_clip, write_labelled_images
 
-KINDS = ["text", "moe", "decoder", "clip", "vlm2vec", "dml"]
+KINDS = ["text", "moe", "decoder", "text_lora", "clip", "vlm2vec", "dml"]
 STEPS = 8
 TRAIN = {"max_steps": STEPS, "save_every": 2, "keep_last": 3, "log_every": 1, "torch_threads": 1, "seed": 3}
 
@@ -76,6 +77,12 @@ def recipe_data(kind: str, a: dict, out: Path) -> dict:
             "data": {"train": [{"path": str(a["pairs"]), "name": "pairs", "negative_columns": ["negative"],
                                 "instruction": "Retrieve the matching text"}], "batch_size": 8},
             "train": {**TRAIN, "lr": 5e-3, "warmup_ratio": 0.0}, "output": output,
+        }
+    if kind == "text_lora":  # the Qwen3-Embedding way: causal attention, last-token pooling, LoRA
+        return {
+            "model": {"name_or_path": str(REPO / "data" / "tiny_decoders" / "mistral"), "pooling": "last_token",
+                      "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "max_length": 32},
+            "data": text_data, "train": {**TRAIN, "lr": 5e-3, "warmup_ratio": 0.0}, "output": output,
         }
     if kind == "clip":
         return {

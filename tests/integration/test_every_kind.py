@@ -1,7 +1,7 @@
 """One trainer for every kind of model: the same kill-and-resume guarantee and the same Hub push for each.
 
-For every kind (text, MoE, decoder with LoRA + latent attention, CLIP, tiny VLM2Vec, metric learning
-with a class-balanced sampler whose batches per epoch vary), a run is SIGKILLed in the middle of a
+For every kind (text, MoE, decoder with LoRA + latent attention, a causal decoder with LoRA, CLIP, tiny VLM2Vec,
+metric learning with a class-balanced sampler whose batches per epoch vary), a run is SIGKILLed in the middle of a
 checkpoint write, resumed with ``--resume auto``, and must end with the weights of an uninterrupted
 run (1e-6: the same float32 operations in the same order, on one thread, so only a bug moves them).
 """
