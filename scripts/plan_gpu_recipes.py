@@ -7,7 +7,9 @@ Each recipe is planned as `embedtrain plan RECIPE --accelerate-config recipes/ac
 of its data (the real schemas and label sets, tiny texts: tests/plan_support.py), so every text is taken at the
 recipe's token limit (`--lengths max`: the worst case, which does not depend on the stand-ins' texts). The data
 figures of the stand-ins are left out; parameters, memory per GPU, FLOPs and time per step are the recipe's own.
-Also the same recipes under the FSDP config (recipes/accelerate/fsdp.yaml). Prints and writes JSON.
+Also the same recipes under the FSDP config (recipes/accelerate/fsdp.yaml). The one-GPU recipe (LoRA on
+Qwen3-Embedding-0.6B) is planned on one 80 GB GPU only (no accelerate config: `embedtrain train` without a launcher;
+LoRA on a sentence-transformers text encoder is refused under FSDP). Prints and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from _bench_common import write_json  # noqa: E402
 RECIPES = ["recipes/mistral-7b/nv_embed_stage1.yaml", "recipes/mistral-7b/nv_embed_stage2.yaml",
            "recipes/qwen2-vl-2b/vlm2vec.yaml"]
 ENGINES = {"ddp": "recipes/accelerate/multi_gpu.yaml", "fsdp": "recipes/accelerate/fsdp.yaml"}
+ONE_GPU = ["recipes/qwen3-embedding-0.6b/lora_msmarco.yaml"]
 
 
 def main(argv=None) -> int:
@@ -49,6 +52,11 @@ def main(argv=None) -> int:
                              replace(settings, accelerate_config=str(REPO / config), lengths="max"))
             plan.pop("data")  # the stand-ins' rows say nothing about the real data
             report["plans"][f"{path}:{engine}"] = plan
+    for path in ONE_GPU:
+        overrides, settings = plan_inputs(path, stand_ins)
+        plan = make_plan(load_recipe(path, overrides), replace(settings, lengths="max"))
+        plan.pop("data")
+        report["plans"][f"{path}:one_gpu"] = plan
     write_json(report, args.output)
     return 0
 

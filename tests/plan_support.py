@@ -101,6 +101,8 @@ def plan_inputs(path: str, s: dict):
     if path.startswith("recipes/mistral-7b/"):
         settings = PlanSettings(accelerate_config=MULTI_GPU, device_memory_gb=80,
                                 model_config=str(CONFIGS / "mistral-7b-v0.1"))
+    elif path == "recipes/qwen3-embedding-0.6b/lora_msmarco.yaml":
+        settings = PlanSettings(device_memory_gb=80, model_config=str(CONFIGS / "qwen3-embedding-0.6b"))
     elif path == "recipes/qwen2-vl-2b/vlm2vec.yaml":
         settings = PlanSettings(accelerate_config=MULTI_GPU, device_memory_gb=80,
                                 model_config=str(CONFIGS / "qwen2-vl-2b-instruct"))

@@ -230,6 +230,10 @@ def _step_work(recipe, task, shape: ModelShape, engine: Engine, settings: PlanSe
     return _multimodal_work(recipe, task, shape, plan, engine, per, settings.lengths == "max")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_limit: bool = False):
     """Per dataset, role -> {row: tokens of each text of the role} for the ``needed`` rows, capped at the role's
     limit (the model's tokenizer when it is local, else characters / CHARS_PER_TOKEN)."""
@@ -237,7 +241,8 @@ def _text_lengths(recipe, task, shape: ModelShape, needed: dict[int, set], at_li
 
     m = recipe.model
     tokenizer, how = None, f"estimated from characters ({CHARS_PER_TOKEN} per token; no local tokenizer)"
-    if Path(shape.source).is_dir():
+    # a folder of config.json alone (recipes/model_configs) has no tokenizer: some classes would build an empty one
+    if Path(shape.source).is_dir() and any((Path(shape.source) / f).is_file() for f in TOKENIZER_FILES):
         try:
             from transformers import AutoTokenizer
 

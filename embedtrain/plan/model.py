@@ -142,6 +142,11 @@ def _with_blocks(tower: Tower, blocks: list[nn.Module]) -> Tower:
     return tower
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under peft's LoRA wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _embedding_params(module: nn.Module) -> int:
     return sum(p.numel() for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
 
@@ -234,10 +239,13 @@ def _text(recipe, model_config: Optional[str]) -> ModelShape:
         backbone = apply_lora(backbone, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     parts = nn.ModuleList([backbone] + ([head] if head is not None else []))
     total, trainable, total_b, trainable_b = count(parts)
-    dropout = not m.bidirectional and float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0) > 0
+    # the block layout, whether or not its attention is made bidirectional: a decoder base model (Mistral, Llama,
+    # Qwen2/3, Gemma: RMSNorms, rotary, gated MLP) keeps its blocks in `layers`, a BERT-class encoder in `encoder.layer`
+    decoder = isinstance(getattr(_unwrapped(backbone), "layers", None), nn.ModuleList)
+    dropout = not decoder and float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0) > 0
     fused = (m.attn_implementation or "sdpa") != "eager" and not dropout
-    tower = _stack("decoder" if m.bidirectional else "text", backbone, config, backward=True, fused_attention=fused,
-                   gated=m.bidirectional, dropout=dropout, family="decoder" if m.bidirectional else "bert",
+    tower = _stack("decoder" if decoder else "text", backbone, config, backward=True, fused_attention=fused,
+                   gated=decoder, dropout=dropout, family="decoder" if decoder else "bert",
                    lora_dropout=bool(m.lora is not None and m.lora.dropout > 0))
     if head is not None:
         tower.params += count(head)[0]
