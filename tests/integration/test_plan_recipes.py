@@ -67,3 +67,17 @@ def test_a_merge_document_is_not_planned_but_named(capsys, monkeypatch):
     assert main(["plan", "recipes/merge/wordnet_foldoc_self_positioning.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "merge document" in err[0] and "embedtrain merge" in err[0]
+
+
+def test_a_causal_decoder_is_planned_as_a_decoder(stand_ins, monkeypatch):
+    """Qwen3-Embedding keeps its causal attention (no model.bidirectional): its blocks are still a decoder's (gated
+    MLP, rotary, RMSNorm), and its texts' lengths come from characters, not from a tokenizer built with no
+    vocabulary out of a folder that holds config.json alone."""
+    monkeypatch.chdir(REPO)
+    path = "recipes/qwen3-embedding-0.6b/lora_msmarco.yaml"
+    overrides, settings = plan_inputs(path, stand_ins)
+    plan = make_plan(load_recipe(path, overrides), settings)
+    tower = plan["model"]["towers"][0]
+    assert (tower["family"], tower["gated"], tower["dropout"]) == ("decoder", True, False)
+    assert plan["memory_per_device"]["token_lengths"].startswith("estimated from characters")
+    assert plan["compute"]["flops_per_step_per_device"] > 0
