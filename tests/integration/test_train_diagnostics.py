@@ -88,3 +88,12 @@ def test_inspect_prints_the_diagnostics_of_a_saved_model(tiny_bert, probe_pairs,
     assert "on 3 texts" in capsys.readouterr().out
     assert main(["inspect", str(model_dir), "--texts", str(probe_pairs)]) == 2  # no 'query' column
     assert "no text in column 'query'" in capsys.readouterr().err
+
+
+def test_too_few_rows_for_a_probe_is_said_once_and_recorded(tiny_bert, pairs_file, tmp_path):
+    said = []
+    run(tiny_recipe(tiny_bert, pairs_file, tmp_path / "run", train={"max_steps": 2}), log=said.append)
+    off = [s for s in said if s.startswith("diagnostics")]
+    assert len(off) == 1 and "training rows are too few to hold out a probe of 16 or more pairs" in off[0], off
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "too few to hold out a probe" in results["diagnostics_probe"]["off"]

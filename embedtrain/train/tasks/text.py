@@ -104,8 +104,9 @@ class TextTask(PairsTask):
         probe, kept = carve_probe(self.datasets, wanted)
         total = sum(len(d) for d in self.datasets)
         if not probe.rows:
-            self.log(f"diagnostics: off; {total} training rows are too few to hold out a probe of {MIN_ROWS} "
-                     f"or more pairs (at most {MAX_FRACTION:.0%} of them); add rows or set eval.diagnostics.probe_rows=0")
+            self.probe_off = (f"{total} training rows are too few to hold out a probe of {MIN_ROWS} or more pairs "
+                              f"(at most {MAX_FRACTION:.0%} of them)")
+            self.log(f"diagnostics: off; {self.probe_off}; add rows or set eval.diagnostics.probe_rows=0")
             return
         for before, after in zip(self.datasets, kept):
             after.held_out = len(before) - len(after)
