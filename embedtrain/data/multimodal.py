@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from embedtrain.data.probe import Probe, choose_probe
 from embedtrain.data.readers import column_list, load_table
 from embedtrain.data.sampler import PlannedBatch
 from embedtrain.data.webdataset import (
@@ -81,6 +82,8 @@ class MultimodalPairs:
     dropped: dict[str, int] = field(default_factory=dict)
     #: (shard, key) of every kept row when the source is webdataset shards, else None
     samples: Optional[list[tuple[str, str]]] = None
+    #: rows set aside for the diagnostics probe (its own and those sharing a text or image with it)
+    held_out: int = 0
 
     def __len__(self) -> int:
         return len(self.line_numbers)
@@ -331,6 +334,37 @@ def _select(pairs: MultimodalPairs, keep: list[int]) -> MultimodalPairs:
         document_template=pairs.document_template, weight=pairs.weight,
         samples=None if pairs.samples is None else [pairs.samples[i] for i in keep],
     )
+
+
+def carve_probe(datasets: list[MultimodalPairs], wanted: int) -> tuple[Probe, list[MultimodalPairs]]:
+    """(the diagnostics probe, the datasets without its rows) for image-text rows (see
+    :func:`embedtrain.data.probe.choose_probe`): the probe's queries and positives are (text or None, image or None)
+    items, and no training row keeps a text or image of the probe. Rows are tried in the order of their query and
+    positive texts where a dataset has any (not of the images' identities, a path or a shard member), so that a table
+    and its webdataset shards hold out the same rows."""
+
+    def order(d: MultimodalPairs) -> Optional[list[str]]:
+        texts = [d.texts[r] for r in ("query", "positive") if d.texts[r] is not None]
+        return ["\0".join(t[i] for t in texts) for i in range(len(d))] if texts else None
+
+    chosen, kept_rows = choose_probe([d.row_keys for d in datasets], wanted, [order(d) for d in datasets])
+    probe = Probe()
+    if not any(chosen):
+        return probe, datasets
+
+    def item(d: MultimodalPairs, role: str, i: int) -> tuple:
+        return tuple(None if d_[role] is None else d_[role][i] for d_ in (d.texts, d.images))
+
+    kept = []
+    for d, rows, keep in zip(datasets, chosen, kept_rows):
+        probe.queries.append([item(d, "query", i) for i in rows])
+        probe.positives.append([item(d, "positive", i) for i in rows])
+        probe.excluded_rows.append(len(d) - len(keep))
+        rest = _select(d, keep)
+        rest.row_keys, rest.skipped, rest.dropped = [d.row_keys[i] for i in keep], d.skipped, d.dropped
+        rest.held_out = len(d) - len(keep)
+        kept.append(rest)
+    return probe, kept
 
 
 def _row_key(pairs: MultimodalPairs, i: int) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,9 +26,10 @@ MIN_ROWS = 16
 class Probe:
     """Held-out (query, positive) pairs, grouped by the training dataset they come from."""
 
-    queries: list[list[str]] = field(default_factory=list)
-    positives: list[list[str]] = field(default_factory=list)
-    """Per training dataset (in recipe order), its probe's queries and positives (row i pairs with row i)."""
+    queries: list[list] = field(default_factory=list)
+    positives: list[list] = field(default_factory=list)
+    """Per training dataset (in recipe order), its probe's queries and positives (row i pairs with row i): texts, or
+    for image-text data (text or None, image or None) items."""
     excluded_rows: list[int] = field(default_factory=list)
     """Per training dataset, the rows removed from training: the probe's own and those sharing a text with it."""
 
@@ -48,46 +50,60 @@ def probe_size(total_rows: int, wanted: int) -> int:
     return size if size >= MIN_ROWS else 0
 
 
-def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[PairDataset]]:
-    """(the probe, the datasets without its rows). Each dataset gives a share proportional to its size."""
-    total = sum(len(d) for d in datasets)
+def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
+                 order: Optional[list[Optional[Sequence[str]]]] = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Per dataset (its rows' keys: one hash per role, query first, positive second), the probe's rows and the rows
+    left for training: none of them shares a text (or image) with the probe. Each dataset gives a share of the
+    probe proportional to its size; no probe (every row kept) below :data:`MIN_ROWS` pairs. Rows are tried in the
+    order of a hash of their query and positive keys, or of ``order[d]``'s string per row where given."""
+    total = sum(len(k) for k in row_keys)
     size = probe_size(total, wanted)
-    probe = Probe()
     if size == 0:
-        return probe, datasets
-    shares = _shares([len(d) for d in datasets], size)
-    held: set[int] = set()  # text hashes of every probe text
+        return [[] for _ in row_keys], [list(range(len(k))) for k in row_keys]
+    held: set[int] = set()  # the hash of every probe text
     chosen: list[list[int]] = []
-    for d, share in zip(datasets, shares):
+    for d, (keys, share) in enumerate(zip(row_keys, _shares([len(k) for k in row_keys], size))):
         rows = []
-        for i in _probe_order(d.row_keys).tolist():
+        names = order[d] if order is not None and order[d] is not None else [f"{k[0]}:{k[1]}" for k in keys]
+        for i in _probe_order(names).tolist():
             if len(rows) == share:
                 break
-            query, positive = d.row_keys[i][0], d.row_keys[i][1]
+            query, positive = keys[i][0], keys[i][1]
             if query in held or positive in held or query == positive:
                 continue  # distinct texts: a repeated one would count twice in the rank and the pair figures
             rows.append(i)
             held.update((query, positive))
         chosen.append(rows)
-    kept = []
     held_keys = np.fromiter(held, dtype=np.int64, count=len(held))
-    for d, rows in zip(datasets, chosen):
+    kept = []
+    for keys in row_keys:
+        table = np.asarray(keys, dtype=np.int64).reshape(len(keys), len(keys[0]) if len(keys) else 0)
+        kept.append(np.flatnonzero(~np.isin(table, held_keys).any(axis=1)).tolist())  # no text shared with the probe
+    return chosen, kept
+
+
+def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[PairDataset]]:
+    """(the probe, the datasets without its rows) for text pairs (see :func:`choose_probe`)."""
+    chosen, kept_rows = choose_probe([d.row_keys for d in datasets], wanted)
+    probe = Probe()
+    if not any(chosen):
+        return probe, datasets
+    kept = []
+    for d, rows, keep in zip(datasets, chosen, kept_rows):
         picked = d.rows.select(rows)
         probe.queries.append(column_list(picked, "query"))
         probe.positives.append(column_list(picked, "positive"))
-        keys = np.asarray(d.row_keys, dtype=np.int64).reshape(len(d), len(d.role_columns))
-        keep = np.flatnonzero(~np.isin(keys, held_keys).any(axis=1)).tolist()  # no text shared with the probe
         probe.excluded_rows.append(len(d) - len(keep))
         kept.append(dataclasses.replace(
             d, rows=d.rows.select(keep), row_keys=[d.row_keys[i] for i in keep],
-            match_keys=None if d.match_keys is None else [d.match_keys[i] for i in keep]))
+            match_keys=None if d.match_keys is None else [d.match_keys[i] for i in keep], held_out=len(d) - len(keep)))
     return probe, kept
 
 
-def _probe_order(row_keys) -> np.ndarray:
-    """Rows in a stable order that is unrelated to the file's order: by the hash of the row's query and positive
-    (ties by row number)."""
-    hashes = np.fromiter((text_hash(f"{k[0]}:{k[1]}") for k in row_keys), dtype=np.int64, count=len(row_keys))
+def _probe_order(names: Sequence[str]) -> np.ndarray:
+    """Rows in a stable order that is unrelated to the file's order: by the hash of each row's name (its query and
+    positive), ties by row number."""
+    hashes = np.fromiter((text_hash(n) for n in names), dtype=np.int64, count=len(names))
     return np.argsort(hashes, kind="stable")
 
 

@@ -19,7 +19,7 @@ push. A task supplies the rest, in the order the loop asks for it:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -187,6 +187,35 @@ class PairsTask(Task):
         self.rows_interact = bool(getattr(loss, "in_batch_negatives", True))
         """A row's query meets the other rows' documents (in-batch negatives): only then can a repeat harm."""
 
+    # -- the diagnostics probe ----------------------------------------------------------------------
+    probe_off: Optional[str] = None
+    """Why the run holds out no diagnostics probe though the recipe asks for one (said once when read)."""
+
+    def hold_out_probe(self, carve: Callable) -> None:
+        """Hold the diagnostics probe out of ``self.datasets`` with ``carve(datasets, wanted)`` (the kind's
+        :func:`~embedtrain.data.probe.carve_probe`): the same rows on every start and resume."""
+        from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS
+
+        wanted = self.recipe.eval.diagnostics.probe_rows
+        if not wanted:
+            return
+        probe, kept = carve(self.datasets, wanted)
+        total = sum(len(d) for d in self.datasets)
+        if not probe.rows:
+            self.probe_off = (f"{total} training rows are too few to hold out a probe of {MIN_ROWS} or more pairs "
+                              f"(at most {MAX_FRACTION:.0%} of them)")
+            self.log(f"diagnostics: off; {self.probe_off}; add rows or set eval.diagnostics.probe_rows=0")
+            return
+        self.probe, self.datasets = probe, kept
+        self.log(f"diagnostics probe: {probe.rows} pairs held out of training; {sum(probe.excluded_rows)} of "
+                 f"{total} training rows removed (the probe's and those sharing a text or image with it)")
+
+    def streams_hold_no_probe(self) -> None:
+        """Say once that streaming datasets hold out no probe (when the recipe asks for one)."""
+        if self.recipe.eval.diagnostics.probe_rows:
+            self.probe_off = "the probe is held out of datasets read whole; streaming datasets are not"
+            self.log(f"diagnostics: probe off ({self.probe_off}); no diagnostics are measured")
+
     def check_data(self, world_size: int) -> None:
         if self.streams is not None:
             self.global_batch = self.recipe.data.batch_size * world_size
@@ -307,11 +336,16 @@ class PairsTask(Task):
             self.counters["streams"] = self.streams.to_dict(accelerator)
 
     def results(self) -> dict[str, Any]:
-        if self.streams is None:
-            return {}
-        from embedtrain.data.streaming import stream_figures
+        out: dict[str, Any] = {}
+        if self.probe_off:
+            out["diagnostics_probe"] = {"off": self.probe_off}
+        if self.probe is not None:
+            out["diagnostics_probe"] = self.probe.summary([d.name for d in self.datasets])
+        if self.streams is not None:
+            from embedtrain.data.streaming import stream_figures
 
-        return {"streams": stream_figures(self.counters.get("streams", {}), self.datasets)}
+            out["streams"] = stream_figures(self.counters.get("streams", {}), self.datasets)
+        return out
 
 
 STREAM_EPOCH = 1 << 62

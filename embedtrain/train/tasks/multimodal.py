@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
-from embedtrain.data.multimodal import MultimodalCollator, image_folder, read_multimodal_pairs, split_inputs
+from embedtrain.data.multimodal import (MultimodalCollator, carve_probe, image_folder, open_image, read_multimodal_pairs,
+                                       split_inputs)
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import LOSSES, InfoNCELoss, SigmoidLoss
 from embedtrain.train import compact
@@ -103,6 +104,7 @@ class MultimodalTask(PairsTask):
             for i, ds in enumerate(r.data.train)
         ]
         self.bad_before = [b for ds in self.datasets for b in ds.skipped]
+        self.hold_out_probe(carve_probe)
 
     def _open_streams(self) -> None:
         """Streaming datasets (all of them, the recipe check says): shards and columns checked, nothing read yet;
@@ -120,6 +122,7 @@ class MultimodalTask(PairsTask):
             self.datasets.append(open_stream(f"data.train[{i}]", mm_dataset_name(ds), ds.path, columns,
                                              weight=ds.weight, split=ds.split, images=rows))
         self.streams = StreamState(1, r.data.num_workers)  # sized for the run's processes in check_data
+        self.streams_hold_no_probe()
 
     def check_data(self, world_size: int) -> None:
         for b in self.bad_before[:20]:
@@ -172,6 +175,24 @@ class MultimodalTask(PairsTask):
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model, accelerator) -> dict[str, float]:
         return evaluate_tasks(model, self.eval_tasks, self.recipe.eval.batch_size)
+
+    def probe_embeddings(self, model):
+        """The probe's (query, positive) embeddings: each dataset's items with its templates, as training embeds
+        them (a CLIP role is a text or an image; a VLM2Vec one may be both)."""
+        if self.probe is None:
+            return None
+        queries, positives = [], []
+        for ds, q, p in zip(self.datasets, self.probe.queries, self.probe.positives):
+            if q:
+                queries.append(self._encode_items(model, q, "query", ds.query_template))
+                positives.append(self._encode_items(model, p, "document", ds.document_template))
+        return torch.cat(queries), torch.cat(positives)
+
+    def _encode_items(self, model, items: list[tuple], role: str, template: str) -> torch.Tensor:
+        texts = [t for t, _ in items] if items[0][0] is not None else None
+        images = [open_image(i) for _, i in items] if items[0][1] is not None else None
+        return model.encode_items(texts=texts, images=images, role=role, template=template,
+                                  batch_size=self.recipe.eval.batch_size, desc=f"probe {role}s")
 
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from embedtrain.config import task_name
 from embedtrain.data import BatchCollator, pretokenize, token_lengths
-from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS, carve_probe
+from embedtrain.data.probe import carve_probe
 from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_retrieval, load_beir
 from embedtrain.losses import LOSSES
@@ -76,7 +76,7 @@ class TextTask(PairsTask):
             with self.startup.phase("training data", f"reading {ds.path} ..."):
                 self.datasets.append(load_training_dataset(ds, i, r.train.seed))
         with self.startup.phase("diagnostics probe"):
-            self._carve_probe()
+            self.hold_out_probe(carve_probe)
 
     def _open_streams(self) -> None:
         """Streaming datasets (all of them stream, the recipe check says): their shards and columns checked, nothing
@@ -92,27 +92,7 @@ class TextTask(PairsTask):
             self.datasets.append(open_stream(f"data.train[{i}]", dataset_name(ds), ds.path, columns,
                                              query_prompt_of(ds), ds.document_prompt, ds.weight, ds.split, ds.subset))
         self.streams = StreamState(1, r.data.num_workers)  # sized for the run's processes in check_data
-        if r.eval.diagnostics.probe_rows:
-            self.probe_off = "the probe is held out of datasets read whole; streaming datasets are not"
-            self.log(f"diagnostics: probe off ({self.probe_off}); no diagnostics are measured")
-
-    def _carve_probe(self) -> None:
-        """Hold the diagnostics probe out of the training rows (the same rows on every start and resume)."""
-        wanted = self.recipe.eval.diagnostics.probe_rows
-        if not wanted:
-            return
-        probe, kept = carve_probe(self.datasets, wanted)
-        total = sum(len(d) for d in self.datasets)
-        if not probe.rows:
-            self.probe_off = (f"{total} training rows are too few to hold out a probe of {MIN_ROWS} or more pairs "
-                              f"(at most {MAX_FRACTION:.0%} of them)")
-            self.log(f"diagnostics: off; {self.probe_off}; add rows or set eval.diagnostics.probe_rows=0")
-            return
-        for before, after in zip(self.datasets, kept):
-            after.held_out = len(before) - len(after)
-        self.probe, self.datasets = probe, kept
-        self.log(f"diagnostics probe: {probe.rows} pairs held out of training; {sum(probe.excluded_rows)} of "
-                 f"{total} training rows removed (the probe's and those sharing a text with it)")
+        self.streams_hold_no_probe()
 
     # -- model ------------------------------------------------------------------------------------
     def _load_encoder(self, device: torch.device, log=print):
@@ -301,10 +281,6 @@ class TextTask(PairsTask):
             out["mined_negatives"] = {"every": self.recipe.data.mined_negatives.every,
                                       "negatives_repeated": self.counters.get("negatives_repeated", 0),
                                       "minings": self.counters["mined_negatives"]}
-        if getattr(self, "probe_off", None):
-            out["diagnostics_probe"] = {"off": self.probe_off}
-        if self.probe is not None:
-            out["diagnostics_probe"] = self.probe.summary([d.name for d in self.datasets])
         return out
 
     # -- output -----------------------------------------------------------------------------------
