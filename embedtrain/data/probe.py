@@ -31,7 +31,8 @@ class Probe:
     """Per training dataset (in recipe order), its probe's queries and positives (row i pairs with row i): texts, or
     for image-text data (text or None, image or None) items."""
     excluded_rows: list[int] = field(default_factory=list)
-    """Per training dataset, the rows removed from training: the probe's own and those sharing a text with it."""
+    """Per training dataset, the rows removed from training: the probe's own and those sharing a text (or an image)
+    with it."""
 
     @property
     def rows(self) -> int:

@@ -97,3 +97,21 @@ def test_a_table_and_its_webdataset_shards_hold_out_the_same_probe(rows, tmp_pat
     wds, kept = carve_probe([read(shards, {"query": ("txt", None), "positive": (None, "png")})], 256)
     assert [t for t, _ in wds.queries[0]] == [t for t, _ in table.queries[0]]
     assert len(kept[0]) == ROWS - 17
+
+
+def test_an_unverified_bad_probe_image_is_one_line(tmp_path):
+    from embedtrain.errors import EmbedtrainError
+
+    rows = write_image_text_rows(tmp_path / "data", n=ROWS)
+    probe, _ = carve_probe([read(rows, {"query": ("name", None), "positive": (None, "image")})], 256)
+    bad = probe.positives[0][3][1]
+    open(bad, "wb").write(b"not an image")
+    recipe = {
+        "kind": "clip", "model": {"architecture": CLIP},
+        "data": {"train": [{"path": str(rows), "name": "emoji", "query_text_column": "name",
+                            "positive_image_column": "image"}], "batch_size": 16, "verify_images": False},
+        "train": {"lr": 1e-3, "max_steps": 2, "warmup_ratio": 0.0, "seed": 0},
+        "output": {"dir": str(tmp_path / "run"), "plot": False},
+    }
+    with pytest.raises(EmbedtrainError, match=rf"diagnostics probe: image {bad} cannot be decoded .*verify_images: true"):
+        train(recipe_from_dict(recipe), log=lambda *_: None)

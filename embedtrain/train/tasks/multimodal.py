@@ -13,6 +13,7 @@ import torch
 from embedtrain.config import mm_dataset_name, mm_task_name, role_columns
 from embedtrain.data.multimodal import (MultimodalCollator, carve_probe, image_folder, open_image, read_multimodal_pairs,
                                        split_inputs)
+from embedtrain.errors import EmbedtrainError
 from embedtrain.eval.retrieval import evaluate_image_text, load_beir
 from embedtrain.losses import LOSSES, InfoNCELoss, SigmoidLoss
 from embedtrain.train import compact
@@ -190,9 +191,19 @@ class MultimodalTask(PairsTask):
 
     def _encode_items(self, model, items: list[tuple], role: str, template: str) -> torch.Tensor:
         texts = [t for t, _ in items] if items[0][0] is not None else None
-        images = [open_image(i) for _, i in items] if items[0][1] is not None else None
+        images = [self._probe_image(i) for _, i in items] if items[0][1] is not None else None
         return model.encode_items(texts=texts, images=images, role=role, template=template,
                                   batch_size=self.recipe.eval.batch_size, desc=f"probe {role}s")
+
+    @staticmethod
+    def _probe_image(ref):
+        try:
+            return open_image(ref)
+        except Exception as err:  # PIL raises many types; with data.verify_images the reading found these first
+            name = ref if isinstance(ref, str) else f"of {len(ref)} bytes in the dataset"
+            raise EmbedtrainError(
+                f"diagnostics probe: image {name} cannot be decoded ({type(err).__name__}); fix or remove its row, or "
+                "set data.verify_images: true so that bad images are found (or skipped) before training") from None
 
     # -- output -----------------------------------------------------------------------------------
     def export(self, model, loss_fn, path: Path, state_dict: dict) -> None:
