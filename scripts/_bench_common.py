@@ -269,6 +269,18 @@ def write_json(doc: dict, output: Optional[str]) -> None:
 # -- child processes ---------------------------------------------------------------------------
 
 
+def train_recipe(repo: Path, recipe: str, overrides: Sequence[str], out: Path) -> dict:
+    """``embedtrain train RECIPE OVERRIDES`` run from checkout ``repo`` in a child process (offline), into ``out``;
+    its results.json. A failed run stops the script with the end of its log."""
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "embedtrain", "train", recipe, *overrides, f"output.dir={out}",
+                           "--overwrite"], cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{recipe} {' '.join(overrides)} in {repo} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
 def emit_result(result: dict) -> None:
     """A child's one result line on stdout (a marker keeps library prints from being parsed)."""
     sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")

@@ -11,8 +11,6 @@ the mean and standard deviation of nDCG@10 per side.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,19 +19,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import write_json  # noqa: E402
+from _bench_common import train_recipe, write_json  # noqa: E402
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
 
 
 def run(repo: Path, seed: int, out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "embedtrain", "train", RECIPE, f"train.seed={seed}",
-                           "eval.before_training=false", f"output.dir={out}", "--overwrite"],
-                          cwd=repo, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"seed {seed} in {repo} failed:\n{proc.stderr[-3000:]}")
-    results = json.loads((out / "results.json").read_text())
+    results = train_recipe(repo, RECIPE, [f"train.seed={seed}", "eval.before_training=false"], out)
     return {"seed": seed, "final": results["final"], "seconds": round(results["seconds"], 1)}
 
 
