@@ -9,6 +9,7 @@ probe (as query, positive or negative) is dropped from training too, so that the
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -54,13 +55,25 @@ def probe_size(total_rows: int, wanted: int) -> int:
 def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
                  order: Optional[list[Optional[Sequence[str]]]] = None) -> tuple[list[list[int]], list[list[int]]]:
     """Per dataset (its rows' keys: one hash per role, query first, positive second), the probe's rows and the rows
-    left for training: none of them shares a text (or image) with the probe. Each dataset gives a share of the
-    probe proportional to its size; no probe (every row kept) below :data:`MIN_ROWS` pairs. Rows are tried in the
-    order of a hash of their query and positive keys, or of ``order[d]``'s string per row where given."""
+    left for training: no row left shares a text (or image) with the probe, in any dataset. Each dataset gives a
+    share of the probe proportional to its size; no probe (every row kept) below :data:`MIN_ROWS` pairs. Rows are
+    tried in the order of a hash of their query and positive keys, or of ``order[d]``'s string per row where given.
+
+    A row is passed over when holding it out would take more than :data:`MAX_FRACTION` of any dataset's rows out
+    of training, counting every row that shares its query or positive. That keeps label strings out of the probe (a
+    class name over thousands of rows; texts reused as negatives across rows): a dataset of them may give fewer
+    pairs than its share, or none."""
     total = sum(len(k) for k in row_keys)
     size = probe_size(total, wanted)
     if size == 0:
         return [[] for _ in row_keys], [list(range(len(k))) for k in row_keys]
+    holders: dict[int, list[tuple[int, int]]] = defaultdict(list)  # key -> the (dataset, row) pairs that hold it
+    for d, keys in enumerate(row_keys):
+        for i, row in enumerate(keys):
+            for key in set(row):
+                holders[key].append((d, i))
+    budget = [int(len(k) * MAX_FRACTION) for k in row_keys]
+    removed: list[set[int]] = [set() for _ in row_keys]
     held: set[int] = set()  # the hash of every probe text
     chosen: list[list[int]] = []
     for d, (keys, share) in enumerate(zip(row_keys, _shares([len(k) for k in row_keys], size))):
@@ -72,15 +85,16 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
             query, positive = keys[i][0], keys[i][1]
             if query in held or positive in held or query == positive:
                 continue  # distinct texts: a repeated one would count twice in the rank and the pair figures
+            hit = {(e, j) for key in (query, positive) for e, j in holders[key] if j not in removed[e]}
+            cost = Counter(e for e, _ in hit)
+            if any(len(removed[e]) + n > budget[e] for e, n in cost.items()):
+                continue
             rows.append(i)
             held.update((query, positive))
+            for e, j in hit:
+                removed[e].add(j)
         chosen.append(rows)
-    held_keys = np.fromiter(held, dtype=np.int64, count=len(held))
-    kept = []
-    for keys in row_keys:
-        table = np.asarray(keys, dtype=np.int64).reshape(len(keys), len(keys[0]) if len(keys) else 0)
-        kept.append(np.flatnonzero(~np.isin(table, held_keys).any(axis=1)).tolist())  # no text shared with the probe
-    return chosen, kept
+    return chosen, [[i for i in range(len(keys)) if i not in removed[d]] for d, keys in enumerate(row_keys)]
 
 
 def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[PairDataset]]:

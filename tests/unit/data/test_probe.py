@@ -49,3 +49,24 @@ def test_the_probe_is_shared_among_datasets_by_size_and_capped_for_small_data():
     small = [dataset(rows(100))]
     none, same = carve_probe(small, 256)
     assert none.rows == 0 and same is small
+
+
+def test_label_strings_do_not_take_their_class_out_of_training():
+    """Classification rows (a text, its class name as the positive, another class as the negative): holding one row
+    out would take every row of its class (and every row using it as a negative) with it. Such rows are passed
+    over; no dataset loses more than MAX_FRACTION of its rows to the probe, in any dataset holding the same texts."""
+    labels = [f"class {c}" for c in range(4)]
+    labelled = [(f"text {i}", labels[i % 4], labels[(i + 1) % 4]) for i in range(800)]
+    # texts reused as negatives across rows (example-based data): each query is another row's negative
+    reused = [(f"sentence {i}", f"paraphrase {i}", f"sentence {(i + 1) % 600}") for i in range(600)]
+    pairs = rows(2000)
+    data = [dataset(labelled, "labels"), dataset(reused, "reused"), dataset(pairs, "pairs")]
+    probe, kept = carve_probe(data, 256)
+    assert probe.queries[0] == []  # every labelled row shares its class name with 199 others
+    for before, after in zip(data, kept):
+        assert len(before) - len(after) <= int(len(before) * MAX_FRACTION), before.name
+    # its share by size is 45 pairs, but a pair costs two rows (its own, and the one using its query as a negative):
+    # the budget of 30 rows (5% of 600) binds first
+    assert 0 < len(probe.queries[1]) <= 30 // 2 + 1 and len(data[1]) - len(kept[1]) <= 30
+    # plain pairs: their share of a probe of 170 pairs (5% of the 3,400 rows), split by size: 2,000 / 3,400 of it
+    assert len(probe.queries[2]) == 100
