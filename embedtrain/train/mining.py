@@ -115,26 +115,6 @@ def keep_candidates(
     return kept, dropped
 
 
-def select_negatives(
-    query_emb: torch.Tensor,
-    corpus_emb: torch.Tensor,
-    positive_scores: torch.Tensor,
-    excluded: Sequence[set[int]],
-    top_k: int = 30,
-    num_negatives: int = 4,
-    factor: float = 0.95,
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Corpus indices of the kept negatives per query (hardest first), and of the dropped candidates.
-
-    ``query_emb`` (Q, d) and ``corpus_emb`` (C, d) are normalised embeddings; ``positive_scores`` (Q,)
-    s(q, p); ``excluded[i]``: corpus indices that are never candidates for query i (its positives,
-    the query's own text). The candidates are the ``top_k`` best-scoring corpus texts that are not
-    excluded; a candidate with s(q, d) >= factor * s(q, p) is dropped.
-    """
-    scores, indices, _ = nearest(query_emb, [(0, corpus_emb)], search_depth(top_k, excluded))
-    return keep_candidates(scores, indices, positive_scores, excluded, top_k, num_negatives, factor)
-
-
 def search_depth(top_k: int, excluded: Sequence[set[int]]) -> int:
     """Rows to search per query so that ``top_k`` remain after the excluded ones are left out."""
     return top_k + max((len(e) for e in excluded), default=0)
@@ -300,7 +280,8 @@ def mine_during_training(encode, datasets, settings, step: int, seed: int, accel
 
     ``encode(i, texts, role)``: dataset ``i``'s ``texts`` embedded as ``role`` ('query' or 'document', with the
     dataset's prompts). Every process takes part: each embeds a share of the texts; the main process ranks the
-    candidates (:func:`select_negatives` on normalised embeddings, ``settings.top_k`` and ``settings.factor``) and
+    candidates (:func:`nearest` and :func:`keep_candidates` on normalised embeddings, ``settings.top_k`` and
+    ``settings.factor``) and
     sends them, and its figures, to the others. A row with fewer than ``top_k`` candidates passing the rule gets
     random corpus texts (never its own positives, its query, nor a candidate the rule dropped) after them, so it can
     still avoid the texts of its batch.
@@ -329,8 +310,9 @@ def mine_during_training(encode, datasets, settings, step: int, seed: int, accel
             c_emb = torch.nn.functional.normalize(c_emb, dim=-1).to(device)
             positive_scores = (q_row * c_emb[torch.as_tensor(corpus.of_row).to(device)]).sum(-1)
             excluded = excluded_candidates(ds.row_keys, corpus)
-            kept, dropped = select_negatives(q_row, c_emb, positive_scores, excluded, settings.top_k,
-                                             settings.top_k, settings.factor)
+            scores, found, _ = nearest(q_row, [(0, c_emb)], search_depth(settings.top_k, excluded))
+            kept, dropped = keep_candidates(scores, found, positive_scores, excluded, settings.top_k, settings.top_k,
+                                            settings.factor)
             never = [e | set(d) for e, d in zip(excluded, dropped)]  # nor a likely false negative, by chance
             try:
                 figures.update(_fill_randomly(kept, never, len(corpus), settings,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from embedtrain.cli import main
-from embedtrain.train.mining import select_negatives
+from embedtrain.train.mining import keep_candidates, nearest, search_depth
 
 POSITIVE = "Bake bread at home by mixing flour, water, yeast and salt, letting the dough rise, then baking it in a hot oven."
 # the same answer in other words: unlabelled, but a positive (a false negative if trained against)
@@ -21,6 +21,11 @@ ROWS = [
 ]
 OTHER = ["Snow is frozen precipitation.", "The stock market fell today.", "Clouds are made of tiny droplets.",
          "Antibodies bind to viruses.", "Sunsets look red because light travels through more air."]
+
+
+def select_negatives(q, corpus, positive, excluded, top_k, num_negatives, factor):
+    scores, found, _ = nearest(q, [(0, corpus)], search_depth(top_k, excluded))
+    return keep_candidates(scores, found, positive, excluded, top_k, num_negatives, factor)
 
 
 def test_select_negatives_drops_candidates_near_the_positive_score():
