@@ -62,7 +62,7 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
     A row is passed over when holding it out would take more than :data:`MAX_FRACTION` of any dataset's rows out
     of training, counting every row that shares its query or positive. That keeps label strings out of the probe (a
     class name over thousands of rows; texts reused as negatives across rows): a dataset of them may give fewer
-    pairs than its share, or none."""
+    pairs than its share, or none, and fewer than :data:`MIN_ROWS` pairs in all make no probe."""
     total = sum(len(k) for k in row_keys)
     size = probe_size(total, wanted)
     if size == 0:
@@ -94,6 +94,8 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
             for e, j in hit:
                 removed[e].add(j)
         chosen.append(rows)
+    if sum(len(rows) for rows in chosen) < MIN_ROWS:  # too few pairs passed: no probe, every row trains
+        return [[] for _ in row_keys], [list(range(len(k))) for k in row_keys]
     return chosen, [[i for i in range(len(keys)) if i not in removed[d]] for d, keys in enumerate(row_keys)]
 
 

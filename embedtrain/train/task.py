@@ -194,7 +194,7 @@ class PairsTask(Task):
     def hold_out_probe(self, carve: Callable) -> None:
         """Hold the diagnostics probe out of ``self.datasets`` with ``carve(datasets, wanted)`` (the kind's
         :func:`~embedtrain.data.probe.carve_probe`): the same rows on every start and resume."""
-        from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS
+        from embedtrain.data.probe import MAX_FRACTION, MIN_ROWS, probe_size
 
         wanted = self.recipe.eval.diagnostics.probe_rows
         if not wanted:
@@ -202,8 +202,13 @@ class PairsTask(Task):
         probe, kept = carve(self.datasets, wanted)
         total = sum(len(d) for d in self.datasets)
         if not probe.rows:
-            self.probe_off = (f"{total} training rows are too few to hold out a probe of {MIN_ROWS} or more pairs "
-                              f"(at most {MAX_FRACTION:.0%} of them)")
+            if probe_size(total, wanted) == 0:
+                self.probe_off = (f"{total} training rows are too few to hold out a probe of {MIN_ROWS} or more "
+                                  f"pairs (at most {MAX_FRACTION:.0%} of them)")
+            else:
+                self.probe_off = (f"fewer than {MIN_ROWS} pairs could be held out without taking more than "
+                                  f"{MAX_FRACTION:.0%} of a dataset's rows with them (texts many rows share: labels, "
+                                  "negatives used again)")
             self.log(f"diagnostics: off; {self.probe_off}; add rows or set eval.diagnostics.probe_rows=0")
             return
         self.probe, self.datasets = probe, kept

@@ -97,3 +97,14 @@ def test_too_few_rows_for_a_probe_is_said_once_and_recorded(tiny_bert, pairs_fil
     assert len(off) == 1 and "training rows are too few to hold out a probe of 16 or more pairs" in off[0], off
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "too few to hold out a probe" in results["diagnostics_probe"]["off"]
+
+
+def test_label_strings_make_no_probe_and_the_run_says_why(tiny_bert, tmp_path):
+    rows = tmp_path / "labels.jsonl"
+    labels = ["red", "green", "blue", "black"]
+    rows.write_text("".join(json.dumps({"anchor": f"thing number {i}", "positive": labels[i % 4],
+                                        "negative": labels[(i + 1) % 4]}) + "\n" for i in range(400)))
+    said = []
+    run(tiny_recipe(tiny_bert, rows, tmp_path / "run", train={"max_steps": 2}), log=said.append)
+    off = [s for s in said if s.startswith("diagnostics")]
+    assert len(off) == 1 and "fewer than 16 pairs could be held out without taking more than 5%" in off[0], off

@@ -70,3 +70,10 @@ def test_label_strings_do_not_take_their_class_out_of_training():
     assert 0 < len(probe.queries[1]) <= 30 // 2 + 1 and len(data[1]) - len(kept[1]) <= 30
     # plain pairs: their share of a probe of 170 pairs (5% of the 3,400 rows), split by size: 2,000 / 3,400 of it
     assert len(probe.queries[2]) == 100
+
+
+def test_labels_only_make_no_probe():
+    labels = [f"class {c}" for c in range(4)]
+    data = [dataset([(f"text {i}", labels[i % 4], labels[(i + 1) % 4]) for i in range(4000)], "labels")]
+    probe, kept = carve_probe(data, 256)  # 200 pairs would fit 5% of the rows, but each takes a class with it
+    assert probe.rows == 0 and kept is data
