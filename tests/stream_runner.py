@@ -65,3 +65,6 @@ if __name__ == "__main__":
     parser.add_argument("--step-seconds", type=float, default=0.0)
     args = parser.parse_args()
     embedtrain.train(args.recipe, resume=args.resume, callbacks=[RowRecorder(Path(args.rows), args.step_seconds)])
+    from embedtrain.process import exit_process
+
+    exit_process(0)  # a launched worker ends like the CLI (embedtrain.process: gloo can abort at teardown)
