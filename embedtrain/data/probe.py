@@ -9,7 +9,7 @@ probe (as query, positive or negative) is dropped from training too, so that the
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -67,11 +67,7 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
     size = probe_size(total, wanted)
     if size == 0:
         return [[] for _ in row_keys], [list(range(len(k))) for k in row_keys]
-    holders: dict[int, list[tuple[int, int]]] = defaultdict(list)  # key -> the (dataset, row) pairs that hold it
-    for d, keys in enumerate(row_keys):
-        for i, row in enumerate(keys):
-            for key in set(row):
-                holders[key].append((d, i))
+    holders = _KeyIndex(row_keys)
     budget = [int(len(k) * MAX_FRACTION) for k in row_keys]
     removed: list[set[int]] = [set() for _ in row_keys]
     held: set[int] = set()  # the hash of every probe text
@@ -85,7 +81,7 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
             query, positive = keys[i][0], keys[i][1]
             if query in held or positive in held or query == positive:
                 continue  # distinct texts: a repeated one would count twice in the rank and the pair figures
-            hit = {(e, j) for key in (query, positive) for e, j in holders[key] if j not in removed[e]}
+            hit = {(e, j) for key in (query, positive) for e, j in holders.rows(key) if j not in removed[e]}
             cost = Counter(e for e, _ in hit)
             if any(len(removed[e]) + n > budget[e] for e, n in cost.items()):
                 continue
@@ -97,6 +93,26 @@ def choose_probe(row_keys: list[Sequence[tuple[int, ...]]], wanted: int,
     if sum(len(rows) for rows in chosen) < MIN_ROWS:  # too few pairs passed: no probe, every row trains
         return [[] for _ in row_keys], [list(range(len(k))) for k in row_keys]
     return chosen, [[i for i in range(len(keys)) if i not in removed[d]] for d, keys in enumerate(row_keys)]
+
+
+class _KeyIndex:
+    """Which (dataset, row) pairs hold a key: every row's keys in one sorted array, looked up by binary search (a few
+    arrays of int64 however many rows, built in one vectorised sort)."""
+
+    def __init__(self, row_keys: list[Sequence[tuple[int, ...]]]):
+        keys, datasets, rows = [], [], []
+        for d, table in enumerate(row_keys):
+            table = np.asarray(table, dtype=np.int64).reshape(len(table), len(table[0]) if len(table) else 0)
+            keys.append(table.ravel())
+            datasets.append(np.full(table.size, d, dtype=np.int64))
+            rows.append(np.repeat(np.arange(len(table), dtype=np.int64), table.shape[1]))
+        keys_all = np.concatenate(keys)
+        order = np.argsort(keys_all, kind="stable")
+        self.keys, self.datasets, self.rows_of = keys_all[order], np.concatenate(datasets)[order], np.concatenate(rows)[order]
+
+    def rows(self, key: int) -> list[tuple[int, int]]:
+        lo, hi = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        return list(zip(self.datasets[lo:hi].tolist(), self.rows_of[lo:hi].tolist()))
 
 
 def carve_probe(datasets: list[PairDataset], wanted: int) -> tuple[Probe, list[PairDataset]]:
