@@ -34,6 +34,7 @@ from embedtrain.errors import EmbedtrainError
 
 MANIFEST = "manifest.json"
 FORMAT = "embedtrain-chunked-embeddings-1"
+MISSING = "missing after every process embedded its chunks; is the cache folder on a file system every process shares?"
 PAUSE_ENV = "EMBEDTRAIN_TEST_PAUSE_AFTER_CHUNK"
 """Tests only: ``SECONDS@N`` sleeps after the N-th chunk this process writes (N counts from 1), so that a test
 can kill a run between two chunks."""
@@ -85,8 +86,10 @@ def _jobs(sets: Sequence[TextSet], chunk_rows: int) -> list[tuple[int, int, int,
     return jobs
 
 
-def _read_chunk(path: Path, texts: Sequence[str], dim: int) -> Optional[torch.Tensor]:
-    """The embeddings of chunk file ``path`` when it exists, checked against its texts; None when absent."""
+def _read_chunk(path: Path, texts: Sequence[str], dim: int, load: bool = True) -> Optional[torch.Tensor]:
+    """The embeddings of chunk file ``path`` when it exists, checked against its texts; None when absent. With
+    ``load=False`` only the header is read and checked (an empty tensor is returned for a good chunk): the scan of a
+    resumed run, whose chunks the main process reads once, later."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -95,14 +98,14 @@ def _read_chunk(path: Path, texts: Sequence[str], dim: int) -> Optional[torch.Te
     try:
         with safe_open(str(path), framework="pt") as f:
             digest = (f.metadata() or {}).get("texts_sha256")
-            embeddings = f.get_tensor("embeddings")
+            shape = tuple(f.get_slice("embeddings").get_shape())
+            embeddings = f.get_tensor("embeddings") if load else torch.empty(0)
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise EmbedtrainError(f"{path}: cannot be read ({type(err).__name__}: {err}); {fix}") from None
     if digest != texts_digest(texts):
         raise EmbedtrainError(f"{path}: holds the embeddings of other texts than this chunk's; {fix}")
-    if tuple(embeddings.shape) != (len(texts), dim):
-        raise EmbedtrainError(f"{path}: holds {tuple(embeddings.shape)} embeddings, this chunk needs "
-                              f"({len(texts)}, {dim}); {fix}")
+    if shape != (len(texts), dim):
+        raise EmbedtrainError(f"{path}: holds {shape} embeddings, this chunk needs ({len(texts)}, {dim}); {fix}")
     return embeddings
 
 
@@ -166,8 +169,7 @@ class Embedded:
         for start, path in self.paths():
             embeddings = _read_chunk(path, texts[start:start + self.chunk_rows], self.dim)
             if embeddings is None:
-                raise EmbedtrainError(f"{path}: missing after every process embedded its chunks; is the cache folder "
-                                      "on a file system every process shares?")
+                raise EmbedtrainError(f"{path}: {MISSING}")
             yield start, embeddings
 
     def load(self) -> torch.Tensor:
@@ -209,7 +211,7 @@ def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike,
     try:
         for job in mine:
             s, c, start, end = job
-            if _read_chunk(_chunk_path(folder, sets[s].name, c), sets[s].texts[start:end], dim) is None:
+            if _read_chunk(_chunk_path(folder, sets[s].name, c), sets[s].texts[start:end], dim, load=False) is None:
                 todo.append(job)
             else:
                 reused += 1
@@ -246,6 +248,5 @@ def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike,
     embedded = [Embedded(folder, s, chunk_rows, dim) for s in sets]
     missing = [str(path) for e in embedded for _, path in e.paths() if not path.is_file()]
     if missing:
-        raise EmbedtrainError(f"{missing[0]}: missing after every process embedded its chunks ({len(missing)} in "
-                              "all); is the cache folder on a file system every process shares?")
+        raise EmbedtrainError(f"{missing[0]} ({len(missing)} chunks in all): {MISSING}")
     return embedded
