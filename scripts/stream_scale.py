@@ -35,15 +35,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import REPO, machine_info, offline_env, tree_pss, write_json  # noqa: E402
+from _bench_common import REPO, machine_info, offline_env, watch, write_json  # noqa: E402
 
 WORK = REPO / "runs" / "stream_scale"
 RECIPE = "recipes/minilm/wordnet_quickstart.yaml"
@@ -114,20 +111,9 @@ def run(name: str, overrides: list[str], steps: int, recipe: str = RECIPE) -> di
     argv = [sys.executable, "-c", CHILD, str(first_file), recipe, *overrides, f"train.max_steps={steps}", "eval.tasks=[]",
             "eval.diagnostics.probe_rows=0", "train.log_every=10", "output.plot=false", f"output.dir={out}",
             "output.overwrite=true"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    log = tempfile.TemporaryFile(mode="w+")
     load_before = os.getloadavg()
-    start = time.time()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
-        time.sleep(0.2)
-    wall = time.time() - start
-    log.seek(0)
-    text = log.read()
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{text[-3000:]}")
+    child = watch(name, argv, dict(os.environ, PYTHONPATH=str(REPO)), interval=0.2)
+    start, wall, peak, text = child["start"], child["wall"], child["peak_pss"], child["log"]
     first = float(first_file.read_text())
     speeds = [m["examples_per_s"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if m.get("loss") is not None][1:]
