@@ -249,8 +249,8 @@ class TextEncoder(nn.Module):
         (the trainer loads the gathered one into the module first, ``module_with_state``).
         """
         if state_dict is not None and is_peft_model(self.backbone):
-            # the merged weights are computed from the module: it takes the gathered copy first (DDP and one
-            # process only; embedtrain.train.accelerator.engine_problems refuses LoRA on a sharded text encoder)
+            # the merged weights are computed from the module, so it takes the gathered copy first (under FSDP or
+            # ZeRO-3 the trainer hands in an unsharded rebuild holding them already: Task.export)
             self.load_state_dict(state_dict)
             state_dict = None
         st = self.sentence_transformer()

@@ -59,7 +59,7 @@ def make_plan(recipe, settings: PlanSettings = PlanSettings(), log=lambda *_: No
     data, task = _data(recipe, engine, problems, log)
     from embedtrain.train.accelerator import engine_problems
 
-    problems += engine_problems(engine.distributed_type, recipe.train, task.loss_parameters, task.whole_module_settings)
+    problems += engine_problems(engine.distributed_type, recipe.train, task.loss_parameters)
     classes = len(task.train_classes) if recipe.kind == "dml" else None
     shape = model_shape(recipe, settings.model_config, classes)
     steps = recipe.train.max_steps or recipe.train.epochs * task.batches_in_epoch(0)

@@ -42,12 +42,10 @@ class Engine:
         return ", ".join(parts)
 
 
-def engine_problems(distributed_type: str, train, loss_parameters: Sequence[str],
-                    whole_module: Sequence[str] = ()) -> list[str]:
+def engine_problems(distributed_type: str, train, loss_parameters: Sequence[str]) -> list[str]:
     """Recipe settings an engine (accelerate's distributed type) cannot run, one line each: ``embedtrain train``
     stops on them before it loads the model, ``embedtrain plan`` lists them for its accelerate config.
-    ``loss_parameters``: the names of the loss's own learnable parameters (:attr:`Task.loss_parameters`);
-    ``whole_module``: the task's settings that need the whole module to save it (:attr:`Task.whole_module_settings`)."""
+    ``loss_parameters``: the names of the loss's own learnable parameters (:attr:`Task.loss_parameters`)."""
     problems = []
     if distributed_type in ("FSDP", "DEEPSPEED"):
         shard = f"is not available under {distributed_type} (each process holds a shard of the weights); remove it " \
@@ -56,7 +54,6 @@ def engine_problems(distributed_type: str, train, loss_parameters: Sequence[str]
             problems.append(f"train.ema_decay: an exponential moving average of the weights {shard}")
         if train.average_last_checkpoints > 1:
             problems.append(f"train.average_last_checkpoints: averaging checkpoints {shard}")
-        problems += [f"{setting} {shard}" for setting in whole_module]
     if distributed_type == "DEEPSPEED" and loss_parameters:
         # DeepSpeed scales the fp16 loss in its engine: the loss's own gradients, outside it, would stay scaled
         problems.append(f"loss: a learnable temperature or bias ({', '.join(loss_parameters)}) is not available under "

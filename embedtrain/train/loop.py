@@ -153,7 +153,7 @@ class Trainer:
             self.log(f"mixed precision: the accelerate config asks for {self.engine.launcher_mixed_precision}; "
                      f"train.mixed_precision ({self.engine.mixed_precision}) is used")
         task.check_data(world_size)
-        problems = engine_problems(self.engine.distributed_type, r.train, task.loss_parameters, task.whole_module_settings)
+        problems = engine_problems(self.engine.distributed_type, r.train, task.loss_parameters)
         if problems:  # before the model loads
             raise ConfigError(problems)
         resume_from = self._resume_point()

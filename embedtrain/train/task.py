@@ -44,8 +44,6 @@ class Task:
         self.log = log
         self.loss_parameters = [n for n, p in loss.named_parameters() if p.requires_grad] if loss is not None else []
         """Names of the loss's own learnable parameters (a temperature, a bias), from the recipe's loss as built."""
-        self.whole_module_settings: list[str] = []
-        """Recipe settings whose saving needs the whole module in one process (not sharded), one line each."""
         self.counters: dict = {}
         """The task's own figures that a checkpoint keeps (the loop hands in the training state's)."""
         self.startup = StartupPhases(log)

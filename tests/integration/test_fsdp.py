@@ -36,9 +36,11 @@ def _launch(config: str, recipe: dict, path: Path, *args: str) -> subprocess.Com
 
 def _recipe(kind: str, assets: dict, out: Path) -> dict:
     budget = kind.endswith("+token_budget")  # every role's texts in length-sorted chunks: many calls of each layer
-    recipe = recipe_data(kind.removesuffix("+token_budget").removesuffix("+siglip"), assets, out)
+    recipe = recipe_data(kind.split("+")[0], assets, out)
     if budget:
         recipe["train"]["forward_token_budget"] = 16
+    if kind.endswith("+bf16"):  # frozen bfloat16 weights and float32 adapters in one sharded module
+        recipe["model"]["dtype"] = "bfloat16"
     if kind.endswith("+siglip"):  # SigLIP's loss learns a bias besides the temperature
         recipe["loss"] = {"name": "siglip", "temperature": 0.1}
     # SGD with momentum: AdamW's step m/sqrt(v) turns the float32 rounding of a gradient that is zero in exact
@@ -48,7 +50,8 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "clip", "clip+siglip", "vlm2vec"])
+@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "text_lora", "text_lora+bf16", "clip",
+                                  "clip+siglip", "vlm2vec"])
 def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     from conftest import write_beir
 
@@ -87,7 +90,7 @@ def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     assert diffs[0][0] <= 1e-5, diffs[:5]
 
 
-@pytest.mark.parametrize("kind", ["text", "clip"])
+@pytest.mark.parametrize("kind", ["text", "text_lora", "clip"])
 def test_a_killed_fsdp_run_resumes_to_the_uninterruptedsaved_weights(kind, assets, tmp_path):
     """SIGKILL inside the step-2 checkpoint write (a sharded checkpoint), then --resume auto under FSDP again:
     the weights of an uninterrupted FSDP run (1e-6: the same operations in the same order on both sides). CLIP's
@@ -143,6 +146,22 @@ def test_a_sharded_decoder_folder_loads_in_sentence_transformers(assets, tmp_pat
     st = SentenceTransformer(str(out / "model"), device="cpu", trust_remote_code=True)
     theirs = torch.as_tensor(st.encode(texts, prompt_name="document") if "document" in st.prompts else st.encode(texts))
     assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_a_sharded_text_encoder_with_lora_saves_merged_weights(assets, tmp_path):
+    """A causal decoder read as a sentence-transformers model (the Qwen3-Embedding way) with LoRA on two of its
+    projections, trained under FSDP: the folder is merged from the gathered weights exactly as in one process
+    (the adapted layers alone changed, plain sentence-transformers and base + adapter give embedtrain's
+    embeddings)."""
+    from lora_support import check_folder
+
+    out = tmp_path / "run"
+    recipe = _recipe("text_lora", assets, out)
+    recipe["model"]["lora"].update(target_modules=["q_proj", "v_proj"])
+    proc = _launch("fsdp_cpu.yaml", recipe, tmp_path / "r.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["engine"]["distributed_type"] == "FSDP"
+    check_folder(out / "model", Path(recipe["model"]["name_or_path"]), ("self_attn.q_proj", "self_attn.v_proj"))
 
 
 def test_what_fsdp_cannot_run_stops_the_run_before_the_model_loads(assets, tmp_path):

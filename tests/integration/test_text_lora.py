@@ -14,8 +14,7 @@ from embedtrain.models import load_text_encoder
 from embedtrain.train.loop import train
 
 from conftest import tiny_recipe
-
-TEXTS = ["the river runs fast through the city", "a computer program reads data", "green light on the hill"]
+from lora_support import TEXTS, check_folder
 
 
 def lora_run(model_dir, pairs_file, out, lora, **model):
@@ -24,42 +23,13 @@ def lora_run(model_dir, pairs_file, out, lora, **model):
     return train(recipe_from_dict(recipe), log=lambda *_: None)
 
 
-def check_folder(result, base_dir, adapted: tuple[str, ...]):
-    """The saved weights are the base's, changed exactly in the adapted layers; plain sentence-transformers and
-    peft (base + adapter) give embedtrain's embeddings."""
-    from peft import PeftModel
-    from sentence_transformers import SentenceTransformer
-
-    folder = result.model_dir
-    base, saved = load_file(str(base_dir / "model.safetensors")), load_file(str(folder / "model.safetensors"))
-    assert set(saved) == set(base)  # merged: no lora_A / lora_B / base_layer keys
-    changed = {k for k in base if not torch.equal(base[k], saved[k])}
-    assert changed and all(k.endswith(tuple(f"{name}.weight" for name in adapted)) for k in changed), changed
-    assert json.loads((folder / "embedtrain.json").read_text())["lora_adapter"] == "adapter"
-    assert (folder / "adapter" / "adapter_config.json").is_file()
-    targets = ", ".join(f"`{name.rsplit('.', 1)[-1]}`" for name in sorted(n.rsplit(".", 1)[-1] for n in adapted))
-    assert f"| LoRA | r 4, alpha 8 on {targets}: merged into the weights; the adapter alone is in `adapter/` (peft) |" \
-        in (folder / "README.md").read_text()
-
-    ours = load_text_encoder(str(folder)).encode(TEXTS)
-    st = SentenceTransformer(str(folder), device="cpu")  # no trust_remote_code: sentence-transformers' own modules
-    torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), ours, rtol=0, atol=1e-6)
-
-    rebuilt = load_text_encoder(str(folder))
-    original = load_text_encoder(str(base_dir)).backbone  # the untrained weights, and the adapter on top
-    rebuilt.backbone = PeftModel.from_pretrained(original, str(folder / "adapter"))
-    # W x + s B (A x) against (W + s B A) x in float32 on unit-scale activations: a few ulps of the hidden
-    # width's sums, far below 1e-5
-    torch.testing.assert_close(rebuilt.encode(TEXTS), ours, rtol=0, atol=1e-5)
-
-
 def test_lora_on_a_bert_encoder(tiny_bert, pairs_file, tmp_path):
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
     result = lora_run(tiny_bert, pairs_file, tmp_path / "run", lora)
     losses = [l["loss"] for l in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if l.get("loss") is not None]
     assert len(losses) == 8 and min(losses[-3:]) < losses[0]
-    check_folder(result, tiny_bert, ("attention.self.query", "attention.self.value"))
+    check_folder(result.model_dir, tiny_bert, ("attention.self.query", "attention.self.value"))
 
 
 def test_lora_on_a_causal_decoder(pairs_file, tmp_path):
@@ -68,7 +38,7 @@ def test_lora_on_a_causal_decoder(pairs_file, tmp_path):
     base = save_tiny_decoder(tmp_path / "qwen2", "qwen2")
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     result = lora_run(base, pairs_file, tmp_path / "run", lora, pooling="last_token")
-    check_folder(result, base, ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    check_folder(result.model_dir, base, ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
 
 
 def test_only_the_adapters_train(tiny_bert):

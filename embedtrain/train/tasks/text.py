@@ -45,10 +45,6 @@ class TextTask(PairsTask):
         self.chain, self.run_stage = chain, run_stage
         # an MoE step leaves the other domains' experts without gradient, which DDP must be told
         self.find_unused_parameters = experts.uses_experts(recipe)
-        if recipe.model.lora is not None and not recipe.model.bidirectional:
-            self.whole_module_settings.append(
-                "model.lora: LoRA on a sentence-transformers text encoder (its saved weights are merged from the "
-                "whole module)")
 
     # -- data -------------------------------------------------------------------------------------
     def read_data(self) -> None:
