@@ -5,7 +5,7 @@ web-scale corpus is hours of work. :func:`embed_in_chunks` cuts each set of text
 ``chunk_rows`` texts and writes each chunk's embeddings to its own file in a cache folder:
 
 - under several processes (``torchrun`` / ``accelerate launch``) each process embeds the chunks whose number
-  is its rank modulo the process count; the main process then reads them all;
+  is its rank modulo the process count; then every process can read every chunk;
 - a run that stops (killed, out of memory, a lost machine) is resumed by running the same command: chunks
   already written are read back instead of embedded again;
 - each chunk is written through a temporary file and a rename, so a chunk file is whole or absent.
@@ -163,27 +163,34 @@ class Embedded:
         for c, start in enumerate(range(0, len(self.text_set.texts), self.chunk_rows)):
             yield start, _chunk_path(self.folder, self.text_set.name, c)
 
-    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(offset, embeddings) of every chunk in order, float32."""
+    def chunks(self, first: int = 0, end: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, embeddings) of every chunk in order, float32; only those holding rows ``first`` to ``end``
+        (exclusive; default: to the last) when given."""
         texts = self.text_set.texts
+        end = len(texts) if end is None else end
         for start, path in self.paths():
+            if start >= end or start + self.chunk_rows <= first:
+                continue
             embeddings = _read_chunk(path, texts[start:start + self.chunk_rows], self.dim)
             if embeddings is None:
                 raise EmbedtrainError(f"{path}: {MISSING}")
             yield start, embeddings
 
-    def load(self) -> torch.Tensor:
-        """Every embedding of the set (texts, dim), in input order."""
-        out = torch.empty(len(self.text_set.texts), self.dim, dtype=torch.float32)
-        for start, embeddings in self.chunks():
-            out[start:start + embeddings.shape[0]] = embeddings
+    def load(self, first: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        """The embeddings of rows ``first`` to ``end`` (exclusive; default: every row), (rows, dim) in input order,
+        read from the chunks that hold them."""
+        end = len(self.text_set.texts) if end is None else end
+        out = torch.empty(max(end - first, 0), self.dim, dtype=torch.float32)
+        for start, embeddings in self.chunks(first, end):
+            lo, hi = max(start, first), min(start + embeddings.shape[0], end)
+            out[lo - first:hi - first] = embeddings[lo - start:hi - start]
         return out
 
 
 def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike, identity: dict, state,
-                    chunk_rows: int = 16384, batch_size: int = 128, log=print) -> Optional[list[Embedded]]:
-    """Embed every set of texts in chunks cached under ``folder``; on the main process, the embeddings of each
-    set, to read back chunk by chunk or whole (:class:`Embedded`); None on the others.
+                    chunk_rows: int = 16384, batch_size: int = 128, log=print) -> list[Embedded]:
+    """Embed every set of texts in chunks cached under ``folder``; the embeddings of each set, to read back chunk by
+    chunk, whole or in part (:class:`Embedded`), on every process once all have embedded their chunks.
 
     ``identity``: what else the embeddings depend on (the teacher, token limits), recorded in the manifest
     beside each set's digest. ``state``: accelerate's ``PartialState`` (one process or several).
@@ -242,11 +249,55 @@ def embed_in_chunks(encoder, sets: Sequence[TextSet], folder: str | os.PathLike,
         bar.close()
     raise_if_any(state, problem)
     state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
 
     embedded = [Embedded(folder, s, chunk_rows, dim) for s in sets]
     missing = [str(path) for e in embedded for _, path in e.paths() if not path.is_file()]
-    if missing:
+    if missing:  # every process sees the same folder, so every process stops alike
         raise EmbedtrainError(f"{missing[0]} ({len(missing)} chunks in all): {MISSING}")
     return embedded
+
+
+def share_of(rows: int, state) -> tuple[int, int]:
+    """The contiguous rows (first, end) that process ``state.process_index`` of ``state.num_processes`` takes of
+    ``rows``: equal shares, the last ones shorter (empty when there are more processes than rows)."""
+    per = -(-rows // state.num_processes)
+    first = min(rows, state.process_index * per)
+    return first, min(rows, first + per)
+
+
+def gather_on_main(folder: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor],
+                   state) -> Optional[dict[str, torch.Tensor]]:
+    """Every process's ``tensors`` (the same keys, rows along dim 0) concatenated in process order, on the main
+    process (None on the others), passed through ``folder``: each process writes its part atomically, the main
+    process reads them all once every process has written, then deletes them. Results too large for a collective
+    (a search's scores for millions of queries) travel this way, as the chunks do."""
+    from safetensors.torch import load_file, save_file
+
+    from embedtrain.train.checkpoint import raise_if_any
+
+    if state.num_processes == 1:
+        return tensors
+    folder = Path(folder)
+    part = folder / f"{name}-part-{state.process_index:05d}.safetensors"
+    problem = None
+    try:
+        tmp = part.with_name(f".{part.name}.tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, part)
+    except OSError as err:
+        problem = f"{folder}: cannot write {part.name} ({err.strerror or err}); free space or give another --cache"
+    raise_if_any(state, problem)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    parts = [folder / f"{name}-part-{r:05d}.safetensors" for r in range(state.num_processes)]
+    read = []
+    for p in parts:
+        try:
+            read.append(load_file(str(p)))
+        except Exception as err:  # missing or damaged: one line naming it
+            raise EmbedtrainError(f"{p}: cannot be read after every process wrote its part ({type(err).__name__}); "
+                                  "is the cache folder on a file system every process shares?") from None
+    for p in parts:
+        p.unlink()
+    return {k: torch.cat([r[k] for r in read]) for k in tensors}

@@ -72,7 +72,12 @@ def nearest(
     best_index = torch.empty(query_emb.shape[0], 0, dtype=torch.long, device=device)
     paired_scores = None if paired is None else torch.full((query_emb.shape[0],), float("nan"), device=device)
     paired = None if paired is None else paired.to(device)
+    seen = 0
     for offset, chunk in corpus:
+        seen += chunk.shape[0]
+        if not query_emb.shape[0]:  # no queries (a process's empty share): (0, k') all the same
+            best_scores, best_index = best_scores.new_empty(0, min(k, seen)), best_index.new_empty(0, min(k, seen))
+            continue
         chunk = chunk.to(device, query_emb.dtype)
         if paired is not None:
             rows = ((paired >= offset) & (paired < offset + chunk.shape[0])).nonzero().flatten()
@@ -169,14 +174,16 @@ def mine_hard_negatives(
     The embeddings go through :func:`embedtrain.train.chunked_embeddings.embed_in_chunks`: chunks of
     ``chunk_rows`` texts cached in ``cache`` (default: ``OUTPUT.cache`` beside the output), shared among the
     processes of a ``torchrun`` / ``accelerate launch`` and read back when the same command runs again after a
-    stop. The cache is removed once the output is written, unless ``keep_cache``. Returns the report on the
-    main process, None on the others (the main process searches and writes).
+    stop. Each process then searches the whole corpus for an equal share of the queries (:func:`nearest`, where it
+    embedded); the main process gathers the shares, keeps the candidates and writes. The cache is removed once the
+    output is written, unless ``keep_cache``. Returns the report on the main process, None on the others.
     """
     from embedtrain.config import resolve_path
     from embedtrain.data import read_pairs
     from embedtrain.models import load_text_encoder
     from embedtrain.train.accelerator import process_state
-    from embedtrain.train.chunked_embeddings import TextSet, embed_in_chunks, folder_fingerprint
+    from embedtrain.train.chunked_embeddings import (TextSet, embed_in_chunks, folder_fingerprint, gather_on_main,
+                                                     share_of)
 
     if top_k < 1 or num_negatives < 1:
         raise EmbedtrainError("--top-k and --num-negatives must be at least 1")
@@ -218,14 +225,22 @@ def mine_hard_negatives(
                 "document_max_length": encoder.max_length_for("document")}
     sets = [TextSet("queries", queries, "query", query_prompt), TextSet("corpus", texts, "document", document_prompt)]
     embedded = embed_in_chunks(encoder, sets, cache_dir, identity, state, chunk_rows, batch_size, log)
-    if embedded is None:  # not the main process: it searches and writes alone
-        return None
-    # the search runs where the teacher did, reading the corpus's embeddings one cached chunk at a time
+    # each process searches for its share of the queries where its teacher ran, reading the corpus's embeddings one
+    # cached chunk at a time
+    first, end = share_of(len(queries), state)
+    where = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
+    log(f"searching on {encoder.device}: {where}queries {first} to {end} of {len(queries)} against {len(texts)} "
+        "corpus texts")
     normalize = torch.nn.functional.normalize
-    q_emb = normalize(embedded[0].load(), dim=-1).to(encoder.device)
+    q_emb = normalize(embedded[0].load(first, end), dim=-1).to(encoder.device)
     corpus_chunks = ((offset, normalize(chunk, dim=-1)) for offset, chunk in embedded[1].chunks())
-    positive_of = torch.as_tensor([index[p] for p in positives], dtype=torch.long)
+    positive_of = torch.as_tensor([index[p] for p in positives[first:end]], dtype=torch.long)
     scores, found, positive_scores = nearest(q_emb, corpus_chunks, search_depth(top_k, excluded), positive_of)
+    found_all = gather_on_main(cache_dir, "search", {"scores": scores, "found": found, "positive": positive_scores},
+                               state)
+    if found_all is None:  # not the main process: it keeps the candidates and writes alone
+        return None
+    scores, found, positive_scores = found_all["scores"], found_all["found"], found_all["positive"]
     kept, dropped = keep_candidates(scores, found, positive_scores, excluded, top_k, num_negatives, factor)
 
     report = MiningReport(rows_in=len(queries), corpus_size=len(texts))

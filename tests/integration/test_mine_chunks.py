@@ -77,12 +77,16 @@ def test_a_killed_mining_resumes_from_its_chunks(pairs, uninterrupted, tmp_path)
 def test_two_processes_share_the_chunks(pairs, uninterrupted, tmp_path):
     out = tmp_path / "mined.jsonl"
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            *mine_command(pairs, out)]
+            *mine_command(pairs, out, "--keep-cache")]
     done = run_mine(args)
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-3000:]
     assert "process 0 of 2: 6 of 12 chunks" in text and "process 1 of 2: 6 of 12 chunks" in text
-    assert text.count("rows written") == 1  # the main process searches and writes alone
+    # each searches half the queries; the main process gathers them and writes alone
+    assert "process 0 of 2: queries 0 to 48 of 96" in text and "process 1 of 2: queries 48 to 96 of 96" in text
+    assert text.count("rows written") == 1
+    cache = out.with_name("mined.jsonl.cache")
+    assert len(list(cache.glob("*.safetensors"))) == 12 and not list(cache.glob("*part*"))  # parts read, deleted
     assert out.read_bytes() == uninterrupted
 
 
@@ -106,7 +110,10 @@ def test_a_cache_made_for_other_work_is_refused(teacher, tmp_path):
     first = embed_in_chunks(teacher, [TextSet("corpus", texts, "document", "")], tmp_path, identity, OneProcess(),
                             chunk_rows=2, log=lambda *_: None)
     # each chunk is one encode call of its own texts: the same bits
-    assert torch.equal(first[0].load(), torch.cat([teacher.encode(texts[:2]), teacher.encode(texts[2:])]))
+    whole = first[0].load()
+    assert torch.equal(whole, torch.cat([teacher.encode(texts[:2]), teacher.encode(texts[2:])]))
+    for lo, hi in [(0, 3), (1, 3), (0, 1), (2, 3), (1, 2), (2, 2)]:  # a process's share: its rows, from their chunks
+        assert torch.equal(first[0].load(lo, hi), whole[lo:hi])
     with pytest.raises(EmbedtrainError, match=r"sets\.corpus\.prompt differ.*delete the folder"):
         embed_in_chunks(teacher, [TextSet("corpus", texts, "document", "passage: ")], tmp_path, identity,
                         OneProcess(), chunk_rows=2, log=lambda *_: None)

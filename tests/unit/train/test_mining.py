@@ -109,3 +109,21 @@ def test_nearest_over_chunks_is_the_search_over_the_whole_corpus(chunk):
     assert torch.equal(paired_scores, (queries * corpus[paired]).sum(-1))
     few, few_index, _ = nearest(queries, iter(chunks), 500)  # k above the corpus: every row, best first
     assert few.shape == (37, 120) and torch.equal(few_index, (queries @ corpus.T).topk(120, dim=1).indices)
+    none, none_index, none_paired = nearest(queries[:0], iter(chunks), 10, paired[:0])  # a process's empty share
+    assert none.shape == none_index.shape == (0, 10) and none_paired.shape == (0,)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3, 4, 7])
+def test_query_shares_cover_every_row_once_in_order(processes):
+    from embedtrain.train.chunked_embeddings import share_of
+
+    class State:
+        num_processes = processes
+
+    for rows in (0, 1, 5, 96, 97):
+        shares = []
+        for rank in range(processes):
+            State.process_index = rank
+            shares.append(share_of(rows, State))
+        assert [r for first, end in shares for r in range(first, end)] == list(range(rows)), shares
+        assert all(e - f <= -(-rows // processes) for f, e in shares)  # none more than an equal share
