@@ -39,6 +39,7 @@ from torch import nn
 
 from embedtrain.errors import EmbedtrainError
 from embedtrain.models.bidirectional import BidirectionalTransformer, assert_bidirectional
+from embedtrain.models.checkpointing import checkpoint_activations
 from embedtrain.models.encoder import TextEncoder, token_limits
 from embedtrain.models.folders import (
     DECODER,
@@ -318,7 +319,7 @@ def load_decoder_encoder(
         head = _latent_head(local, saved, hidden, latent_attention or {})
         head.to(device)
     if gradient_checkpointing:
-        transformer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(transformer.model)
     if lora is not None:
         transformer.model = apply_lora(transformer.model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"])
         assert_bidirectional(transformer.model, transformer.tokenizer)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.checkpointing import checkpoint_activations
 from embedtrain.models.folders import MODULES_FILE, load_failure, read_metadata, read_modules, write_metadata
 from embedtrain.models.lora import ADAPTER_DIR, apply_lora, is_peft_model, saved_merged
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
@@ -374,7 +375,7 @@ class TextEncoder(nn.Module):
             raise EmbedtrainError(
                 f"model.gradient_checkpointing: {type(self.backbone).__name__} does not support it; set it to false"
             )
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(self.backbone)
 
 
 def center_module(center: torch.Tensor, basis: Optional[torch.Tensor] = None) -> nn.Module:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError
+from embedtrain.models.checkpointing import checkpoint_activations
 from embedtrain.models.folders import VLM2VEC, load_failure, read_metadata, write_metadata
 from embedtrain.models.images import load_images
 from embedtrain.models.pooling import POOLERS, SENTENCE_TRANSFORMERS_MODE
@@ -311,7 +312,7 @@ def load_vlm_encoder(
     saved = read_metadata(path)
     templates = templates or saved.get("templates")
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(backbone)
         if finetune == "lora":
             backbone.enable_input_require_grads()  # checkpointed blocks need a graph into their inputs
 

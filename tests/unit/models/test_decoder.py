@@ -190,17 +190,14 @@ def test_bad_settings_are_one_line_errors(decoders, tiny_bert):
         _encoder(decoders["mistral"], latent_attention={"num_heads": 5})
 
 
-def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_masks_and_lora(decoders):
-    # the GPU recipes train with GradCache, and train.forward_token_budget regroups rows of every role: every chunk
-    # must carry its rows' pooling mask
+def _trained_step(encoder):
+    """A function (chunk, budget) -> (loss, gradients of the trainable parameters) of one training step of
+    ``encoder`` on a fixed batch of three roles: plain, GradCache chunks of ``chunk`` rows, or a token budget."""
     import datasets
 
     from embedtrain.losses import InfoNCELoss
     from embedtrain.train.step import grad_cache_step, plain_step
 
-    encoder = _encoder(decoders["qwen2"], lora=LORA)  # no dropout: plain and chunked steps draw masks differently
-    _perturb_lora(encoder)
-    encoder.freeze_unused_parameters()
     texts = TEXTS * 2
     rows = {"query": [f"{t} {i}" for i, t in enumerate(texts)], "positive": [f"{i} {t}" for i, t in enumerate(texts)],
             "negative_0": [f"not {t} {i}" for i, t in enumerate(texts)]}
@@ -212,7 +209,7 @@ def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_
     assert any("lora_" in n for n, _ in trainable) and any(n.startswith("head.") for n, _ in trainable)
     assert not any(n.endswith("embed_tokens.weight") for n, _ in trainable)  # the decoder itself is frozen
 
-    def grads(chunk, budget=None):
+    def grads(chunk=None, budget=None):
         encoder.train()
         for _, p in trainable:
             p.grad = None
@@ -225,6 +222,16 @@ def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_
             out = plain_step(encoder, loss_fn, batch, backward, token_budget=budget)
         return float(out["loss"]), {n: p.grad.clone() for n, p in trainable}
 
+    return grads
+
+
+def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_masks_and_lora(decoders):
+    # the GPU recipes train with GradCache, and train.forward_token_budget regroups rows of every role: every chunk
+    # must carry its rows' pooling mask
+    encoder = _encoder(decoders["qwen2"], lora=LORA)  # no dropout: plain and chunked steps draw masks differently
+    _perturb_lora(encoder)
+    encoder.freeze_unused_parameters()
+    grads = _trained_step(encoder)
     loss, reference = grads(None)
     cached_loss, cached = grads(5)
     assert cached_loss == pytest.approx(loss, abs=1e-5)
@@ -232,3 +239,27 @@ def test_grad_cache_and_token_budget_give_the_plain_step_gradients_with_pooling_
     regrouped_loss, regrouped = grads(None, budget=40)
     assert regrouped_loss == pytest.approx(loss, abs=1e-5)
     assert_same_sums(regrouped, reference)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_lora_and_latent_attention(decoders):
+    """The NV-Embed recipes checkpoint the decoder's layers under LoRA (their inputs need no gradient: the
+    embeddings are frozen). A plain step and a GradCache step give the gradients of the same steps without
+    checkpointing (1e-6: the recomputation repeats the same float32 operations), and transformers' deprecated
+    entry point, ``gradient_checkpointing_enable``, is not called (its FutureWarning would fill every run's log)."""
+    import warnings
+
+    results = {}
+    for checkpointing in (False, True):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*gradient_checkpointing_enable", category=FutureWarning)
+            encoder = _encoder(decoders["qwen2"], lora=LORA, gradient_checkpointing=checkpointing)
+        layers = [m for m in encoder.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and all(m.gradient_checkpointing is checkpointing for m in layers)
+        _perturb_lora(encoder)
+        encoder.freeze_unused_parameters()
+        grads = _trained_step(encoder)
+        results[checkpointing] = (grads(), grads(chunk=5))
+    for (loss, plain), (checkpointed_loss, checkpointed) in zip(results[False], results[True]):
+        assert checkpointed_loss == pytest.approx(loss, abs=1e-6)
+        for name, grad in plain.items():
+            assert torch.allclose(checkpointed[name], grad, rtol=0, atol=1e-6), name

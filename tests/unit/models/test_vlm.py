@@ -119,3 +119,23 @@ def test_sentence_transformers_folder_reproduces_embeddings(tiny_vlm, tmp_path):
     again = load_vlm_encoder(str(tmp_path / "model"), finetune="full")
     torch.testing.assert_close(again.encode_items(texts=texts, images=paths, role="query"), queries,
                                atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_plain_step_gradients(tiny_vlm):
+    """The VLM2Vec GPU recipe checkpoints the language model's layers under LoRA: a plain step's gradients are those
+    without checkpointing (1e-6: the recomputation repeats the same float32 operations)."""
+    results = []
+    loss_fn = InfoNCELoss(temperature=0.02)
+    for checkpointing in (False, True):
+        encoder = _encoder(tiny_vlm, gradient_checkpointing=checkpointing)
+        layers = [m for m in encoder.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and any(m.gradient_checkpointing is True for m in layers) == checkpointing
+        encoder.train()
+        encoder.zero_grad(set_to_none=True)
+        loss = plain_step(encoder, loss_fn, _batch(encoder), lambda l: l.backward())["loss"]
+        results.append((float(loss), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}))
+    (loss, plain), (checkpointed_loss, checkpointed) = results
+    assert plain and plain.keys() == checkpointed.keys()
+    assert checkpointed_loss == pytest.approx(loss, abs=1e-6)
+    for name, grad in plain.items():
+        assert torch.allclose(checkpointed[name], grad, rtol=0, atol=1e-6), name
