@@ -350,9 +350,6 @@ def _check_moe(recipe: TextRecipe, problems: list[str]) -> None:
                         "through embedtrain.models.moe.upcycle, not by the trainer); remove one of them")
     if recipe.model.lora is not None:
         problems.append("model.lora: not available with model.moe yet (the experts are trained in full); remove one of them")
-    if recipe.model.gradient_checkpointing:
-        problems.append("model.gradient_checkpointing: not available with model.moe (a recomputed layer would see "
-                        "another forward pass's routing); set it to false")
     for i, task in enumerate(recipe.eval.tasks):
         if task.domain is not None and task.domain not in domains:
             problems.append(f"eval.tasks[{i}].domain: '{task.domain}' is not a domain{did_you_mean(task.domain, domains)}; "

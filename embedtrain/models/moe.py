@@ -58,6 +58,7 @@ from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
 from embedtrain.errors import EmbedtrainError, did_you_mean
+from embedtrain.models.checkpointing import checkpoint_activations
 from embedtrain.models.encoder import TextEncoder
 from embedtrain.models.folders import (
     MOE,
@@ -68,12 +69,6 @@ from embedtrain.models.folders import (
 )
 
 Domain = Union[None, str, Sequence[str], torch.Tensor]
-
-NO_GRADIENT_CHECKPOINTING = (
-    "model.gradient_checkpointing: not available for MoE models (a recomputed layer would see the routing "
-    "of a later forward pass); set it to false"
-)
-
 
 @dataclass
 class MoESettings:
@@ -171,6 +166,30 @@ class Routing:
 
     def __deepcopy__(self, memo):  # a copied model gets its own, empty routing state
         return Routing(self.num_experts)
+
+    def kept_for_recomputation(self):
+        """``torch.utils.checkpoint``'s ``context_fn`` for a checkpointed layer: the forward pass's context notes
+        the routing it runs with, and the recomputation's puts that routing back while the layer runs again (in
+        the backward pass, when ``index`` and ``weight`` already hold a later forward pass's: another role, or
+        another GradCache chunk). The routing decision itself, its auxiliary losses and statistics are made once,
+        in :func:`route`, outside the checkpointed layers."""
+        kept: dict = {}
+
+        @contextlib.contextmanager
+        def forward():
+            kept["routing"] = (self.index, self.weight)
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            now = (self.index, self.weight)
+            self.index, self.weight = kept["routing"]
+            try:
+                yield
+            finally:
+                self.index, self.weight = now
+
+        return forward(), recompute()
 
 
 class RoutedExperts(nn.Module):
@@ -347,7 +366,15 @@ def upcycle(backbone, settings: MoESettings, tokenizer=None):
         _add_domain_tokens(backbone, tokenizer, settings)
     backbone.moe_settings = settings
     backbone.moe_routing = routing
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()):
+        checkpoint_routed(backbone)  # checkpointed before it had experts: now with their routing kept
     return backbone
+
+
+def checkpoint_routed(backbone) -> None:
+    """Activation checkpointing of an upcycled backbone's layers, each recomputed with the routing of the forward
+    pass it recomputes (:meth:`Routing.kept_for_recomputation`)."""
+    checkpoint_activations(backbone, context_fn=backbone.moe_routing.kept_for_recomputation)
 
 
 def is_moe_backbone(backbone) -> bool:
@@ -630,7 +657,8 @@ class MoETextEncoder(TextEncoder):
                                                     "dtype": getattr(torch, dtype)})
 
     def enable_gradient_checkpointing(self) -> None:
-        raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)
+        super().enable_gradient_checkpointing()  # the backbone's support checked
+        checkpoint_routed(self.backbone)
 
     @property
     def settings(self) -> MoESettings:
@@ -795,8 +823,6 @@ def upcycle_encoder(
     """
     if isinstance(encoder, MoETextEncoder):
         raise EmbedtrainError("model.moe: this model is already a mixture of experts; it cannot be upcycled twice")
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in encoder.backbone.modules()):
-        raise EmbedtrainError(NO_GRADIENT_CHECKPOINTING)
     settings = MoESettings(
         domains=list(domains), layers=resolve_layers(layers, len(transformer_layers(encoder.backbone))),
         routing=routing, router=router, top_k=top_k, router_loss_weight=router_loss_weight,

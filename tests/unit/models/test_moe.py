@@ -310,3 +310,72 @@ def test_auxiliary_loss_counts_once_per_step_at_its_weight(tiny_bert_no_dropout)
     for parts in ([[0, 1, 2], [3, 4, 5], [6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]], [list(range(8))]):
         assert torch.allclose(router_grad(parts), expected, atol=1e-6), parts
     assert torch.allclose(router_grad([[0, 1, 2, 3], [4, 5, 6, 7]], scale=8.0), 8.0 * expected, atol=1e-5)
+
+
+def _two_forward_grads(moe, routing_of_second=None):
+    """Gradients of one loss over two forward passes routed differently (a query role then a document role, or
+    two GradCache chunks) and one backward pass, the case where a recomputed layer could read the later routing."""
+    moe.train()
+    moe.zero_grad(set_to_none=True)
+    first = moe.tokenize(TEXTS, "query")
+    second = moe.tokenize(list(reversed(TEXTS)), "document")
+    q = moe(first["input_ids"], first["attention_mask"], domain=torch.tensor([0, 1, 2, 1]))
+    d = moe(second["input_ids"], second["attention_mask"], domain=routing_of_second)
+    ((q @ d.T) ** 2).sum().backward()
+    return {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+
+def _distinct_moe(model_dir, checkpointing: bool, **moe_settings):
+    moe = upcycle_encoder(load_text_encoder(str(model_dir), max_length=24, gradient_checkpointing=checkpointing),
+                          ["a", "b", "c"], **moe_settings)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts that differ, so that routing matters
+        for p in moe.backbone.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return moe
+
+
+@pytest.mark.parametrize("routing", ["enforced", "learned"])
+def test_gradient_checkpointing_recomputes_each_layer_with_its_own_routing(tiny_bert_no_dropout, routing):
+    """With checkpointing, a layer is recomputed in the backward pass, after later forward passes changed the
+    shared routing: it must get the routing it ran with. The gradients are those without checkpointing, bit for bit
+    (every parameter, experts and router: the recomputation repeats the same float32 operations on the same inputs,
+    in one thread, and the backward pass runs the same graph in the same order).
+    Checkpointing the layers without the routing kept fails (the bug this guards against): torch stops the
+    backward pass where the later routing gives the recomputed tensors other shapes, and the gradients are
+    wrong where the shapes happen to agree."""
+    from torch.utils.checkpoint import CheckpointError
+
+    from embedtrain.models.checkpointing import checkpoint_activations
+
+    settings = {"routing": routing, "top_k": 2 if routing == "learned" else 1}
+    second = torch.tensor([2, 2, 0, 1]) if routing == "enforced" else None  # learned: the router mixes two
+    plain = _two_forward_grads(_distinct_moe(tiny_bert_no_dropout, False, **settings), second)
+    checkpointed_moe = _distinct_moe(tiny_bert_no_dropout, True, **settings)  # checkpointed, then upcycled
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in checkpointed_moe.backbone.modules())
+    checkpointed = _two_forward_grads(checkpointed_moe, second)
+    assert plain.keys() == checkpointed.keys() and any("experts.2" in n for n in plain)
+    for name, grad in plain.items():
+        assert torch.equal(checkpointed[name], grad), name
+
+    naive = _distinct_moe(tiny_bert_no_dropout, False, **settings)
+    checkpoint_activations(naive.backbone)  # recomputed layers read whatever routing is current
+    try:
+        wrong = _two_forward_grads(naive, second)
+    except CheckpointError:  # enforced here: the two passes send other numbers of rows to each expert
+        assert routing == "enforced"
+    else:
+        assert max(float((wrong[n] - g).abs().max()) for n, g in plain.items()) > 1e-3
+
+
+def test_a_saved_moe_loads_with_gradient_checkpointing(tiny_bert_no_dropout, tmp_path):
+    """A saved MoE folder loaded with gradient checkpointing (a run continuing an MoE model) keeps each forward
+    pass's routing for the recomputation too."""
+    moe = _distinct_moe(tiny_bert_no_dropout, False)
+    moe.save(tmp_path / "moe")
+    plain = _two_forward_grads(load_text_encoder(str(tmp_path / "moe")), torch.tensor([2, 2, 0, 1]))
+    loaded = load_text_encoder(str(tmp_path / "moe"), gradient_checkpointing=True)
+    assert isinstance(loaded, MoETextEncoder)
+    checkpointed = _two_forward_grads(loaded, torch.tensor([2, 2, 0, 1]))
+    for name, grad in plain.items():  # bit for bit, as above
+        assert torch.equal(checkpointed[name], grad), name
