@@ -122,8 +122,6 @@ def build_accelerator(mixed_precision: str = "no", log_with=None, project_dir: s
     if wanted == "FSDP" and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _enable_fsdp_on_cpu(mixed_precision)
     if mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise EmbedtrainError("train.mixed_precision: fp16 under FSDP on CPU processes is not available; use bf16")
         # accelerate leaves fp16 off on the CPU (no autocast, no scaler) without a word; torch has both there
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu")

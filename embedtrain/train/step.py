@@ -274,6 +274,12 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
     DTensor and plain gradients. Under DeepSpeed the engine clips by itself and reports its norm. ``state`` carries
     ``consecutive_nonfinite``. A non-finite step leaves weights and optimizer state those of the last good step;
     too many in a row stop training with an error naming ``last_good``.
+
+    Under fp16, a step whose loss is finite but whose scaled gradients are not is an overflow of the loss scale:
+    skipped, the scale halved, and not counted towards the limit while the scale is above 1. A run whose first
+    scale (65,536) is too large for its gradients, as under FSDP, whose float16 parameters compute every layer in
+    float16, therefore backs off as many times as it takes; a step whose gradients overflow at a scale of 1 or
+    less, or whose loss is not finite, is counted as before.
     """
     from accelerate.utils import DistributedType
 
@@ -306,13 +312,18 @@ def apply_update(accelerator, optimizer, scheduler, loss: torch.Tensor, params: 
         scheduler.step()
         state.consecutive_nonfinite = 0
     else:
-        state.consecutive_nonfinite += 1
-        backoff = ""
+        backoff, overflow = "", False
         if scaler is not None:
+            # an overflow of the scale, as long as the scale can still tell one from a gradient that is not finite
+            overflow = bool(torch.isfinite(loss_value)) and scaler.get_scale() > 1
             # the update is skipped here, not inside the scaler: set the backed-off scale, which also clears the
             # scaler's record of this step's unscaling (else the next step would unscale twice)
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             backoff = f"; fp16 loss scale lowered to {scaler.get_scale():g}"
+        if overflow:
+            log(f"step {step + 1}: fp16 gradient overflow (the loss is finite); step skipped{backoff}")
+            return finite, grad_norm, loss_value
+        state.consecutive_nonfinite += 1
         log(f"step {step + 1}: non-finite loss or gradient; step skipped "
             f"({state.consecutive_nonfinite} in a row, limit {max_consecutive_nonfinite}){backoff}")
         if state.consecutive_nonfinite >= max_consecutive_nonfinite:

@@ -164,6 +164,40 @@ def test_a_sharded_text_encoder_with_lora_saves_merged_weights(assets, tmp_path)
     check_folder(out / "model", Path(recipe["model"]["name_or_path"]), ("self_attn.q_proj", "self_attn.v_proj"))
 
 
+def test_fp16_under_fsdp_backs_off_its_loss_scale_and_trains(assets, tmp_path):
+    """FSDP's float16 parameters compute every layer in float16, so the first loss scale (65,536) overflows the
+    gradients: each such step is skipped and halves the scale without counting towards
+    train.max_consecutive_nonfinite (3 here, fewer than the back-offs), both processes alike (the gradient norm and
+    the loss are reduced across them), and then the run trains: finite losses that fall, weights that moved, a
+    folder that sentence-transformers loads."""
+    from sentence_transformers import SentenceTransformer
+
+    import embedtrain
+
+    out = tmp_path / "run"
+    recipe = _recipe("text", assets, out)
+    recipe["train"].update(mixed_precision="fp16", max_steps=12, max_consecutive_nonfinite=3, log_every=1,
+                           optimizer="adamw", lr=3e-3)
+    proc = _launch("fsdp_cpu.yaml", recipe, tmp_path / "r.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["engine"]["distributed_type"] == "FSDP" and results["engine"]["mixed_precision"] == "fp16"
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "loss_scale" in l]
+    overflows = (proc.stdout + proc.stderr).count("fp16 gradient overflow (the loss is finite); step skipped")
+    assert overflows == results["skipped_steps"] > 3 and steps[0]["loss"] is None
+    losses = [l["loss"] for l in steps if l["loss"] is not None]
+    assert len(losses) >= 5 and all(math.isfinite(v) for v in losses) and min(losses[-4:]) < losses[0], losses
+    trained = saved_weights(out / "model")
+    assert all(bool(torch.isfinite(w).all()) for w in trained.values())
+    base = saved_weights(Path(recipe["model"]["name_or_path"]))
+    assert any(not torch.equal(trained[k], base[k]) for k in base if k in trained)
+    texts = ["a small red tree", "the river by the hill"]
+    ours = embedtrain.load(out / "model").encode(texts)
+    theirs = SentenceTransformer(str(out / "model"), device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_what_fsdp_cannot_run_stops_the_run_before_the_model_loads(assets, tmp_path):
     """A setting the engine cannot run (an average of sharded weights) is one line from every process before any
     weights are read or any output written (embedtrain plan lists the same line)."""
