@@ -148,3 +148,21 @@ def _shares(lengths: list[int], size: int) -> list[int]:
     for i in sorted(range(len(lengths)), key=lambda i: (-(exact[i] - shares[i]), i))[: size - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def same_class_pairs(labels: Sequence[int], wanted: int) -> list[tuple[int, int]]:
+    """The diagnostics probe of a metric-learning run: up to ``wanted`` pairs of images (indices into ``labels``)
+    of the same class, each image in one pair at most, taken from the classes in turn (class by class in label
+    order, each class's images in their order: its first and second image, then the next class's, and so on
+    round after round) so that as many classes as possible give one. Called on the unseen (test) classes it costs
+    no training image. Fewer than :data:`MIN_ROWS` pairs make no probe (an empty list)."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    members = [by_class[c] for c in sorted(by_class)]
+    pairs: list[tuple[int, int]] = []
+    for round_ in range(max((len(m) // 2 for m in members), default=0)):
+        for images in members:
+            if 2 * round_ + 1 < len(images) and len(pairs) < wanted:
+                pairs.append((images[2 * round_], images[2 * round_ + 1]))
+    return pairs if len(pairs) >= MIN_ROWS else []

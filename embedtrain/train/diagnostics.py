@@ -68,7 +68,7 @@ class DiagnosticsCallback(Callback):
             return None
         self.measured = step
         if trainer.task.probe is None:
-            if not self.announced and getattr(trainer.task, "probe_off", None) is None:  # else said when read
+            if not self.announced and trainer.task.probe_off is None:  # else said when read
                 trainer.log(f"diagnostics: kind {trainer.recipe.kind} holds out no probe set yet; none are measured")
             self.announced = True
             return None

@@ -118,7 +118,10 @@ class Task:
     # -- evaluation -----------------------------------------------------------------------------
     has_evaluation = True
     probe = None
-    """The diagnostics probe held out of the training data (:class:`~embedtrain.data.probe.Probe`), or None."""
+    """The diagnostics probe (:class:`~embedtrain.data.probe.Probe`): pairs held out of the training data, or for
+    metric learning same-class pairs of the unseen classes; None without one."""
+    probe_off: Optional[str] = None
+    """Why the run has no diagnostics probe though the recipe asks for one (said once when read)."""
 
     def probe_embeddings(self, model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The probe's (query, positive) embeddings, (n, d) each, row i a pair; None without a probe."""
@@ -186,9 +189,6 @@ class PairsTask(Task):
         """A row's query meets the other rows' documents (in-batch negatives): only then can a repeat harm."""
 
     # -- the diagnostics probe ----------------------------------------------------------------------
-    probe_off: Optional[str] = None
-    """Why the run holds out no diagnostics probe though the recipe asks for one (said once when read)."""
-
     def hold_out_probe(self, carve: Callable) -> None:
         """Hold the diagnostics probe out of ``self.datasets`` with ``carve(datasets, wanted)`` (the kind's
         :func:`~embedtrain.data.probe.carve_probe`): the same rows on every start and resume."""

@@ -130,3 +130,53 @@ def test_emoji_comparison_script_reports_every_row(assets, tmp_path):
     assert script.main(["--reuse"] + args) == 0
     again = json.loads((tmp_path / "r.json").read_text())
     assert again["rows"]["vpt_sp"]["mean"] == report["rows"]["vpt_sp"]["mean"]
+
+
+def test_the_probe_is_same_class_pairs_of_unseen_classes(tmp_path):
+    """Metric learning measures the diagnostics on pairs of same-class images of the unseen classes, so no
+    training image is held out: 4 unseen classes of 10 images give 20 pairs. The run measures them at step 0,
+    every eval.diagnostics.every steps and at the end, and its last measurement is that of the saved model's own
+    embeddings of those pairs. With fewer than 16 pairs (4 classes of 6 images) it says why it measures none."""
+    from embedtrain.data.images import ImageClassDataset, build_transform, collate_images, read_labelled_images
+    from embedtrain.data.probe import same_class_pairs
+    from embedtrain.eval.diagnostics import diagnose
+
+    tower = build_tiny_open_clip(tmp_path / "tower")
+    meta = write_labelled_images(tmp_path / "images", classes=8, per_class=10)
+    said = []
+    result = train(recipe((tower, meta), tmp_path / "run", eval={"diagnostics": {"every": 4}}), log=said.append)
+    assert "diagnostics probe: 20 pairs of same-class images from 4 unseen classes; no training image held out" in said
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert summary["diagnostics_probe"]["rows"] == 20 and summary["diagnostics_probe"]["classes"] == 4
+    assert summary["diagnostics_probe"]["excluded_training_rows"] == 0 and summary["train_images"] == 40
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [l for l in lines if "diag/rankme" in l]
+    assert [l["step"] for l in measured] == [0, 4, 8]
+    # measuring changes nothing in training (no image held out, no random draw): the weights of a run without it
+    unmeasured = train(recipe((tower, meta), tmp_path / "unmeasured", eval={"diagnostics": {"probe_rows": 0}}),
+                       log=lambda *_: None)
+    a, b = (load_file(str(r.model_dir / "model.safetensors")) for r in (result, unmeasured))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model, config = load_dml_model(result.model_dir)
+    images = read_labelled_images(str(meta), "image", "label")
+    subset, labels = images.subset(config["test_classes"])
+    b = model.encoder.backbone
+    ds = ImageClassDataset(subset, labels, build_transform(b.image_size, b.mean, b.std, False, "none"))
+    pairs = same_class_pairs(labels, 256)
+    assert len(pairs) == 20 and all(labels[a] == labels[c] for a, c in pairs)
+    with torch.no_grad():
+        embed = lambda idx: model.eval().encoder(collate_images([ds[i] for i in idx])["pixels"])  # noqa: E731
+        queries, positives = embed([a for a, _ in pairs]), embed([c for _, c in pairs])
+    expected = diagnose(torch.cat([queries, positives]), queries, positives)
+    for key, value in expected.items():  # the same images and weights, embedded in other batches: float32 rounding
+        assert measured[-1][f"diag/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+    small = write_labelled_images(tmp_path / "small", classes=8, per_class=6)
+    said = []
+    train(recipe((tower, small), tmp_path / "small_run", train={"max_steps": 2}), log=said.append)
+    assert "diagnostics: off; the 4 unseen classes' 24 images make fewer than 16 same-class pairs; add images or " \
+           "set eval.diagnostics.probe_rows=0" in said
+    assert not any("holds out no probe" in s for s in said)
+    assert json.loads((tmp_path / "small_run" / "results.json").read_text())["diagnostics_probe"] == {
+        "off": "the 4 unseen classes' 24 images make fewer than 16 same-class pairs"}

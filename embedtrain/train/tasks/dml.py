@@ -1,7 +1,8 @@
 """Metric learning on labelled images: a prompted ViT (or its head, biases, or the whole backbone)
 trained with a proxy loss on the training classes, evaluated zero-shot on the other classes
 (Recall@K, MAP@R). Runs in one process: proxy losses need no cross-process negatives, and the
-semantic-proxy memory is updated in place."""
+semantic-proxy memory is updated in place. The diagnostics probe is pairs of same-class images of the unseen
+classes (:func:`~embedtrain.data.probe.same_class_pairs`): no training image is held out for it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from embedtrain.config import resolve_path
 from embedtrain.data.class_sampler import class_balanced_batches
 from embedtrain.data.images import ImageClassDataset, build_transform, collate_images, read_labelled_images, split_classes
+from embedtrain.data.probe import MIN_ROWS, Probe, same_class_pairs
 from embedtrain.errors import EmbedtrainError
-from embedtrain.eval.dml import evaluate_dml
+from embedtrain.eval.dml import embed_batches, evaluate_dml
 from embedtrain.losses import PROXY_LOSSES
 from embedtrain.models.semantic_proxies import DMLModel, ProxyBank, save_dml_model
 from embedtrain.models.visual_prompts import PromptedViT, prompt_layout
@@ -69,6 +71,26 @@ class MetricLearningTask(Task):
                                                               d.split_seed)
         self.train_images, self.train_labels = images.subset(self.train_classes)
         self.test_images, self.test_labels = images.subset(self.test_classes)
+        self._choose_probe()
+
+    def _choose_probe(self) -> None:
+        """Same-class image pairs of the unseen classes as the diagnostics probe (as many as
+        eval.diagnostics.probe_rows asks, one pair per class per round)."""
+        wanted = self.recipe.eval.diagnostics.probe_rows
+        if not wanted:
+            return
+        self.probe_pairs = same_class_pairs(self.test_labels, wanted)
+        if not self.probe_pairs:
+            self.probe_off = (f"the {len(self.test_classes)} unseen classes' {len(self.test_images)} images make fewer "
+                              f"than {MIN_ROWS} same-class pairs")
+            self.log(f"diagnostics: off; {self.probe_off}; add images or set eval.diagnostics.probe_rows=0")
+            return
+        paths = list(self.test_images.paths)
+        self.probe = Probe(queries=[[paths[a] for a, _ in self.probe_pairs]],
+                           positives=[[paths[b] for _, b in self.probe_pairs]], excluded_rows=[0])
+        classes = len({int(self.test_labels[a]) for a, _ in self.probe_pairs})
+        self.log(f"diagnostics probe: {self.probe.rows} pairs of same-class images from {classes} unseen classes; "
+                 "no training image held out")
 
     def check_data(self, world_size: int) -> None:
         self.log(f"classes: {len(self.train_classes)} to train ({len(self.train_images)} images), "
@@ -138,6 +160,26 @@ class MetricLearningTask(Task):
         with accelerator.autocast():
             return evaluate_dml(model.encoder, self.test_loader, self.recipe.eval.recall_at, accelerator.device)
 
+    def probe_embeddings(self, model):
+        """The probe pairs' embeddings, each image embedded once as the evaluation embeds it (eval mode, the
+        evaluation's transform)."""
+        if self.probe is None:
+            return None
+        images = sorted({i for pair in self.probe_pairs for i in pair})
+        # its own generator: measuring must not draw from the global random state that training's augmentation uses
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.test_loader.dataset, images),
+                                             batch_size=self.recipe.eval.batch_size, collate_fn=collate_images,
+                                             generator=torch.Generator())
+        encoder, was_training = model.encoder, model.encoder.training
+        encoder.eval()
+        try:
+            with torch.no_grad():
+                embeddings, _ = embed_batches(encoder, loader, next(encoder.parameters()).device)
+        finally:
+            encoder.train(was_training)
+        row = {image: k for k, image in enumerate(images)}
+        return (embeddings[[row[a] for a, _ in self.probe_pairs]], embeddings[[row[b] for _, b in self.probe_pairs]])
+
     @property
     def selection_key(self) -> str:
         return self.recipe.eval.metric
@@ -153,8 +195,14 @@ class MetricLearningTask(Task):
         compact.write_record(path, self.recipe.loss.compact, model.encoder.embed_dim, True)
 
     def results(self) -> dict:
-        return {"train_classes": len(self.train_classes), "test_classes": len(self.test_classes),
-                "train_images": len(self.train_images), "test_images": len(self.test_images)}
+        out = {"train_classes": len(self.train_classes), "test_classes": len(self.test_classes),
+               "train_images": len(self.train_images), "test_images": len(self.test_images)}
+        if self.probe_off:
+            out["diagnostics_probe"] = {"off": self.probe_off}
+        elif self.probe is not None:
+            out["diagnostics_probe"] = {**self.probe.summary(["unseen classes"]),
+                                        "classes": len({int(self.test_labels[a]) for a, _ in self.probe_pairs})}
+        return out
 
     def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:
         lines = []

@@ -77,3 +77,23 @@ def test_labels_only_make_no_probe():
     data = [dataset([(f"text {i}", labels[i % 4], labels[(i + 1) % 4]) for i in range(4000)], "labels")]
     probe, kept = carve_probe(data, 256)  # 200 pairs would fit 5% of the rows, but each takes a class with it
     assert probe.rows == 0 and kept is data
+
+
+def test_same_class_pairs_take_each_class_in_turn():
+    """Metric learning's probe: pairs of images of one class, no image twice, every class giving a pair before
+    any gives a second; at most the number asked for; none below MIN_ROWS pairs."""
+    from embedtrain.data.probe import MIN_ROWS, same_class_pairs
+
+    labels = [c for c in range(10) for _ in range(2 + c)]  # class c has 2 + c images, in order
+    pairs = same_class_pairs(labels, 256)
+    assert len(pairs) == sum((2 + c) // 2 for c in range(10))  # every pair a class's images can make
+    assert all(labels[a] == labels[b] for a, b in pairs)
+    images = [i for pair in pairs for i in pair]
+    assert len(images) == len(set(images))
+    assert [labels[a] for a, _ in pairs[:10]] == list(range(10))  # round one: one pair per class
+    few = same_class_pairs(labels, 20)
+    assert few == pairs[:20] and {labels[a] for a, _ in few} == set(range(10))
+    assert same_class_pairs(labels, MIN_ROWS - 1) == []
+    assert same_class_pairs([0, 1] * 20, 256) == [(0, 2), (1, 3), (4, 6), (5, 7), (8, 10), (9, 11), (12, 14), (13, 15),
+                                                   (16, 18), (17, 19), (20, 22), (21, 23), (24, 26), (25, 27),
+                                                   (28, 30), (29, 31), (32, 34), (33, 35), (36, 38), (37, 39)]

@@ -17,7 +17,7 @@ class FakeTrainer:
 
     def __init__(self, embeddings, total_steps=100):
         self.embeddings = embeddings  # step -> (queries, positives)
-        self.task = SimpleNamespace(probe=Probe(queries=[["q"]], positives=[["p"]]),
+        self.task = SimpleNamespace(probe=Probe(queries=[["q"]], positives=[["p"]]), probe_off=None,
                                     startup=StartupPhases(lambda *_: None))  # its progress lines: not checked here
         self.recipe = SimpleNamespace(kind="text", output=SimpleNamespace(report_to=[]))
         self.state, self.total_steps, self.lines, self.logged, self.step = TrainState(), total_steps, [], [], 0
@@ -101,9 +101,8 @@ def test_a_resume_with_another_probe_says_so():
 
 def test_a_task_without_probe_says_so_once():
     trainer = FakeTrainer(lambda step: None)
-    trainer.task.probe = None
-    trainer.recipe.kind = "dml"
+    trainer.task.probe = None  # and no reason given when the data was read
     callback = DiagnosticsCallback(every=1, rank_warning=0.5, uniformity_warning=0.5)
     for step in range(1, 4):
         callback.on_step_end(trainer, {"step": step})
-    assert trainer.lines == [] and len(trainer.logged) == 1 and "kind dml" in trainer.logged[0]
+    assert trainer.lines == [] and len(trainer.logged) == 1 and "kind text" in trainer.logged[0]
