@@ -348,8 +348,9 @@ def _check_moe(recipe: TextRecipe, problems: list[str]) -> None:
     if recipe.model.bidirectional:
         problems.append("model.moe: not available with model.bidirectional yet (decoder encoders are upcycled "
                         "through embedtrain.models.moe.upcycle, not by the trainer); remove one of them")
-    if recipe.model.lora is not None:
-        problems.append("model.lora: not available with model.moe yet (the experts are trained in full); remove one of them")
+    if recipe.model.lora is not None and moe.domain_tokens:
+        problems.append("model.moe.domain_tokens: not available with model.lora (the domain tokens' embeddings would "
+                        "stay frozen at their random start); set domain_tokens: false or remove model.lora")
     for i, task in enumerate(recipe.eval.tasks):
         if task.domain is not None and task.domain not in domains:
             problems.append(f"eval.tasks[{i}].domain: '{task.domain}' is not a domain{did_you_mean(task.domain, domains)}; "

@@ -660,6 +660,21 @@ class MoETextEncoder(TextEncoder):
         super().enable_gradient_checkpointing()  # the backbone's support checked
         checkpoint_routed(self.backbone)
 
+    def add_lora(self, r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> None:
+        """LoRA adapters on an upcycled backbone: every expert's targeted layers get adapters of their own (so the
+        experts, copies of one block, can still part), and the router trains in full beside them. At least one
+        expert layer must be a target; else the experts would stay identical."""
+        super().add_lora(r, alpha, dropout, target_modules)
+        if not any(".experts." in name and "lora_" in name for name, _ in self.backbone.named_parameters()):
+            layers = sorted({n.rsplit(".", 1)[-1] for n, m in self.backbone.named_modules()
+                             if ".experts." in n and isinstance(m, nn.Linear)})
+            raise EmbedtrainError(f"model.lora.target_modules: no layer of the experts is among "
+                                  f"{', '.join(target_modules)}, so the experts would stay identical copies; add "
+                                  f"some of theirs: {', '.join(layers)}")
+        router = getattr(self.backbone, "moe_router", None)
+        for p in router.parameters() if router is not None else ():
+            p.requires_grad_(True)
+
     @property
     def settings(self) -> MoESettings:
         return self.backbone.moe_settings

@@ -155,16 +155,24 @@ def test_gradient_checkpointing_gives_the_weights_of_plain_training(routing, chu
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_gives_identical_weights(tiny_bert, domains, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_gives_identical_weights(lora, tiny_bert, domains, tmp_path):
     common = dict(train={"max_steps": 6, "save_every": 3, "keep_last": 5, "gradient_cache_chunk_size": 3})
-    moe = {"domain_tokens": True}
-    full = run(moe_recipe(tiny_bert, domains, tmp_path / "full", moe=moe, **common))
+    moe = {"domain_tokens": not lora}  # LoRA refuses domain tokens (their embeddings would stay frozen)
+
+    def recipe(out):
+        r = moe_recipe(tiny_bert, domains, out, moe=moe, **common)
+        if lora:  # the adapters and the router in the checkpoint, the frozen experts rebuilt
+            r["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["query", "up", "down"]}
+        return r
+
+    full = run(recipe(tmp_path / "full"))
     interrupted = tmp_path / "interrupted"
-    run(moe_recipe(tiny_bert, domains, interrupted, moe=moe, **common))
+    run(recipe(interrupted))
     shutil.rmtree(interrupted / "model")
     (interrupted / "results.json").unlink()
     shutil.rmtree(interrupted / "checkpoints" / "step-0000006")
-    resumed = run(moe_recipe(tiny_bert, domains, interrupted, moe=moe, **common), resume="auto")
+    resumed = run(recipe(interrupted), resume="auto")
     a, b = load_file(str(full.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))
     assert a.keys() == b.keys() and any("experts.1" in k for k in a)
     # 1e-6: a resumed run repeats the same operations in the same order on one thread
@@ -186,7 +194,7 @@ def test_continuing_a_saved_moe_model(tiny_bert, domains, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["one_domain", "unknown_dataset_domain", "eval_domain", "top_k",
-                                  "eval_domain_dense", "learned_without_router"])
+                                  "eval_domain_dense", "learned_without_router", "lora_domain_tokens"])
 def test_bad_moe_recipe_is_one_line(case, tiny_bert, domains, tmp_path, capsys):
     out = tmp_path / "out"
     recipe = moe_recipe(tiny_bert, domains, out)
@@ -197,6 +205,8 @@ def test_bad_moe_recipe_is_one_line(case, tiny_bert, domains, tmp_path, capsys):
         "top_k": "model.moe.top_k: 2 experts per text needs routing: learned",
         "eval_domain_dense": "eval.tasks[0].domain: routing to a domain needs an MoE model",
         "learned_without_router": "model.moe.router: learned routing needs the router",
+        "lora_domain_tokens": "model.moe.domain_tokens: not available with model.lora (the domain tokens' embeddings "
+                              "would stay frozen at their random start)",
     }[case]
     if case == "one_domain":
         recipe["data"]["train"] = recipe["data"]["train"][:1]
@@ -210,6 +220,9 @@ def test_bad_moe_recipe_is_one_line(case, tiny_bert, domains, tmp_path, capsys):
         recipe["model"]["moe"]["top_k"] = 2
     elif case == "learned_without_router":
         recipe["model"]["moe"].update(routing="learned", router=False)
+    elif case == "lora_domain_tokens":
+        recipe["model"]["moe"]["domain_tokens"] = True
+        recipe["model"]["lora"] = {"target_modules": ["query", "up"]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     code = main(["train", str(path)])
@@ -317,20 +330,26 @@ def test_first_step_equals_the_dense_models_first_step(tiny_bert, domains, tmp_p
         assert torch.allclose(value, expected, atol=1e-6), key
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen2+lora"])
 def test_a_causal_decoder_is_upcycled_by_the_trainer(family, domains, tmp_path):
     """A decoder read as a sentence-transformers model (causal attention, last-token pooling) trains as an MoE:
     its `mlp` blocks become experts, each expert learns its own domain, the router learns to tell the domains
     apart, and the saved folder gives the same embeddings in sentence-transformers. Qwen2's tokenizer adds no
-    special token (the domain token goes first), Mistral's adds <s> (the domain token goes after it)."""
+    special token (the domain token goes first), Mistral's adds <s> (the domain token goes after it). With LoRA
+    (the recipe's default targets: every projection, the experts' included; no domain tokens) the experts part
+    through their own adapters."""
     from sentence_transformers import SentenceTransformer
 
     from nvembed_support import save_tiny_decoder
 
+    lora = family.endswith("+lora")
+    family = family.removesuffix("+lora")
     model_dir = save_tiny_decoder(tmp_path / family, family)
-    recipe = moe_recipe(model_dir, domains, tmp_path / "run", moe={"domain_tokens": True, "router_lr": 0.05},
-                        train={"max_steps": 12, "lr": 1e-3, "log_every": 6})
+    recipe = moe_recipe(model_dir, domains, tmp_path / "run", moe={"domain_tokens": not lora, "router_lr": 0.05},
+                        train={"max_steps": 12, "lr": 1e-2 if lora else 1e-3, "log_every": 6})
     recipe["model"]["pooling"] = "last_token"
+    if lora:
+        recipe["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     result = run(recipe)
 
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -344,9 +363,71 @@ def test_a_causal_decoder_is_upcycled_by_the_trainer(family, domains, tmp_path):
         assert all(not torch.equal(w, dense[name.format("")]) for w in experts)  # both trained
         assert not torch.allclose(experts[0], experts[1])  # and apart
     model = load_text_encoder(str(result.model_dir))
-    assert model.settings.domain_token_offset == (1 if family == "mistral" else 0)
+    assert model.settings.domain_token_offset == (1 if family == "mistral" else 0) or lora
     st = SentenceTransformer(str(result.model_dir), device="cpu", trust_remote_code=True)
     texts = ["green river light", "open the network"]
     for domain in ("nature", "tech"):
         ours = model.encode(texts, domain=domain)
         assert torch.allclose(ours, st.encode(texts, domain=domain, convert_to_tensor=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["enforced", "learned"])
+def test_lora_gives_each_expert_adapters_of_its_own(routing, tiny_bert, domains, tmp_path):
+    """model.lora with model.moe: the adapters come after upcycling, so each expert's targeted layers get their own
+    and the experts part while their base weights stay frozen; the router trains in full. The saved folder holds
+    the merged weights (experts that now differ, the router trained, every other weight the dense model's), and
+    sentence-transformers gives embedtrain's embeddings for each domain."""
+    from sentence_transformers import SentenceTransformer
+
+    from lora_support import TEXTS
+
+    moe = {"routing": routing, **({"top_k": 2} if routing == "learned" else {})}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value", "up", "down"]}
+    recipe = moe_recipe(tiny_bert, domains, tmp_path / "run", moe=moe, train={"max_steps": 8, "lr": 5e-3})
+    recipe["model"]["lora"] = lora
+    result = train(recipe_from_dict(recipe), log=lambda *_: None)
+    prepared = upcycle_encoder(load_text_encoder(str(tiny_bert)), ["nature", "tech"], **moe)
+    prepared.add_lora(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"])
+    trains = {n: p.numel() for n, p in prepared.named_parameters() if p.requires_grad}
+    assert trains and all("lora_" in n or "moe_router" in n for n in trains)
+    assert any(".experts.1." in n for n in trains) and any("moe_router" in n for n in trains)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["trainable_parameters"] == sum(trains.values())
+    dense = load_file(str(tiny_bert / "model.safetensors"))
+    saved = load_file(str(result.model_dir / "model.safetensors"))
+    assert not any("lora_" in k for k in saved)
+    changed = {k for k in saved if k in dense and not torch.equal(saved[k], dense[k])}
+    assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed), sorted(changed)
+    for layer in (0, 1):  # the experts start as copies of the dense block and part through their adapters
+        prefix = f"encoder.layer.{layer}.intermediate.experts"
+        up = [saved[f"{prefix}.{e}.up.weight"] for e in (0, 1)]
+        assert not torch.equal(up[0], up[1])
+        base = dense[f"encoder.layer.{layer}.intermediate.dense.weight"]
+        assert all(not torch.equal(u, base) for u in up)
+        # biases are not adapted: still the dense block's
+        assert torch.equal(saved[f"{prefix}.1.up.bias"], dense[f"encoder.layer.{layer}.intermediate.dense.bias"])
+    router = [k for k in saved if "moe_router" in k]
+    fresh = upcycle_encoder(load_text_encoder(str(tiny_bert)), ["nature", "tech"], **moe).backbone.state_dict()
+    assert router and any(not torch.equal(saved[k], fresh[k]) for k in router)  # trained (it starts the same)
+
+    assert (result.model_dir / "adapter" / "adapter_model.safetensors").is_file()
+    card = (result.model_dir / "README.md").read_text()
+    assert "| LoRA | r 4, alpha 8 on `down`, `query`, `up`, `value`: merged into the weights; the adapter alone is in " \
+           "`adapter/` (peft) |" in card
+    model = load_text_encoder(str(result.model_dir))
+    assert model.settings.routing == routing
+    st = SentenceTransformer(str(result.model_dir), device="cpu", trust_remote_code=True)
+    for domain in ("nature", "tech"):
+        ours = model.encode(TEXTS, domain=domain)
+        torch.testing.assert_close(st.encode(TEXTS, domain=domain, convert_to_tensor=True), ours, rtol=0, atol=1e-6)
+
+
+def test_lora_that_adapts_no_expert_is_one_line(tiny_bert, domains, tmp_path, capsys):
+    recipe = moe_recipe(tiny_bert, domains, tmp_path / "out")
+    recipe["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: model.lora.target_modules: no layer of the experts is among query, value, so the experts "
+                   "would stay identical copies; add some of theirs: down, up"], err

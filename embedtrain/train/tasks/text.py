@@ -105,9 +105,15 @@ class TextTask(PairsTask):
                 query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
                 attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
                 revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
-                lora=asdict(r.model.lora) if r.model.lora is not None else None, dtype=r.model.dtype,
+                # with experts, the adapters come after upcycling: each expert gets its own
+                lora=asdict(r.model.lora) if r.model.lora is not None and not experts.uses_experts(r) else None,
+                dtype=r.model.dtype,
             )
-        return experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+        encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
+        if r.model.lora is not None and experts.uses_experts(r):
+            lora = r.model.lora
+            encoder.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        return encoder
 
     def build(self, device: torch.device):
         from accelerate import PartialState
