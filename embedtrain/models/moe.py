@@ -371,6 +371,19 @@ def upcycle(backbone, settings: MoESettings, tokenizer=None):
     return backbone
 
 
+def adapted_experts(backbone, target_modules: Sequence[str]) -> None:
+    """An upcycled backbone just wrapped with LoRA (peft froze all but the adapters): check that some layer of the
+    experts has adapters (else they would stay identical copies) and let the router train in full."""
+    if not any(".experts." in name and "lora_" in name for name, _ in backbone.named_parameters()):
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules()
+                         if ".experts." in n and isinstance(m, nn.Linear)})
+        raise EmbedtrainError(f"model.lora.target_modules: no layer of the experts is among {', '.join(target_modules)}, "
+                              f"so the experts would stay identical copies; add some of theirs: {', '.join(layers)}")
+    router = getattr(backbone, "moe_router", None)
+    for p in router.parameters() if router is not None else ():
+        p.requires_grad_(True)
+
+
 def checkpoint_routed(backbone) -> None:
     """Activation checkpointing of an upcycled backbone's layers, each recomputed with the routing of the forward
     pass it recomputes (:meth:`Routing.kept_for_recomputation`)."""
@@ -665,15 +678,7 @@ class MoETextEncoder(TextEncoder):
         experts, copies of one block, can still part), and the router trains in full beside them. At least one
         expert layer must be a target; else the experts would stay identical."""
         super().add_lora(r, alpha, dropout, target_modules)
-        if not any(".experts." in name and "lora_" in name for name, _ in self.backbone.named_parameters()):
-            layers = sorted({n.rsplit(".", 1)[-1] for n, m in self.backbone.named_modules()
-                             if ".experts." in n and isinstance(m, nn.Linear)})
-            raise EmbedtrainError(f"model.lora.target_modules: no layer of the experts is among "
-                                  f"{', '.join(target_modules)}, so the experts would stay identical copies; add "
-                                  f"some of theirs: {', '.join(layers)}")
-        router = getattr(self.backbone, "moe_router", None)
-        for p in router.parameters() if router is not None else ():
-            p.requires_grad_(True)
+        adapted_experts(self.backbone, target_modules)
 
     @property
     def settings(self) -> MoESettings:

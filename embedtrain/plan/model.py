@@ -237,6 +237,10 @@ def _text(recipe, model_config: Optional[str]) -> ModelShape:
         from embedtrain.models.lora import apply_lora
 
         backbone = apply_lora(backbone, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        if m.moe is not None:  # as the trainer: adapters on the experts, the router in full
+            from embedtrain.models.moe import adapted_experts
+
+            adapted_experts(backbone, m.lora.target_modules)
     parts = nn.ModuleList([backbone] + ([head] if head is not None else []))
     total, trainable, total_b, trainable_b = count(parts)
     # the block layout, whether or not its attention is made bidirectional: a decoder base model (Mistral, Llama,

@@ -393,6 +393,10 @@ def test_lora_gives_each_expert_adapters_of_its_own(routing, tiny_bert, domains,
     assert any(".experts.1." in n for n in trains) and any("moe_router" in n for n in trains)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["trainable_parameters"] == sum(trains.values())
+    path, plan = tmp_path / "recipe.yaml", tmp_path / "plan.json"  # embedtrain plan counts what the trainer trains
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["plan", str(path), "--output", str(plan)]) == 0
+    assert json.loads(plan.read_text())["model"]["trainable"] == results["trainable_parameters"]
     dense = load_file(str(tiny_bert / "model.safetensors"))
     saved = load_file(str(result.model_dir / "model.safetensors"))
     assert not any("lora_" in k for k in saved)
