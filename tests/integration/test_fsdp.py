@@ -164,28 +164,33 @@ def test_a_sharded_text_encoder_with_lora_saves_merged_weights(assets, tmp_path)
     check_folder(out / "model", Path(recipe["model"]["name_or_path"]), ("self_attn.q_proj", "self_attn.v_proj"))
 
 
-def test_fp16_under_fsdp_backs_off_its_loss_scale_and_trains(assets, tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_under_fsdp_trains(precision, assets, tmp_path):
     """FSDP's float16 parameters compute every layer in float16, so the first loss scale (65,536) overflows the
     gradients: each such step is skipped and halves the scale without counting towards
     train.max_consecutive_nonfinite (3 here, fewer than the back-offs), both processes alike (the gradient norm and
-    the loss are reduced across them), and then the run trains: finite losses that fall, weights that moved, a
-    folder that sentence-transformers loads."""
+    the loss are reduced across them). bfloat16 needs no scale and skips nothing. Then each run trains: finite
+    losses that fall, weights that moved, a float32 folder that sentence-transformers loads."""
     from sentence_transformers import SentenceTransformer
 
     import embedtrain
 
     out = tmp_path / "run"
     recipe = _recipe("text", assets, out)
-    recipe["train"].update(mixed_precision="fp16", max_steps=12, max_consecutive_nonfinite=3, log_every=1,
+    recipe["train"].update(mixed_precision=precision, max_steps=12, max_consecutive_nonfinite=3, log_every=1,
                            optimizer="adamw", lr=3e-3)
     proc = _launch("fsdp_cpu.yaml", recipe, tmp_path / "r.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["engine"]["distributed_type"] == "FSDP" and results["engine"]["mixed_precision"] == "fp16"
+    assert results["engine"]["distributed_type"] == "FSDP" and results["engine"]["mixed_precision"] == precision
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [l for l in lines if "loss_scale" in l]
+    steps = [l for l in lines if "loss" in l and "step" in l]
+    assert len(steps) == 12
     overflows = (proc.stdout + proc.stderr).count("fp16 gradient overflow (the loss is finite); step skipped")
-    assert overflows == results["skipped_steps"] > 3 and steps[0]["loss"] is None
+    if precision == "fp16":
+        assert overflows == results["skipped_steps"] > 3 and steps[0]["loss"] is None
+    else:
+        assert overflows == results["skipped_steps"] == 0
     losses = [l["loss"] for l in steps if l["loss"] is not None]
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses) and min(losses[-4:]) < losses[0], losses
     trained = saved_weights(out / "model")
