@@ -8,8 +8,8 @@ of its data (the real schemas and label sets, tiny texts: tests/plan_support.py)
 recipe's token limit (`--lengths max`: the worst case, which does not depend on the stand-ins' texts). The data
 figures of the stand-ins are left out; parameters, memory per GPU, FLOPs and time per step are the recipe's own.
 Also the same recipes under the FSDP config (recipes/accelerate/fsdp.yaml). The one-GPU recipe (LoRA on
-Qwen3-Embedding-0.6B) is planned on one 80 GB GPU only (no accelerate config: `embedtrain train` without a launcher;
-LoRA on a sentence-transformers text encoder is refused under FSDP). Prints and writes JSON.
+Qwen3-Embedding-0.6B) is planned on one 80 GB GPU only (no accelerate config: `embedtrain train` without a
+launcher). Prints and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from _bench_common import write_json  # noqa: E402
 
 RECIPES = ["recipes/mistral-7b/nv_embed_stage1.yaml", "recipes/mistral-7b/nv_embed_stage2.yaml",
-           "recipes/qwen2-vl-2b/vlm2vec.yaml"]
+           "recipes/qwen2-vl-2b/vlm2vec.yaml", "recipes/qwen3-embedding-8b/lora_msmarco.yaml"]
 ENGINES = {"ddp": "recipes/accelerate/multi_gpu.yaml", "fsdp": "recipes/accelerate/fsdp.yaml"}
 ONE_GPU = ["recipes/qwen3-embedding-0.6b/lora_msmarco.yaml"]
 

@@ -54,9 +54,12 @@ def build_stand_ins(root: Path) -> dict:
                        "positive_text": f"caption {i}", "positive_image": str(images / f"{(i + 3) % MMEB_ROWS}.png")}
             rows.append(row)
         mmeb[name] = _jsonl(root / "mmeb" / f"{name}.jsonl", rows)
-    msmarco = _jsonl(root / "msmarco.jsonl", [
-        {"query": f"what is thing {i}", "positive": f"thing {i} is a passage about {i}",
-         **{f"negative_{j}": f"passage {i}-{j} about something else" for j in range(1, 8)}} for i in range(400)])
+    msmarco_rows = [{"query": f"what is thing {i}", "positive": f"thing {i} is a passage about {i}",
+                     **{f"negative_{j}": f"passage {i}-{j} about something else" for j in range(1, 8)}}
+                    for i in range(1200)]
+    msmarco = _jsonl(root / "msmarco.jsonl", msmarco_rows[:400])
+    # a global batch of 512 (8 GPUs x 64) needs more rows; the other recipes keep the 400 their plans were made with
+    msmarco_large = _jsonl(root / "msmarco_large.jsonl", msmarco_rows)
     emotion = _jsonl(root / "emotion.jsonl", [{"text": f"i feel message number {i}", "label_text": EMOTIONS[i % 6]}
                                               for i in range(600)])
     cub = root / "CUB_200_2011" / "images"
@@ -75,7 +78,7 @@ def build_stand_ins(root: Path) -> dict:
     emoji_rows = [json.loads(line) for line in (emoji / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     make_webdataset.write_shards(emoji_rows, root / "emoji_wds", "name", "image", emoji)
 
-    return {"mmeb": mmeb, "msmarco": msmarco, "emotion": emotion, "cub": cub, "emoji_wds": root / "emoji_wds",
+    return {"mmeb": mmeb, "msmarco": msmarco, "msmarco_large": msmarco_large, "emotion": emotion, "cub": cub, "emoji_wds": root / "emoji_wds",
             "open_clip": build_tiny_open_clip(root / "emoji_clip_model"),
             "tiny_vlm": build_tiny_qwen2_vl(root / "tiny-qwen2-vl")}
 
@@ -91,7 +94,8 @@ def plan_inputs(path: str, s: dict):
     overrides, settings = [], PlanSettings()
     for i, ds in enumerate((raw.get("data") or {}).get("train") or []):
         if ds["path"].startswith("sentence-transformers/msmarco"):
-            overrides += [f"data.train.{i}.path={s['msmarco']}", f"data.train.{i}.subset=null"]
+            stand_in = s["msmarco_large"] if path.startswith("recipes/qwen3-embedding-8b/") else s["msmarco"]
+            overrides += [f"data.train.{i}.path={stand_in}", f"data.train.{i}.subset=null"]
         elif ds["path"] == "mteb/emotion":
             overrides.append(f"data.train.{i}.path={s['emotion']}")
         elif ds["path"].startswith("data/emoji_wds/"):
@@ -103,6 +107,9 @@ def plan_inputs(path: str, s: dict):
                                 model_config=str(CONFIGS / "mistral-7b-v0.1"))
     elif path == "recipes/qwen3-embedding-0.6b/lora_msmarco.yaml":
         settings = PlanSettings(device_memory_gb=80, model_config=str(CONFIGS / "qwen3-embedding-0.6b"))
+    elif path == "recipes/qwen3-embedding-8b/lora_msmarco.yaml":
+        settings = PlanSettings(accelerate_config=MULTI_GPU, device_memory_gb=80,
+                                model_config=str(CONFIGS / "qwen3-embedding-8b"))
     elif path == "recipes/qwen2-vl-2b/vlm2vec.yaml":
         settings = PlanSettings(accelerate_config=MULTI_GPU, device_memory_gb=80,
                                 model_config=str(CONFIGS / "qwen2-vl-2b-instruct"))

@@ -35,6 +35,9 @@ def test_gpu_recipes_count_the_real_models_published_parameters(stand_ins, monke
         "recipes/mistral-7b/nv_embed_stage1.yaml": 7_241_732_096 - 32_000 * 4_096,
         # Qwen3-Embedding-0.6B: 595,776,512 (the model card's 0.6B; 596M on its Hub page; no language-model head)
         "recipes/qwen3-embedding-0.6b/lora_msmarco.yaml": 595_776_512,
+        # Qwen3-Embedding-8B: 8,188,515,328 counted with its untied output embedding (151,665 x 4,096), which the
+        # encoder does not load: 7,567,295,488 (7.57B)
+        "recipes/qwen3-embedding-8b/lora_msmarco.yaml": 8_188_515_328 - 151_665 * 4_096,
         # Qwen2-VL-2B-Instruct: 2,208,985,600 (its head is tied to the token embeddings)
         "recipes/qwen2-vl-2b/vlm2vec.yaml": 2_208_985_600,
         # timm vit_base_patch16_224.augreg_in21k: 102,595,923 with its 21,843-class head (768 x 21,843 + 21,843)
