@@ -41,6 +41,8 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
         recipe["train"]["forward_token_budget"] = 16
     if kind.endswith("+bf16"):  # frozen bfloat16 weights and float32 adapters in one sharded module
         recipe["model"]["dtype"] = "bfloat16"
+    if kind == "moe+lora":  # adapters on each expert, the router in full
+        recipe["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "up", "down"]}
     if kind.endswith("+siglip"):  # SigLIP's loss learns a bias besides the temperature
         recipe["loss"] = {"name": "siglip", "temperature": 0.1}
     # SGD with momentum: AdamW's step m/sqrt(v) turns the float32 rounding of a gradient that is zero in exact
@@ -50,7 +52,7 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "text_lora", "text_lora+bf16", "moe", "clip",
+@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "text_lora", "text_lora+bf16", "moe", "moe+lora", "clip",
                                   "clip+siglip", "vlm2vec"])
 def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     from conftest import write_beir
