@@ -285,8 +285,21 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> str
     return "\n".join(lines)
 
 
+def checkout_relative(value: Any) -> Any:
+    """``value`` (JSON-like) with every path inside this checkout written relative to it, as a reader would type
+    it from the checkout's root: a report says what was run, not where this copy lives."""
+    if isinstance(value, dict):
+        return {k: checkout_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [checkout_relative(v) for v in value]
+    if isinstance(value, str):
+        return value.replace(f"{REPO}/", "").replace(str(REPO), ".")
+    return value
+
+
 def write_json(doc: dict, output: Optional[str]) -> None:
-    text = json.dumps(doc, indent=2)
+    """Print ``doc`` as JSON and write it to ``output`` (paths in this checkout written relative to it)."""
+    text = json.dumps(checkout_relative(doc), indent=2)
     print(text, flush=True)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -126,3 +126,17 @@ def test_profile(tiny, grouping):
     assert flops["padded"] >= flops["real"] > 0
     assert doc["peak_flops_per_s"] == 10e9 and positive(doc["mfu"]) and doc["hfu"] >= doc["mfu"]
     assert positive(doc["optimizer_alternatives_seconds"]["fused"])
+
+
+def test_reports_name_paths_in_the_checkout_relative_to_it(tmp_path, capsys, monkeypatch):
+    """What a benchmark script writes says what was run, not where this copy of the repository lives."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from _bench_common import write_json
+
+    out = tmp_path / "report.json"
+    write_json({"data": str(REPO / "data" / "wordnet" / "eval"), "runs": [f"wrote {REPO}/runs/x.jsonl", str(REPO)],
+                "elsewhere": str(tmp_path), "steps": 3}, str(out))
+    doc = json.loads(out.read_text())
+    assert doc == {"data": "data/wordnet/eval", "runs": ["wrote runs/x.jsonl", "."], "elsewhere": str(tmp_path),
+                   "steps": 3}
+    assert json.loads(capsys.readouterr().out) == doc
