@@ -127,6 +127,15 @@ class Task:
         """The probe's (query, positive) embeddings, (n, d) each, row i a pair; None without a probe."""
         return None
 
+    def probe_record(self, names: list[str]) -> dict[str, Any]:
+        """results.json's ``diagnostics_probe``: the probe's summary, its parts named by ``names``, or why there is
+        none (nothing when the recipe asked for none)."""
+        if self.probe is not None:
+            return {"diagnostics_probe": self.probe.summary(names)}
+        if self.probe_off:
+            return {"diagnostics_probe": {"off": self.probe_off}}
+        return {}
+
     def evaluate(self, model, accelerator) -> dict[str, float]:
         return {}
 
@@ -339,11 +348,7 @@ class PairsTask(Task):
             self.counters["streams"] = self.streams.to_dict(accelerator)
 
     def results(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.probe_off:
-            out["diagnostics_probe"] = {"off": self.probe_off}
-        if self.probe is not None:
-            out["diagnostics_probe"] = self.probe.summary([d.name for d in self.datasets])
+        out: dict[str, Any] = self.probe_record([d.name for d in self.datasets])
         if self.streams is not None:
             from embedtrain.data.streaming import stream_figures
 

@@ -196,12 +196,10 @@ class MetricLearningTask(Task):
 
     def results(self) -> dict:
         out = {"train_classes": len(self.train_classes), "test_classes": len(self.test_classes),
-               "train_images": len(self.train_images), "test_images": len(self.test_images)}
-        if self.probe_off:
-            out["diagnostics_probe"] = {"off": self.probe_off}
-        elif self.probe is not None:
-            out["diagnostics_probe"] = {**self.probe.summary(["unseen classes"]),
-                                        "classes": len({int(self.test_labels[a]) for a, _ in self.probe_pairs})}
+               "train_images": len(self.train_images), "test_images": len(self.test_images),
+               **self.probe_record(["unseen classes"])}
+        if self.probe is not None:
+            out["diagnostics_probe"]["classes"] = len({int(self.test_labels[a]) for a, _ in self.probe_pairs})
         return out
 
     def summary(self, baseline: dict[str, float], final: dict[str, float]) -> list[str]:
