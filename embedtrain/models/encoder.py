@@ -375,7 +375,11 @@ class TextEncoder(nn.Module):
             raise EmbedtrainError(
                 f"model.gradient_checkpointing: {type(self.backbone).__name__} does not support it; set it to false"
             )
-        checkpoint_activations(self.backbone)
+        checkpoint_activations(self.backbone, self._recompute_context())
+
+    def _recompute_context(self):
+        """torch's ``context_fn`` for each checkpointed layer (None: none needed; an MoE keeps its routing)."""
+        return None
 
 
 def center_module(center: torch.Tensor, basis: Optional[torch.Tensor] = None) -> nn.Module:

@@ -669,9 +669,8 @@ class MoETextEncoder(TextEncoder):
         return load_moe_sentence_transformer(path, {"attn_implementation": attn_implementation,
                                                     "dtype": getattr(torch, dtype)})
 
-    def enable_gradient_checkpointing(self) -> None:
-        super().enable_gradient_checkpointing()  # the backbone's support checked
-        checkpoint_routed(self.backbone)
+    def _recompute_context(self):
+        return self.backbone.moe_routing.kept_for_recomputation  # each layer recomputed with its own pass's routing
 
     def add_lora(self, r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> None:
         """LoRA adapters on an upcycled backbone: every expert's targeted layers get adapters of their own (so the
