@@ -96,6 +96,7 @@ class TextTask(PairsTask):
         from embedtrain.models import load_text_encoder
 
         r = self.recipe
+        with_experts = experts.uses_experts(r)  # with experts, the adapters come after upcycling: each gets its own
         if r.model.bidirectional:
             encoder = load_recipe_decoder(r, self.model_source, device)
         else:
@@ -105,12 +106,11 @@ class TextTask(PairsTask):
                 query_prompt=query_prompt_of(r.data.train[0]), document_prompt=r.data.train[0].document_prompt,
                 attn_implementation=r.model.attn_implementation, trust_remote_code=r.model.trust_remote_code,
                 revision=r.model.revision, gradient_checkpointing=r.model.gradient_checkpointing,
-                # with experts, the adapters come after upcycling: each expert gets its own
-                lora=asdict(r.model.lora) if r.model.lora is not None and not experts.uses_experts(r) else None,
+                lora=asdict(r.model.lora) if r.model.lora is not None and not with_experts else None,
                 dtype=r.model.dtype,
             )
         encoder = experts.prepare_encoder(encoder, r, log)  # model.moe: upcycled into one expert per domain
-        if r.model.lora is not None and experts.uses_experts(r):
+        if r.model.lora is not None and with_experts:
             lora = r.model.lora
             encoder.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules)
         return encoder
