@@ -52,8 +52,8 @@ def _recipe(kind: str, assets: dict, out: Path) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "text_lora", "text_lora+bf16", "moe", "moe+lora", "clip",
-                                  "clip+siglip", "vlm2vec"])
+@pytest.mark.parametrize("kind", ["text", "text+token_budget", "decoder", "text_lora", "text_lora+bf16", "moe",
+                                  "moe+lora", "clip", "clip+siglip", "vlm2vec"])
 def test_fsdp_gives_the_weights_of_ddp(kind, assets, tmp_path):
     from conftest import write_beir
 
